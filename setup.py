@@ -42,9 +42,7 @@ def want_cuda():
 def pip_cuda_includes():
     """cuBLAS and friends' headers that torch's pip dependencies ship (nvidia/cu13/include, ...)."""
     site = sysconfig.get_paths()["purelib"]
-    dirs = sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
-    dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
-    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+    return [d for d in sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include"))) if os.path.isdir(d)]
 
 
 def sources(pattern):

@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& dhy, const Tensor& d
   auto dh = dhy.contiguous(), dc = dcy.contiguous(), c0 = cx.contiguous(), c1 = cy.contiguous(),
        s = saved.contiguous();
   auto dgates = at::empty_like(s), dcx = at::empty_like(c0);
-  RNNEXT_DISPATCH(cx.scalar_type(), op, [&] {
+  RNNEXT_DISPATCH(cx.scalar_type(), "lstm_cell_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     L::run(cx.device(), c0.numel(),
            cells::LSTMStepBwd<scalar_t, acc_t>{dh.const_data_ptr<scalar_t>(), dc.const_data_ptr<scalar_t>(),
@@ -117,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& dhy, const Te
   const int64_t B = h0.size(0), H = h0.size(1);
   auto dxg = at::empty({B, 3 * H}, h0.options()), dhg = at::empty({B, 3 * H}, h0.options()),
        dhx = at::empty_like(h0);
-  RNNEXT_DISPATCH(hx.scalar_type(), op, [&] {
+  RNNEXT_DISPATCH(hx.scalar_type(), "gru_cell_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     L::run(hx.device(), h0.numel(),
            cells::GRUStepBwd<scalar_t, acc_t>{dh.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),

@@ -1,0 +1,151 @@
+"""Functional RNN, LSTM and GRU: layers x directions x padded/packed sequences over a cells backend.
+
+The backend is chosen per call: the fused ops (:mod:`rnnext.ops`) where they run on the input's
+device and dtype, else the pure-PyTorch reference (:mod:`rnnext.reference`). ``use_backend`` forces
+one ("fused" raises where the fused ops cannot run).
+
+Whole-sequence functions take torch's flat weight list (``nn.LSTM._flat_weights`` order: per layer and
+direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``) and return what ``torch._VF.lstm/gru/rnn_*`` return.
+Inputs are time-major ``[T, B, I]`` (``[B, T, I]`` with batch_first), or packed data ``[N, I]`` with
+``batch_sizes``; hx ``[L*D, B, P]`` (LSTM: plus c ``[L*D, B, H]``). Gradients flow through autograd:
+the reference saves its per-step graph, the fused cells save their activated gates.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnext import ops, reference
+
+BACKENDS = ("auto", "fused", "reference")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Selects the cells backend for every later call: "auto" (default), "fused" or "reference"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of :func:`set_backend`."""
+    old = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def cells_for(t: torch.Tensor, backend: str | None = None):
+    """The cells namespace (``rnnext.ops`` or ``rnnext.reference``) that runs on ``t``."""
+    backend = backend or _backend
+    if backend == "reference":
+        return reference
+    if ops.available(t):
+        return ops
+    if backend == "fused":
+        reason = ops.LOAD_ERROR or f"no fused kernel for {t.dtype} on {t.device.type}"
+        raise RuntimeError(f"rnnext: the fused backend was requested but cannot run: {reason}")
+    return reference
+
+
+# ---- single cells: torch._VF.lstm_cell / gru_cell / rnn_*_cell ------------------------------------
+
+def _check_cell(input, hx, w_ih, w_hh):
+    if input.size(1) != w_ih.size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
+    for idx, h in enumerate(hx):
+        if input.size(0) != h.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size {h.size(0)}")
+        if h.size(1) != w_hh.size(1):
+            raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {w_hh.size(1)}")
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
+    """One LSTM step. input ``[B, I]``, hx = (h ``[B, H]``, c ``[B, H]``) -> (h', c')."""
+    _check_cell(input, hx, w_ih, w_hh)
+    hy, cy, _ = cells_for(input, backend).lstm_cell(F.linear(input, w_ih, b_ih), F.linear(hx[0], w_hh, b_hh), hx[1])
+    return hy, cy
+
+
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
+    """One GRU step. input ``[B, I]``, hx ``[B, H]`` -> h'."""
+    _check_cell(input, (hx,), w_ih, w_hh)
+    return cells_for(input, backend).gru_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)[0]
+
+
+def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None):
+    """One Elman RNN step, nonlinearity "tanh" or "relu". input ``[B, I]``, hx ``[B, H]`` -> h'."""
+    _check_cell(input, (hx,), w_ih, w_hh)
+    return cells_for(input, backend).rnn_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), nonlinearity)
+
+
+# ---- whole sequences ------------------------------------------------------------------------------
+
+def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+            batch_sizes, nonlinearity, backend):
+    D = 2 if bidirectional else 1
+    proj = mode == "LSTM" and h0.size(-1) != c0.size(-1)
+    stride = (4 if has_biases else 2) + (1 if proj else 0)
+    if len(params) != num_layers * D * stride:
+        raise RuntimeError(f"expected {num_layers * D * stride} weight tensors, got {len(params)}")
+    lengths = None
+    if batch_sizes is not None:
+        x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
+        lengths = lengths.to(input.device)
+    else:
+        x = input.transpose(0, 1) if batch_first else input
+    if x.size(0) == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    cells = cells_for(x, backend)
+    hs, cs = [], []
+    for layer in range(num_layers):
+        ys = []
+        for d in range(D):
+            k = layer * D + d
+            p = params[k * stride:(k + 1) * stride]
+            b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
+            y, h, c = reference.recurrence(
+                mode, F.linear(x, p[0], b_ih), h0[k], None if c0 is None else c0[k], p[1], b_hh,
+                p[-1] if proj else None, lengths, reverse=d == 1, cells=cells, nonlinearity=nonlinearity)
+            ys.append(y)
+            hs.append(h)
+            cs.append(c)
+        x = ys[0] if D == 1 else torch.cat(ys, 2)
+        if dropout > 0 and train and layer < num_layers - 1:
+            x = F.dropout(x, dropout, True)
+    if batch_sizes is not None:
+        x = pack_padded_sequence(x, lengths.cpu()).data
+    elif batch_first:
+        x = x.transpose(0, 1)
+    return x, torch.stack(hs), None if c0 is None else torch.stack(cs)
+
+
+def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+         batch_first=False, batch_sizes=None, backend=None):
+    """Multi-layer LSTM, as ``torch._VF.lstm``. hx = (h0 ``[L*D, B, P]``, c0 ``[L*D, B, H]``);
+    P = proj_size when params hold ``w_hr`` (then ``h0.size(-1) != c0.size(-1)``), else H.
+    Returns (output ``[T, B, D*P]`` or packed data, h_n, c_n)."""
+    return _layers("LSTM", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
+                   batch_first, batch_sizes, "tanh", backend)
+
+
+def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+        batch_first=False, batch_sizes=None, backend=None):
+    """Multi-layer GRU, as ``torch._VF.gru``. hx ``[L*D, B, H]``. Returns (output, h_n)."""
+    return _layers("GRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                   batch_first, batch_sizes, "tanh", backend)[:2]
+
+
+def rnn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+        batch_first=False, batch_sizes=None, nonlinearity="tanh", backend=None):
+    """Multi-layer Elman RNN (nonlinearity "tanh" or "relu"), as ``torch._VF.rnn_tanh``. Returns (output, h_n)."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    return _layers("RNN", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                   batch_first, batch_sizes, nonlinearity, backend)[:2]

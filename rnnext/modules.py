@@ -1,0 +1,192 @@
+"""Drop-in ``torch.nn`` layers and cells running on :mod:`rnnext.functional`.
+
+The layers subclass ``torch.nn.RNNBase``, not ``nn.LSTM``/``nn.GRU``/``nn.RNN``: Dynamo refuses to
+trace instances of those three ("Attempted to wrap RNN, GRU, or LSTM"), and compiling without graph
+breaks is one of rnnext's promises. Constructor, parameters, state_dict, argument checks and error
+messages are torch.nn's (the LSTM-specific checks are borrowed unbound from ``nn.LSTM``); only the
+computation differs.
+"""
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from rnnext import functional
+
+
+class _Layer(nn.RNNBase):
+    def _run(self, input, hx, batch_sizes):
+        raise NotImplementedError
+
+    def _check_hx_dims(self, hx, is_batched):
+        want = 3 if is_batched else 2
+        if hx.dim() != want:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+
+    def _unbatch_hx(self, hx):
+        return hx.unsqueeze(1)
+
+    def _zeros(self, input, batch):
+        D = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * D, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+
+    def forward(self, input, hx=None):
+        """input ``[T, B, I]`` (``[B, T, I]`` with batch_first), ``[T, I]`` unbatched, or a PackedSequence;
+        returns (output, h_n) like the torch.nn layer (LSTM: (output, (h_n, c_n)))."""
+        self._update_flat_weights()
+        orig_input = input
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+            is_batched = True
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(self._dims_message.format(input.dim()))
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                self._check_hx_dims(hx, is_batched)
+                if not is_batched:
+                    hx = self._unbatch_hx(hx)
+            batch = input.size(batch_dim)
+        hx = self._zeros(input, batch) if hx is None else self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(input, hx, batch_sizes)
+        output, hidden = self._run(input, hx, batch_sizes)
+        if isinstance(orig_input, PackedSequence):
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
+                self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = tuple(h.squeeze(1) for h in hidden) if isinstance(hidden, tuple) else hidden.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _args(self, batch_sizes):
+        return dict(has_biases=self.bias, num_layers=self.num_layers, dropout=self.dropout, train=self.training,
+                    bidirectional=self.bidirectional, batch_first=self.batch_first, batch_sizes=batch_sizes)
+
+
+class LSTM(_Layer):
+    """Drop-in ``torch.nn.LSTM`` (same arguments, including proj_size)."""
+
+    _dims_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def _check_hx_dims(self, hx, is_batched):
+        want = 3 if is_batched else 2
+        if hx[0].dim() != want or hx[1].dim() != want:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+
+    def _unbatch_hx(self, hx):
+        return hx[0].unsqueeze(1), hx[1].unsqueeze(1)
+
+    def _zeros(self, input, batch):
+        c = super()._zeros(input, batch)
+        if self.proj_size > 0:
+            return c.new_zeros(c.size(0), batch, self.proj_size), c
+        return c, torch.zeros_like(c)
+
+    def _run(self, input, hx, batch_sizes):
+        output, h, c = functional.lstm(input, hx, self._flat_weights, **self._args(batch_sizes))
+        return output, (h, c)
+
+
+class GRU(_Layer):
+    """Drop-in ``torch.nn.GRU``."""
+
+    _dims_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def _run(self, input, hx, batch_sizes):
+        return functional.gru(input, hx, self._flat_weights, **self._args(batch_sizes))
+
+
+class RNN(_Layer):
+    """Drop-in ``torch.nn.RNN`` (nonlinearity "tanh" or "relu")."""
+
+    _dims_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU", *args, **kwargs)
+
+    def _run(self, input, hx, batch_sizes):
+        return functional.rnn(input, hx, self._flat_weights, nonlinearity=self.nonlinearity,
+                              **self._args(batch_sizes))
+
+
+# ---- cells ----------------------------------------------------------------------------------------
+
+def _cell_input(name, input, hx, hx_label="hidden"):
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if hx is not None and hx.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected {hx_label} to be 1D or 2D, got {hx.dim()}D instead")
+    return input.dim() == 2
+
+
+class LSTMCell(nn.LSTMCell):
+    """Drop-in ``torch.nn.LSTMCell`` on the fused cell op."""
+
+    def forward(self, input, hx=None):
+        """input ``[B, I]`` or ``[I]``; hx = (h, c) ``[B, H]`` or None -> (h', c')."""
+        for idx, value in enumerate(hx or ()):
+            _cell_input("LSTMCell", input, value, f"hx[{idx}]")
+        is_batched = _cell_input("LSTMCell", input, None)
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        h, c = functional.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
+
+
+class GRUCell(nn.GRUCell):
+    """Drop-in ``torch.nn.GRUCell`` on the fused cell op."""
+
+    def forward(self, input, hx=None):
+        """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
+        is_batched = _cell_input("GRUCell", input, hx)
+        if not is_batched:
+            input = input.unsqueeze(0)
+        hx = input.new_zeros(input.size(0), self.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
+        h = functional.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h if is_batched else h.squeeze(0)
+
+
+class RNNCell(nn.RNNCell):
+    """Drop-in ``torch.nn.RNNCell`` (nonlinearity "tanh" or "relu") on the fused cell op."""
+
+    def forward(self, input, hx=None):
+        """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
+        is_batched = _cell_input("RNNCell", input, hx)
+        if not is_batched:
+            input = input.unsqueeze(0)
+        hx = input.new_zeros(input.size(0), self.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
+        h = functional.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                nonlinearity=self.nonlinearity)
+        return h if is_batched else h.squeeze(0)

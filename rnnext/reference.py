@@ -1,0 +1,109 @@
+"""Pure-PyTorch RNN, LSTM and GRU: the fallback where no fused kernel runs, and the test oracle.
+
+Same formulas and gate layouts as torch.nn. Two levels:
+
+- cells with the fused ops' signatures (see :mod:`rnnext.ops`): ``lstm_cell``, ``gru_cell``, ``rnn_cell``;
+- ``recurrence``: one layer-direction over a sequence, with variable lengths;
+- ``lstm``, ``gru``, ``rnn``: whole multi-layer sequences, :mod:`rnnext.functional` forced onto
+  these cells.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def lstm_cell(xg, hg, cx):
+    i, f, g, o = (xg + hg).chunk(4, 1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    cy = f * cx + i * g
+    hy = o * cy.tanh()
+    return hy, cy, torch.cat([i, f, g, o], 1).detach()
+
+
+def gru_cell(xg, hg, hx):
+    xr, xz, xn = xg.chunk(3, 1)
+    hr, hz, hn = hg.chunk(3, 1)
+    r = (xr + hr).sigmoid()
+    z = (xz + hz).sigmoid()
+    n = (xn + r * hn).tanh()
+    hy = (1 - z) * n + z * hx
+    return hy, torch.cat([r, z, n, hn], 1).detach()
+
+
+def rnn_cell(xg, hg, nonlinearity):
+    pre = xg + hg
+    if nonlinearity == "tanh":
+        return pre.tanh()
+    if nonlinearity == "relu":
+        return pre.relu()
+    raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
+
+
+def flip_within(x, lengths):
+    """Reverses each sequence of a time-major ``x [T, B, ...]`` within its length; padding stays put."""
+    if lengths is None:
+        return x.flip(0)
+    T = x.size(0)
+    t = torch.arange(T, device=x.device).unsqueeze(1)
+    idx = torch.where(t < lengths, lengths - 1 - t, t)  # [T, B]
+    return x.gather(0, idx.view(T, -1, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def recurrence(mode, xg, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, cells=None,
+               nonlinearity="tanh"):
+    """One layer-direction over a sequence.
+
+    xg ``[T, B, G*H]`` input projection (b_ih included); h0 ``[B, P]`` (P = proj_size or H); c0 ``[B, H]``
+    (LSTM only); lengths ``[B]`` int64 on xg's device or None: steps t >= lengths[b] keep the state and
+    output 0. ``cells`` is a namespace with this module's cell signatures (this module by default).
+    Returns ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
+    """
+    import rnnext.reference as cells_default
+
+    cells = cells or cells_default
+    if reverse:
+        xg = flip_within(xg, lengths)
+    mask = None if lengths is None else (torch.arange(xg.size(0), device=xg.device).unsqueeze(1) < lengths).unsqueeze(2)
+    h, c, ys = h0, c0, []
+    for t in range(xg.size(0)):
+        hg = F.linear(h, w_hh, b_hh)
+        if mode == "LSTM":
+            hy, cy, _ = cells.lstm_cell(xg[t], hg, c)
+            if w_hr is not None:
+                hy = F.linear(hy, w_hr)
+        elif mode == "GRU":
+            hy, _ = cells.gru_cell(xg[t], hg, h)
+            cy = None
+        else:
+            hy, cy = cells.rnn_cell(xg[t], hg, nonlinearity), None
+        if mask is not None:
+            ys.append(torch.where(mask[t], hy, 0))
+            hy = torch.where(mask[t], hy, h)
+            cy = None if cy is None else torch.where(mask[t], cy, c)
+        else:
+            ys.append(hy)
+        h, c = hy, cy
+    y = torch.stack(ys)
+    if reverse:
+        y = flip_within(y, lengths)
+    return y, h, c
+
+
+def lstm(*args, **kwargs):
+    """:func:`rnnext.functional.lstm` on the reference cells."""
+    from rnnext import functional
+
+    return functional.lstm(*args, backend="reference", **kwargs)
+
+
+def gru(*args, **kwargs):
+    """:func:`rnnext.functional.gru` on the reference cells."""
+    from rnnext import functional
+
+    return functional.gru(*args, backend="reference", **kwargs)
+
+
+def rnn(*args, **kwargs):
+    """:func:`rnnext.functional.rnn` on the reference cells."""
+    from rnnext import functional
+
+    return functional.rnn(*args, backend="reference", **kwargs)
