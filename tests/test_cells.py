@@ -1,0 +1,232 @@
+"""Fused single-step cells vs torch.nn cells and rnnext.reference; op registration checks."""
+import pytest
+import torch
+from torch import nn
+
+import rnnext
+from rnnext import ops, reference
+from conftest import CUDA, close, cpu_and_cuda, same_error
+
+pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
+
+CELLS = {"lstm": (rnnext.LSTMCell, nn.LSTMCell, {}), "gru": (rnnext.GRUCell, nn.GRUCell, {}),
+         "rnn_tanh": (rnnext.RNNCell, nn.RNNCell, {"nonlinearity": "tanh"}),
+         "rnn_relu": (rnnext.RNNCell, nn.RNNCell, {"nonlinearity": "relu"})}
+G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def pair(kind, I, H, bias=True, device="cpu", dtype=torch.float64):
+    ours_cls, theirs_cls, kw = CELLS[kind]
+    ours = ours_cls(I, H, bias=bias, device=device, dtype=dtype, **kw)
+    theirs = theirs_cls(I, H, bias=bias, device=device, dtype=dtype, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def hidden(kind, B, H, device, dtype, batched=True):
+    shape = (B, H) if batched else (H,)
+    h = torch.randn(shape, device=device, dtype=dtype)
+    return (h, torch.randn(shape, device=device, dtype=dtype)) if kind == "lstm" else h
+
+
+def leaves(x, hx):
+    return [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else [])
+
+
+def forward_and_grads(cell, x, hx):
+    """Output(s) and gradients of a random projection of them w.r.t. input, hx and every parameter."""
+    x = x.detach().requires_grad_()
+    hx = None if hx is None else tuple(h.detach().requires_grad_() for h in hx) if isinstance(hx, tuple) \
+        else hx.detach().requires_grad_()
+    out = cell(x, hx)
+    outs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, leaves(x, hx) + list(cell.parameters()))
+    return list(outs) + list(grads)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("B,I,H", [(1, 1, 1), (3, 5, 7), (4, 16, 13), (2, 3, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("given_hx", [True, False])
+def test_cell_matches_torch_fp64(device, kind, B, I, H, bias, given_hx):
+    torch.manual_seed(B * 100 + I * 10 + H)
+    ours, theirs = pair(kind, I, H, bias, device)
+    x = torch.randn(B, I, device=device, dtype=torch.float64)
+    hx = hidden(kind, B, H, device, torch.float64) if given_hx else None
+    for a, b in zip(forward_and_grads(ours, x, hx), forward_and_grads(theirs, x, hx), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_unbatched_and_noncontiguous(device, kind):
+    torch.manual_seed(3)
+    ours, theirs = pair(kind, 6, 5, device=device)
+    x = torch.randn(6, device=device, dtype=torch.float64)
+    hx = hidden(kind, 1, 5, device, torch.float64, batched=False)
+    for a, b in zip(forward_and_grads(ours, x, hx), forward_and_grads(theirs, x, hx), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    x = torch.randn(12, 4, device=device, dtype=torch.float64).t()[:, ::2]  # [4, 6], strided
+    strided = lambda: torch.randn(5, 8, device=device, dtype=torch.float64).t()[::2]  # noqa: E731  [4, 5]
+    hx = (strided(), strided()) if kind == "lstm" else strided()
+    assert not x.is_contiguous()
+    for a, b in zip(forward_and_grads(ours, x, hx), forward_and_grads(theirs, x, hx), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_fp32_within_1e5_of_fp64(device, kind):
+    torch.manual_seed(4)
+    ours, theirs = pair(kind, 24, 37, device=device)
+    x = torch.randn(8, 24, device=device, dtype=torch.float64)
+    hx = hidden(kind, 8, 37, device, torch.float64)
+    want = forward_and_grads(theirs, x, hx)
+    to32 = (lambda h: tuple(t.float() for t in h)) if kind == "lstm" else (lambda h: h.float())
+    got = forward_and_grads(ours.float(), x.float(), to32(hx))
+    for a, b in zip(got, want, strict=True):
+        close(a.double(), b, rtol=1e-5)
+
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_low_precision_rule(device, dtype, kind):
+    """DESIGN.md: error vs fp64 reference <= 2x torch.nn's error at the same precision."""
+    torch.manual_seed(5)
+    ours, theirs = pair(kind, 32, 48, device=device)
+    x = torch.randn(16, 32, device=device, dtype=torch.float64)
+    hx = hidden(kind, 16, 48, device, torch.float64)
+    exact = forward_and_grads(theirs, x, hx)
+    cast = (lambda h: tuple(t.to(dtype) for t in h)) if kind == "lstm" else (lambda h: h.to(dtype))
+    got = forward_and_grads(ours.to(dtype), x.to(dtype), cast(hx))
+    base = forward_and_grads(theirs.to(dtype), x.to(dtype), cast(hx))
+    for g, b, e in zip(got, base, exact, strict=True):
+        assert g.dtype == dtype
+        err, base_err = (g.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
+        assert err <= 2 * base_err + 1e-3 * e.abs().max().item(), (err, base_err)
+
+
+def test_cell_detects_swapped_gates():
+    """The parity tests can fail: a reference with LSTM gates (i, f) swapped disagrees with torch.nn."""
+    torch.manual_seed(6)
+    xg, hg, cx = torch.randn(3, 20, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64), \
+        torch.randn(3, 5, dtype=torch.float64)
+    i, f, g, o = xg.chunk(4, 1)
+    swapped = torch.cat([f, i, g, o], 1)
+    good = ops.lstm_cell(xg, hg, cx)[1]
+    assert (reference.lstm_cell(swapped, hg, cx)[1] - good).abs().max() > 1e-3
+    torch.testing.assert_close(reference.lstm_cell(xg, hg, cx)[1], good)
+
+
+# ---- the ops themselves ---------------------------------------------------------------------------
+
+def op_inputs(kind, B, H, device, dtype=torch.float64, requires_grad=True):
+    g = G[kind]
+    t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
+    if kind == "lstm":
+        return torch.ops.rnnext.lstm_cell, (t(B, 4 * H), t(B, 4 * H), t(B, H))
+    if kind == "gru":
+        return torch.ops.rnnext.gru_cell, (t(B, 3 * H), t(B, 3 * H), t(B, H))
+    return torch.ops.rnnext.rnn_cell, (t(B, g * H), t(B, g * H), kind.split("_")[1])
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_op_matches_reference(device, kind):
+    torch.manual_seed(7)
+    op, args = op_inputs(kind, 5, 11, device, requires_grad=False)
+    ref = getattr(reference, op.__name__.split(".")[-1])
+    for a, b in zip(op(*args) if kind[:3] != "rnn" else [op(*args)],
+                    ref(*args) if kind[:3] != "rnn" else [ref(*args)], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_opcheck_forward(device, kind):
+    torch.manual_seed(8)
+    op, args = op_inputs(kind, 3, 5, device)
+    torch.library.opcheck(op, args)
+    op, args = op_inputs(kind, 3, 5, device, requires_grad=False)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_opcheck_backward(device, kind):
+    torch.manual_seed(9)
+    B, H = 3, 5
+    t = lambda *s: torch.randn(*s, device=device, dtype=torch.float64)  # noqa: E731
+    if kind == "lstm":
+        torch.library.opcheck(torch.ops.rnnext.lstm_cell_backward, (t(B, H), t(B, H), t(B, H), t(B, H), t(B, 4 * H)))
+    elif kind == "gru":
+        torch.library.opcheck(torch.ops.rnnext.gru_cell_backward, (t(B, H), t(B, H), t(B, 4 * H)))
+    else:
+        torch.library.opcheck(torch.ops.rnnext.rnn_cell_backward, (t(B, H), t(B, H), kind.split("_")[1]))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_gradcheck(device, kind):
+    torch.manual_seed(10)
+    op, args = op_inputs(kind, 2, 3, device)
+    if kind == "lstm":
+        f = lambda xg, hg, cx: op(xg, hg, cx)[:2]  # noqa: E731
+    elif kind == "gru":
+        f = lambda xg, hg, hx: op(xg, hg, hx)[0]  # noqa: E731
+    else:
+        nonlinearity = args[2]
+        f = lambda xg, hg: op(xg, hg, nonlinearity)  # noqa: E731
+        args = args[:2]
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_op_errors(device):
+    x = torch.randn(2, 8, device=device)
+    with pytest.raises(RuntimeError, match="not a multiple of 3"):
+        torch.ops.rnnext.gru_cell(x, x, torch.randn(2, 2, device=device))
+    with pytest.raises(RuntimeError, match=r"expected a state of shape \[2, 2\]"):
+        torch.ops.rnnext.lstm_cell(x, x, torch.randn(3, 2, device=device))
+    with pytest.raises(RuntimeError, match="hg has dtype Double but xg has dtype Float"):
+        torch.ops.rnnext.lstm_cell(x, x.double(), torch.randn(2, 2, device=device))
+    with pytest.raises(RuntimeError, match="Unknown nonlinearity: gelu"):
+        torch.ops.rnnext.rnn_cell(x, x, "gelu")
+
+
+@CUDA
+def test_op_device_mismatch():
+    x = torch.randn(2, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="state is on cpu"):
+        torch.ops.rnnext.lstm_cell(x, x, torch.randn(2, 2))
+
+
+# ---- the modules' argument checks: torch.nn's errors ----------------------------------------------
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_errors_match_torch(kind):
+    ours, theirs = pair(kind, 4, 3, dtype=torch.float32)
+    good_hx = hidden(kind, 2, 3, "cpu", torch.float32)
+    cases = [
+        (torch.randn(2, 5), None),                               # wrong input size
+        (torch.randn(2, 4), hidden(kind, 3, 3, "cpu", torch.float32)),  # batch mismatch
+        (torch.randn(2, 4), hidden(kind, 2, 5, "cpu", torch.float32)),  # hidden size mismatch
+        (torch.randn(2, 3, 4), None),                            # 3-D input
+        (torch.randn(2, 4), hidden(kind, 2, 3, "cpu", torch.float32, batched=True) if kind != "lstm"
+         else tuple(h.unsqueeze(0) for h in good_hx)),           # 3-D hx (lstm) / fine (others)
+        (torch.randn(2, 4, dtype=torch.float64), None),         # dtype mismatch
+    ]
+    for x, hx in cases:
+        try:
+            theirs(x, hx)
+        except Exception:
+            same_error(lambda: ours(x, hx), lambda: theirs(x, hx))
+        else:
+            ours(x, hx)
