@@ -1,6 +1,7 @@
 """Builds rnnext._C: a CUDAExtension when torch has CUDA and nvcc is found, else a CppExtension.
 
-Environment: RNNEXT_NO_CUDA=1 forces CPU-only; TORCH_CUDA_ARCH_LIST picks GPU architectures
+Environment: RNNEXT_NO_CUDA=1 forces CPU-only; RNNEXT_CPU_CAPABILITY=default|avx2|avx512 picks the CPU
+kernels' SIMD (default: the best this build machine has); TORCH_CUDA_ARCH_LIST picks GPU architectures
 (unset and no GPU visible: DEFAULT_ARCHS instead of torch's every-architecture list);
 CUDA_HOME defaults to /usr/local/cuda when that exists; MAX_JOBS limits parallel compiles.
 """
@@ -39,10 +40,36 @@ def want_cuda():
     return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}), nvcc {nvcc}"
 
 
+CPU_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+
+def cpu_capability():
+    """at::vec is scalar code unless compiled for a SIMD level: pick the best this machine has."""
+    chosen = os.environ.get("RNNEXT_CPU_CAPABILITY")
+    if chosen:
+        if chosen not in CPU_FLAGS:
+            raise SystemExit(f"RNNEXT_CPU_CAPABILITY must be one of {sorted(CPU_FLAGS)}, got {chosen!r}")
+        return chosen
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "default"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "default"
+
+
 def pip_cuda_includes():
     """cuBLAS and friends' headers that torch's pip dependencies ship (nvidia/cu13/include, ...)."""
     site = sysconfig.get_paths()["purelib"]
-    return [d for d in sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include"))) if os.path.isdir(d)]
+    return [d for d in sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include"))) if os.path.isdir(d)]
 
 
 def sources(pattern):
@@ -51,7 +78,9 @@ def sources(pattern):
 
 def extension():
     use_cuda, why = want_cuda()
-    cxx = ["-O3"]
+    capability = cpu_capability()
+    log(f"CPU kernels: {capability} SIMD")
+    cxx = ["-O3"] + CPU_FLAGS[capability]
     include_dirs = [os.path.join(HERE, "csrc")]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not use_cuda:

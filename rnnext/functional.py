@@ -7,8 +7,10 @@ one ("fused" raises where the fused ops cannot run).
 Whole-sequence functions take torch's flat weight list (``nn.LSTM._flat_weights`` order: per layer and
 direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``) and return what ``torch._VF.lstm/gru/rnn_*`` return.
 Inputs are time-major ``[T, B, I]`` (``[B, T, I]`` with batch_first), or packed data ``[N, I]`` with
-``batch_sizes``; hx ``[L*D, B, P]`` (LSTM: plus c ``[L*D, B, H]``). Gradients flow through autograd:
-the reference saves its per-step graph, the fused cells save their activated gates.
+``batch_sizes``; hx ``[L*D, B, P]`` (LSTM: plus c ``[L*D, B, H]``). Each layer-direction is one input
+projection ``F.linear`` for all steps plus one ``recurrence`` of the backend. Gradients flow through
+autograd: the reference keeps its per-step graph; the fused sequence ops save the states and the
+activated gates (see :mod:`rnnext.ops`).
 """
 import contextlib
 
@@ -41,8 +43,9 @@ def use_backend(name: str):
         set_backend(old)
 
 
-def cells_for(t: torch.Tensor, backend: str | None = None):
-    """The cells namespace (``rnnext.ops`` or ``rnnext.reference``) that runs on ``t``."""
+def backend_for(t: torch.Tensor, backend: str | None = None):
+    """The implementation (``rnnext.ops`` or ``rnnext.reference``) that runs on ``t``: both provide
+    the same cells and ``recurrence``."""
     backend = backend or _backend
     if backend == "reference":
         return reference
@@ -69,20 +72,20 @@ def _check_cell(input, hx, w_ih, w_hh):
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One LSTM step. input ``[B, I]``, hx = (h ``[B, H]``, c ``[B, H]``) -> (h', c')."""
     _check_cell(input, hx, w_ih, w_hh)
-    hy, cy, _ = cells_for(input, backend).lstm_cell(F.linear(input, w_ih, b_ih), F.linear(hx[0], w_hh, b_hh), hx[1])
+    hy, cy, _ = backend_for(input, backend).lstm_cell(F.linear(input, w_ih, b_ih), F.linear(hx[0], w_hh, b_hh), hx[1])
     return hy, cy
 
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One GRU step. input ``[B, I]``, hx ``[B, H]`` -> h'."""
     _check_cell(input, (hx,), w_ih, w_hh)
-    return cells_for(input, backend).gru_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)[0]
+    return backend_for(input, backend).gru_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)[0]
 
 
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None):
     """One Elman RNN step, nonlinearity "tanh" or "relu". input ``[B, I]``, hx ``[B, H]`` -> h'."""
     _check_cell(input, (hx,), w_ih, w_hh)
-    return cells_for(input, backend).rnn_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), nonlinearity)
+    return backend_for(input, backend).rnn_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), nonlinearity)
 
 
 # ---- whole sequences ------------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
         x = input.transpose(0, 1) if batch_first else input
     if x.size(0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    cells = cells_for(x, backend)
+    impl = backend_for(x, backend)
     hs, cs = [], []
     for layer in range(num_layers):
         ys = []
@@ -110,9 +113,9 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             k = layer * D + d
             p = params[k * stride:(k + 1) * stride]
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
-            y, h, c = reference.recurrence(
+            y, h, c = impl.recurrence(
                 mode, F.linear(x, p[0], b_ih), h0[k], None if c0 is None else c0[k], p[1], b_hh,
-                p[-1] if proj else None, lengths, reverse=d == 1, cells=cells, nonlinearity=nonlinearity)
+                p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity)
             ys.append(y)
             hs.append(h)
             cs.append(c)

@@ -48,33 +48,35 @@ def flip_within(x, lengths):
     return x.gather(0, idx.view(T, -1, *([1] * (x.dim() - 2))).expand_as(x))
 
 
-def recurrence(mode, xg, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, cells=None,
-               nonlinearity="tanh"):
-    """One layer-direction over a sequence.
+def step_mask(lengths, T):
+    """``[T, B, 1]`` bool: step t of sequence b is within its length."""
+    return (torch.arange(T, device=lengths.device).unsqueeze(1) < lengths).unsqueeze(2)
 
-    xg ``[T, B, G*H]`` input projection (b_ih included); h0 ``[B, P]`` (P = proj_size or H); c0 ``[B, H]``
-    (LSTM only); lengths ``[B]`` int64 on xg's device or None: steps t >= lengths[b] keep the state and
-    output 0. ``cells`` is a namespace with this module's cell signatures (this module by default).
-    Returns ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
+
+def recurrence(mode, xg, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, nonlinearity="tanh"):
+    """One layer-direction over a sequence: a Python loop over this module's cells.
+
+    mode "LSTM", "GRU" or "RNN"; xg ``[T, B, G*H]`` input projection (b_ih included); h0 ``[B, P]``
+    (P = proj_size or H); c0 ``[B, H]`` (LSTM only); w_hh ``[G*H, P]``; w_hr ``[P, H]`` (LSTM proj_size);
+    lengths ``[B]`` int64 on xg's device or None: steps t >= lengths[b] keep the state and output 0;
+    reverse: run each sequence backwards within its length. Returns ``y [T, B, P], h_n [B, P],
+    c_n [B, H] or None``.
     """
-    import rnnext.reference as cells_default
-
-    cells = cells or cells_default
     if reverse:
         xg = flip_within(xg, lengths)
-    mask = None if lengths is None else (torch.arange(xg.size(0), device=xg.device).unsqueeze(1) < lengths).unsqueeze(2)
+    mask = None if lengths is None else step_mask(lengths, xg.size(0))
     h, c, ys = h0, c0, []
     for t in range(xg.size(0)):
         hg = F.linear(h, w_hh, b_hh)
         if mode == "LSTM":
-            hy, cy, _ = cells.lstm_cell(xg[t], hg, c)
+            hy, cy, _ = lstm_cell(xg[t], hg, c)
             if w_hr is not None:
                 hy = F.linear(hy, w_hr)
         elif mode == "GRU":
-            hy, _ = cells.gru_cell(xg[t], hg, h)
+            hy, _ = gru_cell(xg[t], hg, h)
             cy = None
         else:
-            hy, cy = cells.rnn_cell(xg[t], hg, nonlinearity), None
+            hy, cy = rnn_cell(xg[t], hg, nonlinearity), None
         if mask is not None:
             ys.append(torch.where(mask[t], hy, 0))
             hy = torch.where(mask[t], hy, h)

@@ -193,7 +193,7 @@ def test_op_errors(device):
     x = torch.randn(2, 8, device=device)
     with pytest.raises(RuntimeError, match="not a multiple of 3"):
         torch.ops.rnnext.gru_cell(x, x, torch.randn(2, 2, device=device))
-    with pytest.raises(RuntimeError, match=r"expected a state of shape \[2, 2\]"):
+    with pytest.raises(RuntimeError, match=r"expected state of shape \[2, 2\]"):
         torch.ops.rnnext.lstm_cell(x, x, torch.randn(3, 2, device=device))
     with pytest.raises(RuntimeError, match="hg has dtype Double but xg has dtype Float"):
         torch.ops.rnnext.lstm_cell(x, x.double(), torch.randn(2, 2, device=device))

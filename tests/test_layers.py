@@ -231,7 +231,7 @@ def test_fused_backend_is_used_and_switch_forces_it():
     x = torch.randn(2, 2, 3)
     with torch.profiler.profile() as prof:
         model(x)
-    assert any("rnnext::lstm_cell" in e.name for e in prof.events())
+    assert any("rnnext::lstm_seq" in e.name for e in prof.events())
     with rnnext.use_backend("reference"), torch.profiler.profile() as prof:
         model(x)
     assert not any("rnnext::" in e.name for e in prof.events())

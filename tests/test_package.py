@@ -28,7 +28,7 @@ def test_import_without_extension_warns_once_and_uses_reference():
         assert len(msgs) == 1, msgs
         x = torch.randn(3, 2, 4)
         assert not rnnext.ops.available(x)
-        assert rnnext.functional.cells_for(x) is rnnext.reference
+        assert rnnext.functional.backend_for(x) is rnnext.reference
         y, (h, c) = rnnext.LSTM(4, 5)(x)
         assert y.shape == (3, 2, 5)
         print("ok")

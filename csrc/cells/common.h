@@ -1,5 +1,7 @@
 // Cell math shared by the CPU and CUDA kernels: every function here is compiled by both compilers,
-// so the CPU tests exercise the exact code the GPU runs.
+// so the CPU tests exercise the exact code the GPU runs. The math is templated on V, the type of a
+// value being computed: the accumulation type (one element; CPU and CUDA) or an at::vec::Vectorized
+// (a row segment; CPU, see cpu/kernels.cpp, which specialises Lanes for it).
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -19,19 +21,32 @@ RNNEXT_HD double exp_(double x) { return exp(x); }
 RNNEXT_HD float tanh_(float x) { return tanhf(x); }
 RNNEXT_HD double tanh_(double x) { return tanh(x); }
 
-template <typename T>
-RNNEXT_HD T sigmoid(T x) {
-  return T(1) / (T(1) + exp_(-x));
+// What differs between one value and a vector of them: memory access, transcendentals, selects.
+template <typename V>
+struct Lanes {
+  template <typename S>
+  static RNNEXT_HD V load(const S* p) { return V(*p); }
+  template <typename S>
+  static RNNEXT_HD void store(S* p, V v) { *p = S(v); }
+  static RNNEXT_HD V exp(V x) { return exp_(x); }
+  static RNNEXT_HD V tanh(V x) { return tanh_(x); }
+  static RNNEXT_HD V relu(V x) { return x < V(0) ? V(0) : x; }  // keeps NaN, as torch.relu does
+  static RNNEXT_HD V relu_grad(V dh, V h) { return h > V(0) ? dh : V(0); }
+};
+
+template <typename V>
+RNNEXT_HD V sigmoid(V x) {
+  return V(1) / (V(1) + Lanes<V>::exp(V(0) - x));
 }
 
 // Derivatives expressed through the activation's output, which is what backward has saved.
-template <typename T>
-RNNEXT_HD T dsigmoid(T y) {
-  return y * (T(1) - y);
+template <typename V>
+RNNEXT_HD V dsigmoid(V y) {
+  return y * (V(1) - y);
 }
-template <typename T>
-RNNEXT_HD T dtanh(T y) {
-  return T(1) - y * y;
+template <typename V>
+RNNEXT_HD V dtanh(V y) {
+  return V(1) - y * y;
 }
 
 }  // namespace cells

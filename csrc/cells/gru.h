@@ -17,7 +17,7 @@ RNNEXT_HD T gru_forward(T xr, T xz, T xn, T hr, T hz, T hn, T h_prev, GRUGates<T
   a.r = sigmoid(xr + hr);
   a.z = sigmoid(xz + hz);
   a.hn = hn;
-  a.n = tanh_(xn + a.r * hn);
+  a.n = Lanes<T>::tanh(xn + a.r * hn);
   return (T(1) - a.z) * a.n + a.z * h_prev;
 }
 

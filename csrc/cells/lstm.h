@@ -16,10 +16,10 @@ template <typename T>
 RNNEXT_HD T lstm_forward(T pi, T pf, T pg, T po, T c_prev, LSTMGates<T>& a, T& tanh_c) {
   a.i = sigmoid(pi);
   a.f = sigmoid(pf);
-  a.g = tanh_(pg);
+  a.g = Lanes<T>::tanh(pg);
   a.o = sigmoid(po);
   T c = a.f * c_prev + a.i * a.g;
-  tanh_c = tanh_(c);
+  tanh_c = Lanes<T>::tanh(c);
   return c;
 }
 
@@ -27,7 +27,7 @@ RNNEXT_HD T lstm_forward(T pi, T pf, T pg, T po, T c_prev, LSTMGates<T>& a, T& t
 // pre-activations into d, returns the gradient of c_prev.
 template <typename T>
 RNNEXT_HD T lstm_backward(T dh, T dc, const LSTMGates<T>& a, T c_prev, T c, LSTMGates<T>& d) {
-  T tanh_c = tanh_(c);
+  T tanh_c = Lanes<T>::tanh(c);
   T dct = dc + dh * a.o * dtanh(tanh_c);
   d.i = dct * a.g * dsigmoid(a.i);
   d.f = dct * c_prev * dsigmoid(a.f);

@@ -9,15 +9,15 @@ enum class Act { Tanh, Relu };
 
 template <Act A, typename T>
 RNNEXT_HD T rnn_forward(T pre) {
-  if (A == Act::Tanh) return tanh_(pre);
-  return pre < T(0) ? T(0) : pre;  // keeps NaN, as torch.relu does
+  if (A == Act::Tanh) return Lanes<T>::tanh(pre);
+  return Lanes<T>::relu(pre);
 }
 
 // Gradient of the pre-activation from dh and the cell's output h.
 template <Act A, typename T>
 RNNEXT_HD T rnn_backward(T dh, T h) {
   if (A == Act::Tanh) return dh * dtanh(h);
-  return h > T(0) ? dh : T(0);
+  return Lanes<T>::relu_grad(dh, h);
 }
 
 }  // namespace cells

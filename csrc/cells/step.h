@@ -1,9 +1,17 @@
-// One time step of each cell over a [B, H] grid: the body of every pointwise kernel, CPU and CUDA.
-// A functor is called once per element idx in [0, B*H); loads and stores are in scalar_t, the math
-// in acc_t (float for half/bfloat16). All buffers are contiguous, row-major:
-//   xg, hg, dxg, dhg  [B, G*H]   gate rows of a batch row at b*G*H + k*H + j
-//   h, c, dh, dc      [B, H]
-//   saved             [B, S*H]   what backward needs, S values per element in the same row layout
+// One time step of each cell over a [B, H] grid: the body of every pointwise kernel, CPU and CUDA,
+// for the single-step cell ops and for each step of the sequence driver alike.
+//
+// A launcher calls f.apply<V>(b, j) for every row b < B and column j < H, V being acc_t (one element)
+// or a CPU vector (a segment of row b from j). Loads and stores are in scalar_t, the math in acc_t
+// (float for half/bfloat16). Pointers point at this step's [B, .] slice, contiguous, row-major:
+//   xg, hg, dxg, dhg, dgates   [B, G*H]  gate k of row b at b*G*H + k*H + j
+//   states and their grads     [B, H]
+//   saved                      [B, 4*H]  activated gates, per cell below
+// Variable lengths: a row with lengths[b] <= t is past its end: its state carries over unchanged,
+// its gate gradients are 0 and the gradient reaching its new state passes to its old one ("direct").
+// Backward reads the gradient of the new state as dh_next (from step t+1) + dh_ext (nullable: from
+// outside, e.g. the output y[t]), and writes to `direct` the part of the gradient of the previous
+// state that does not go through hg (nullable where that part is known to be 0).
 #pragma once
 #include "cells/gru.h"
 #include "cells/lstm.h"
@@ -12,111 +20,197 @@
 namespace rnnext {
 namespace cells {
 
-struct Index {
-  int64_t b, j, H;
-  RNNEXT_HD Index(int64_t idx, int64_t H_) : b(idx / H_), j(idx % H_), H(H_) {}
-  // element of gate k in a [B, G*H] buffer
-  RNNEXT_HD int64_t gate(int64_t G, int64_t k) const { return (b * G + k) * H + j; }
+struct Step {
+  const int64_t* lengths;  // [B] or nullptr (every row active)
+  int64_t t, H;
+  RNNEXT_HD bool active(int64_t b) const { return lengths == nullptr || t < lengths[b]; }
 };
 
-// saved = activated (i, f, g, o), S = 4
+template <typename V, typename S>
+RNNEXT_HD V load_sum(const S* a, const S* b_or_null, int64_t i) {
+  V v = Lanes<V>::load(a + i);
+  return b_or_null ? v + Lanes<V>::load(b_or_null + i) : v;
+}
+
+// saved = (i, f, g, o). With proj_size, h receives the cell output o*tanh(c) (unmasked; the driver
+// projects and masks it) and h_prev is null.
 template <typename scalar_t, typename acc_t>
-struct LSTMStepFwd {
-  const scalar_t *xg, *hg, *c_prev;
+struct LSTMFwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *xg, *hg, *c_prev, *h_prev;
   scalar_t *h, *c, *saved;
-  int64_t H;
-  RNNEXT_HD void operator()(int64_t idx) const {
-    Index x(idx, H);
-    acc_t p[4];
-    for (int k = 0; k < 4; ++k) p[k] = acc_t(xg[x.gate(4, k)]) + acc_t(hg[x.gate(4, k)]);
-    LSTMGates<acc_t> a;
-    acc_t tanh_c;
-    acc_t cn = lstm_forward(p[0], p[1], p[2], p[3], acc_t(c_prev[idx]), a, tanh_c);
-    c[idx] = scalar_t(cn);
-    h[idx] = scalar_t(a.o * tanh_c);
-    saved[x.gate(4, 0)] = scalar_t(a.i);
-    saved[x.gate(4, 1)] = scalar_t(a.f);
-    saved[x.gate(4, 2)] = scalar_t(a.g);
-    saved[x.gate(4, 3)] = scalar_t(a.o);
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j, g = 4 * b * H + j;
+    if (!active(b)) {
+      L::store(c + s, L::load(c_prev + s));
+      if (h_prev) L::store(h + s, L::load(h_prev + s));
+      return;
+    }
+    LSTMGates<V> a;
+    V tanh_c;
+    V cn = lstm_forward(L::load(xg + g) + L::load(hg + g), L::load(xg + g + H) + L::load(hg + g + H),
+                        L::load(xg + g + 2 * H) + L::load(hg + g + 2 * H),
+                        L::load(xg + g + 3 * H) + L::load(hg + g + 3 * H), L::load(c_prev + s), a, tanh_c);
+    L::store(c + s, cn);
+    L::store(h + s, a.o * tanh_c);
+    L::store(saved + g, a.i);
+    L::store(saved + g + H, a.f);
+    L::store(saved + g + 2 * H, a.g);
+    L::store(saved + g + 3 * H, a.o);
   }
 };
 
+// dc: [B, H] in/out, the gradient of c on entry (plus dc_ext), of c_prev on exit.
 template <typename scalar_t, typename acc_t>
-struct LSTMStepBwd {
-  const scalar_t *dh, *dc, *c_prev, *c, *saved;
-  scalar_t *dgates, *dc_prev;
-  int64_t H;
-  RNNEXT_HD void operator()(int64_t idx) const {
-    Index x(idx, H);
-    LSTMGates<acc_t> a{acc_t(saved[x.gate(4, 0)]), acc_t(saved[x.gate(4, 1)]), acc_t(saved[x.gate(4, 2)]),
-                       acc_t(saved[x.gate(4, 3)])};
-    LSTMGates<acc_t> d;
-    acc_t dcp = lstm_backward(acc_t(dh[idx]), acc_t(dc[idx]), a, acc_t(c_prev[idx]), acc_t(c[idx]), d);
-    dgates[x.gate(4, 0)] = scalar_t(d.i);
-    dgates[x.gate(4, 1)] = scalar_t(d.f);
-    dgates[x.gate(4, 2)] = scalar_t(d.g);
-    dgates[x.gate(4, 3)] = scalar_t(d.o);
-    dc_prev[idx] = scalar_t(dcp);
+struct LSTMBwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *dh_next, *dh_ext, *dc_ext, *saved, *c_prev, *c;
+  scalar_t *dc, *dgates, *direct;
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j, g = 4 * b * H + j;
+    V dh = load_sum<V>(dh_next, dh_ext, s), dcin = load_sum<V>(dc, dc_ext, s);
+    if (!active(b)) {
+      for (int k = 0; k < 4; ++k) L::store(dgates + g + k * H, V(0));
+      L::store(dc + s, dcin);
+      if (direct) L::store(direct + s, dh);
+      return;
+    }
+    LSTMGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H),
+                   L::load(saved + g + 3 * H)};
+    LSTMGates<V> d;
+    L::store(dc + s, lstm_backward(dh, dcin, a, L::load(c_prev + s), L::load(c + s), d));
+    L::store(dgates + g, d.i);
+    L::store(dgates + g + H, d.f);
+    L::store(dgates + g + 2 * H, d.g);
+    L::store(dgates + g + 3 * H, d.o);
+    if (direct) L::store(direct + s, V(0));
   }
 };
 
-// saved = (r, z, n, hn), S = 4
+// saved = (r, z, n, hn)
 template <typename scalar_t, typename acc_t>
-struct GRUStepFwd {
+struct GRUFwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
   const scalar_t *xg, *hg, *h_prev;
   scalar_t *h, *saved;
-  int64_t H;
-  RNNEXT_HD void operator()(int64_t idx) const {
-    Index x(idx, H);
-    GRUGates<acc_t> a;
-    acc_t hn = gru_forward(acc_t(xg[x.gate(3, 0)]), acc_t(xg[x.gate(3, 1)]), acc_t(xg[x.gate(3, 2)]),
-                           acc_t(hg[x.gate(3, 0)]), acc_t(hg[x.gate(3, 1)]), acc_t(hg[x.gate(3, 2)]),
-                           acc_t(h_prev[idx]), a);
-    h[idx] = scalar_t(hn);
-    saved[x.gate(4, 0)] = scalar_t(a.r);
-    saved[x.gate(4, 1)] = scalar_t(a.z);
-    saved[x.gate(4, 2)] = scalar_t(a.n);
-    saved[x.gate(4, 3)] = scalar_t(a.hn);
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
+    if (!active(b)) {
+      L::store(h + s, L::load(h_prev + s));
+      return;
+    }
+    GRUGates<V> a;
+    L::store(h + s, gru_forward(L::load(xg + x), L::load(xg + x + H), L::load(xg + x + 2 * H), L::load(hg + x),
+                                L::load(hg + x + H), L::load(hg + x + 2 * H), L::load(h_prev + s), a));
+    L::store(saved + g, a.r);
+    L::store(saved + g + H, a.z);
+    L::store(saved + g + 2 * H, a.n);
+    L::store(saved + g + 3 * H, a.hn);
   }
 };
 
 template <typename scalar_t, typename acc_t>
-struct GRUStepBwd {
-  const scalar_t *dh, *h_prev, *saved;
-  scalar_t *dxg, *dhg, *dh_prev;
-  int64_t H;
-  RNNEXT_HD void operator()(int64_t idx) const {
-    Index x(idx, H);
-    GRUGates<acc_t> a{acc_t(saved[x.gate(4, 0)]), acc_t(saved[x.gate(4, 1)]), acc_t(saved[x.gate(4, 2)]),
-                      acc_t(saved[x.gate(4, 3)])};
-    acc_t dxr, dxz, dxn, dhn;
-    acc_t dhp = gru_backward(acc_t(dh[idx]), a, acc_t(h_prev[idx]), dxr, dxz, dxn, dhn);
-    dxg[x.gate(3, 0)] = scalar_t(dxr);
-    dxg[x.gate(3, 1)] = scalar_t(dxz);
-    dxg[x.gate(3, 2)] = scalar_t(dxn);
-    dhg[x.gate(3, 0)] = scalar_t(dxr);
-    dhg[x.gate(3, 1)] = scalar_t(dxz);
-    dhg[x.gate(3, 2)] = scalar_t(dhn);
-    dh_prev[idx] = scalar_t(dhp);
+struct GRUBwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *dh_next, *dh_ext, *saved, *h_prev;
+  scalar_t *dxg, *dhg, *direct;
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
+    V dh = load_sum<V>(dh_next, dh_ext, s);
+    if (!active(b)) {
+      for (int k = 0; k < 3; ++k) {
+        L::store(dxg + x + k * H, V(0));
+        L::store(dhg + x + k * H, V(0));
+      }
+      L::store(direct + s, dh);
+      return;
+    }
+    GRUGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H), L::load(saved + g + 3 * H)};
+    V dxr, dxz, dxn, dhn;
+    L::store(direct + s, gru_backward(dh, a, L::load(h_prev + s), dxr, dxz, dxn, dhn));
+    L::store(dxg + x, dxr);
+    L::store(dxg + x + H, dxz);
+    L::store(dxg + x + 2 * H, dxn);
+    L::store(dhg + x, dxr);
+    L::store(dhg + x + H, dxz);
+    L::store(dhg + x + 2 * H, dhn);
   }
 };
 
-// nothing saved beyond h itself
+// Nothing saved: backward uses the new state h itself.
 template <Act A, typename scalar_t, typename acc_t>
-struct RNNStepFwd {
-  const scalar_t *xg, *hg;
+struct RNNFwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *xg, *hg, *h_prev;
   scalar_t* h;
-  RNNEXT_HD void operator()(int64_t idx) const {
-    h[idx] = scalar_t(rnn_forward<A>(acc_t(xg[idx]) + acc_t(hg[idx])));
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j;
+    L::store(h + s, active(b) ? rnn_forward<A>(L::load(xg + s) + L::load(hg + s)) : L::load(h_prev + s));
   }
 };
 
 template <Act A, typename scalar_t, typename acc_t>
-struct RNNStepBwd {
-  const scalar_t *dh, *h;
-  scalar_t* dpre;
-  RNNEXT_HD void operator()(int64_t idx) const {
-    dpre[idx] = scalar_t(rnn_backward<A>(acc_t(dh[idx]), acc_t(h[idx])));
+struct RNNBwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *dh_next, *dh_ext, *h;
+  scalar_t *dpre, *direct;
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j;
+    V dh = load_sum<V>(dh_next, dh_ext, s);
+    const bool on = active(b);
+    L::store(dpre + s, on ? rnn_backward<A>(dh, L::load(h + s)) : V(0));
+    if (direct) L::store(direct + s, on ? V(0) : dh);
+  }
+};
+
+// LSTM proj_size, forward: the new state is the projected cell output hp, or h_prev past the end.
+template <typename scalar_t, typename acc_t>
+struct CarryFwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *hp, *h_prev;
+  scalar_t* h;
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t s = b * H + j;
+    Lanes<V>::store(h + s, Lanes<V>::load((active(b) ? hp : h_prev) + s));
+  }
+};
+
+// LSTM proj_size, backward: splits the gradient of the new (projected) state into the part that goes
+// through the projection (dhp) and the part carried past the end (direct).
+template <typename scalar_t, typename acc_t>
+struct CarryBwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *dh_next, *dh_ext;
+  scalar_t *dhp, *direct;
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j;
+    V dh = load_sum<V>(dh_next, dh_ext, s);
+    const bool on = active(b);
+    L::store(dhp + s, on ? dh : V(0));
+    if (direct) L::store(direct + s, on ? V(0) : dh);
   }
 };
 
