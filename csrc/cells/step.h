@@ -44,9 +44,10 @@ struct LSTMFwd : Step {
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 4 * b * H + j;
-    if (!active(b)) {
+    if (!active(b)) {  // saved and (with proj_size) h are unused past the end; zeros keep outputs defined
       L::store(c + s, L::load(c_prev + s));
-      if (h_prev) L::store(h + s, L::load(h_prev + s));
+      L::store(h + s, h_prev ? L::load(h_prev + s) : V(0));
+      for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
     LSTMGates<V> a;
@@ -106,6 +107,7 @@ struct GRUFwd : Step {
     const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
     if (!active(b)) {
       L::store(h + s, L::load(h_prev + s));
+      for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
     GRUGates<V> a;

@@ -1,0 +1,146 @@
+"""The fused sequence ops (one layer-direction) vs rnnext.reference.recurrence; op registration checks."""
+import pytest
+import torch
+
+from rnnext import ops, reference
+from conftest import cpu_and_cuda
+
+pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
+
+# name: (mode, gates, proj_size, nonlinearity)
+CASES = {"lstm": ("LSTM", 4, 0, "tanh"), "lstm_proj": ("LSTM", 4, 3, "tanh"), "gru": ("GRU", 3, 0, "tanh"),
+         "rnn_tanh": ("RNN", 1, 0, "tanh"), "rnn_relu": ("RNN", 1, 0, "relu")}
+
+
+def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=False, seed=0):
+    """Leaf tensors for recurrence(mode, xg, h0, c0, w_hh, b_hh, w_hr, lengths, ...)."""
+    mode, G, P, _ = CASES[case]
+    P = P or H
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(device, dtype).requires_grad_()  # noqa
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+        lens = lens.to(device)
+    return dict(mode=mode, xg=t(T, B, G * H), h0=t(B, P), c0=t(B, H) if mode == "LSTM" else None, w_hh=t(G * H, P),
+                b_hh=t(G * H) if bias else None, w_hr=t(P, H) if CASES[case][2] else None, lengths=lens,
+                nonlinearity=CASES[case][3])
+
+
+def outputs_and_grads(fn, args, reverse):
+    y, h, c = fn(**args, reverse=reverse)
+    outs = [y, h] + ([c] if c is not None else [])
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    return outs + list(torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (7, 5, 9), (12, 3, 20)])
+def test_matches_reference(device, case, lengths, reverse, bias, T, B, H):
+    args = make_args(case, T, B, H, device, bias=bias, lengths=lengths, seed=T + B + H)
+    got = outputs_and_grads(ops.recurrence, args, reverse)
+    want = outputs_and_grads(reference.recurrence, args, reverse)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+def test_padding_is_zero_and_state_carries(device, case):
+    args = make_args(case, 6, 4, 5, device, lengths=True, seed=3)
+    y, h, _ = ops.recurrence(**args)
+    lens = args["lengths"].tolist()
+    for b, n in enumerate(lens):
+        assert torch.all(y[n:, b] == 0)
+        torch.testing.assert_close(h[b], y[n - 1, b])
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+def test_deterministic(device, case):
+    args = make_args(case, 9, 6, 33, device, dtype=torch.float32, lengths=True, seed=4)
+    first = outputs_and_grads(ops.recurrence, args, False)
+    second = outputs_and_grads(ops.recurrence, args, False)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def op_call(case, args):
+    """The forward op and its positional arguments."""
+    a = args
+    if a["mode"] == "LSTM":
+        return torch.ops.rnnext.lstm_seq, (a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_hh"], a["w_hr"], a["lengths"])
+    if a["mode"] == "GRU":
+        return torch.ops.rnnext.gru_seq, (a["xg"], a["h0"], a["w_hh"], a["b_hh"], a["lengths"])
+    return torch.ops.rnnext.rnn_seq, (a["xg"], a["h0"], a["w_hh"], a["b_hh"], a["lengths"], a["nonlinearity"])
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lengths", [False, True])
+def test_opcheck(device, case, lengths):
+    args = make_args(case, 4, 3, 5, device, lengths=lengths, seed=5)
+    op, inputs = op_call(case, args)
+    torch.library.opcheck(op, inputs)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lengths", [False, True])
+def test_opcheck_backward(device, case, lengths):
+    args = make_args(case, 4, 3, 5, device, lengths=lengths, seed=6)
+    op, inputs = op_call(case, args)
+    with torch.no_grad():
+        out = op(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    a = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    d = lambda t: torch.randn_like(t)  # noqa: E731
+    if a["mode"] == "LSTM":
+        hs, cs, saved, r = out
+        torch.library.opcheck(torch.ops.rnnext.lstm_seq_backward,
+                              (d(hs), d(cs), hs, cs, saved, r, a["w_hh"], a["w_hr"], a["lengths"]))
+    elif a["mode"] == "GRU":
+        hs, saved = out
+        torch.library.opcheck(torch.ops.rnnext.gru_seq_backward, (d(hs), hs, saved, a["w_hh"], a["lengths"]))
+    else:
+        (hs,) = out
+        torch.library.opcheck(torch.ops.rnnext.rnn_seq_backward,
+                              (d(hs), hs, a["w_hh"], a["lengths"], a["nonlinearity"]))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lengths", [False, True])
+def test_gradcheck(device, case, lengths):
+    args = make_args(case, 3, 2, 2, device, lengths=lengths, seed=7)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def f(*tensors):
+        kw = dict(args, **dict(zip(names, tensors)))
+        y, h, c = ops.recurrence(**kw)
+        return (y, h) if c is None else (y, h, c)
+
+    assert torch.autograd.gradcheck(f, [args[k] for k in names])
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_op_errors(device):
+    a = make_args("lstm", 4, 3, 5, device, lengths=True)
+    a = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    seq = torch.ops.rnnext.lstm_seq
+    with pytest.raises(RuntimeError, match=r"expected w_hh of shape \[20, 5\]"):
+        seq(a["xg"], a["h0"], a["c0"], a["w_hh"][:, :4], None, None, None)
+    with pytest.raises(RuntimeError, match="expected int64 lengths"):
+        seq(a["xg"], a["h0"], a["c0"], a["w_hh"], None, None, a["lengths"].int())
+    with pytest.raises(RuntimeError, match=r"expected h0 of shape \[3, 5\]"):
+        seq(a["xg"], a["h0"][:2], a["c0"], a["w_hh"], None, None, None)
+    with pytest.raises(RuntimeError, match="not a multiple of 4"):
+        seq(a["xg"][..., :7], a["h0"], a["c0"], a["w_hh"], None, None, None)
