@@ -80,12 +80,15 @@ def extension():
     use_cuda, why = want_cuda()
     capability = cpu_capability()
     log(f"CPU kernels: {capability} SIMD")
-    cxx = ["-O3"] + CPU_FLAGS[capability]
+    # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one thread.
+    cxx = ["-O3", "-fopenmp"] + CPU_FLAGS[capability]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not use_cuda:
         log(f"building CPU-only extension ({why})")
-        return CppExtension("rnnext._C", srcs, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return CppExtension("rnnext._C", srcs, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
     include_dirs += pip_cuda_includes()
@@ -97,6 +100,7 @@ def extension():
         include_dirs=include_dirs,
         define_macros=[("RNNEXT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link,
     )
 
 

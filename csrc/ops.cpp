@@ -21,14 +21,18 @@ TORCH_LIBRARY(rnnext, m) {
 
   // One layer-direction over a whole sequence; shapes and conventions in driver/sequence.h.
   // hs: states [T+1, B, P] (hs[0] = h0); cs: LSTM cell states [T+1, B, H]; saved, r: for backward.
-  m.def("lstm_seq(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? lengths) "
-        "-> (Tensor hs, Tensor cs, Tensor saved, Tensor r)");
+  // xg: input projection without bias; b_ih and b_hh are added inside.
+  m.def("lstm_seq(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
+        "Tensor? lengths) -> (Tensor hs, Tensor cs, Tensor saved, Tensor r)");
   m.def("lstm_seq_backward(Tensor dhs, Tensor dcs, Tensor hs, Tensor cs, Tensor saved, Tensor r, Tensor w_hh, "
-        "Tensor? w_hr, Tensor? lengths) -> (Tensor dxg, Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_hh, Tensor dw_hr)");
-  m.def("gru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths) -> (Tensor hs, Tensor saved)");
+        "Tensor? w_hr, Tensor? lengths) -> (Tensor dxg, Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_ih, "
+        "Tensor db_hh, Tensor dw_hr)");
+  m.def("gru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths) "
+        "-> (Tensor hs, Tensor saved)");
   m.def("gru_seq_backward(Tensor dhs, Tensor hs, Tensor saved, Tensor w_hh, Tensor? lengths) "
-        "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_hh)");
-  m.def("rnn_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, str nonlinearity) -> Tensor");
+        "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+  m.def("rnn_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, str nonlinearity) "
+        "-> Tensor");
   m.def("rnn_seq_backward(Tensor dhs, Tensor hs, Tensor w_hh, Tensor? lengths, str nonlinearity) "
-        "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_hh)");
+        "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
 }

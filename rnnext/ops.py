@@ -14,7 +14,7 @@ for GRU, where hn is the hidden part of n's pre-activation. It is not differenti
 
 One layer-direction over a whole sequence (shapes in ``csrc/driver/sequence.h``):
 
-- ``recurrence(mode, xg, h0, c0, w_hh, b_hh, w_hr, lengths, reverse, nonlinearity) -> (y, h_n, c_n)``,
+- ``recurrence(mode, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, reverse, nonlinearity) -> (y, h_n, c_n)``,
   the signature of :func:`rnnext.reference.recurrence`, over ``torch.ops.rnnext.{lstm,gru,rnn}_seq``.
   Saved for backward: the states ``hs [T+1, B, P]`` (whose views are y and h_n), LSTM cell states
   ``cs [T+1, B, H]``, activated gates ``[T, B, 4*H]`` (LSTM, GRU) and, with proj_size, the cell outputs
@@ -62,18 +62,19 @@ def rnn_cell(xg, hg, nonlinearity):
     return torch.ops.rnnext.rnn_cell(xg, hg, nonlinearity)
 
 
-def recurrence(mode, xg, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, nonlinearity="tanh"):
+def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
+               nonlinearity="tanh"):
     """One layer-direction on the fused sequence ops; see :func:`rnnext.reference.recurrence`."""
     if reverse:
         xg = flip_within(xg, lengths)
     cn = None
     if mode == "LSTM":
-        hs, cs, _, _ = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_hh, w_hr, lengths)
+        hs, cs, _, _ = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths)
         cn = cs[-1]
     elif mode == "GRU":
-        hs, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_hh, lengths)
+        hs, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths)
     else:
-        hs = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_hh, lengths, nonlinearity)
+        hs = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity)
     y = hs[1:]
     if lengths is not None:
         y = torch.where(step_mask(lengths, y.size(0)), y, 0)
@@ -115,7 +116,7 @@ def _register():
         return _state(hy)
 
     @torch.library.register_fake(lib + "lstm_seq")
-    def _(xg, h0, c0, w_hh, b_hh, w_hr, lengths):
+    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths):
         T, B = xg.shape[:2]
         H, P = c0.shape[1], h0.shape[1]
         return xg.new_empty(T + 1, B, P), xg.new_empty(T + 1, B, H), xg.new_empty(T, B, 4 * H), \
@@ -126,10 +127,10 @@ def _register():
         T, B, P = saved.shape[0], saved.shape[1], hs.shape[2]
         H = cs.shape[2]
         return saved.new_empty(T, B, 4 * H), hs.new_empty(B, P), hs.new_empty(B, H), _state(w_hh), \
-            hs.new_empty(4 * H), hs.new_empty(P, H) if w_hr is not None else hs.new_empty(0)
+            hs.new_empty(4 * H), hs.new_empty(4 * H), hs.new_empty(P, H) if w_hr is not None else hs.new_empty(0)
 
     @torch.library.register_fake(lib + "gru_seq")
-    def _(xg, h0, w_hh, b_hh, lengths):
+    def _(xg, h0, w_hh, b_ih, b_hh, lengths):
         T, B = xg.shape[:2]
         H = h0.shape[1]
         return xg.new_empty(T + 1, B, H), xg.new_empty(T, B, 4 * H)
@@ -137,56 +138,65 @@ def _register():
     @torch.library.register_fake(lib + "gru_seq_backward")
     def _(dhs, hs, saved, w_hh, lengths):
         T, B, H = saved.shape[0], saved.shape[1], hs.shape[2]
-        return hs.new_empty(T, B, 3 * H), hs.new_empty(B, H), _state(w_hh), hs.new_empty(3 * H)
+        return hs.new_empty(T, B, 3 * H), hs.new_empty(B, H), _state(w_hh), hs.new_empty(3 * H), hs.new_empty(3 * H)
 
     @torch.library.register_fake(lib + "rnn_seq")
-    def _(xg, h0, w_hh, b_hh, lengths, nonlinearity):
+    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity):
         T, B, H = xg.shape
         return xg.new_empty(T + 1, B, H)
 
     @torch.library.register_fake(lib + "rnn_seq_backward")
     def _(dhs, hs, w_hh, lengths, nonlinearity):
         T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        return hs.new_empty(T, B, H), hs.new_empty(B, H), _state(w_hh), hs.new_empty(H)
+        return hs.new_empty(T, B, H), hs.new_empty(B, H), _state(w_hh), hs.new_empty(H), hs.new_empty(H)
 
     def zeros_if_none(g, like):
         return torch.zeros_like(like) if g is None else g
 
+    def biases(ctx, b_ih, b_hh):
+        ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+
+    def bias_grads(ctx, db_ih, db_hh):
+        return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
+
     def lstm_seq_setup(ctx, inputs, output):
-        xg, h0, c0, w_hh, b_hh, w_hr, lengths = inputs
+        xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths = inputs
         hs, cs, saved, r = output
         ctx.mark_non_differentiable(saved, r)
-        ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
+        biases(ctx, b_ih, b_hh)
+        ctx.has_proj = w_hr is not None
         ctx.save_for_backward(hs, cs, saved, r, w_hh, w_hr, lengths)
 
     def lstm_seq_bwd(ctx, dhs, dcs, _saved, _r):
         hs, cs, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
-        dxg, dh0, dc0, dw_hh, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
+        dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
             zeros_if_none(dhs, hs), zeros_if_none(dcs, cs), hs, cs, saved, r, w_hh, w_hr, lengths)
-        return dxg, dh0, dc0, dw_hh, db_hh if ctx.has_bias else None, dw_hr if ctx.has_proj else None, None
+        return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None
 
     def gru_seq_setup(ctx, inputs, output):
-        xg, h0, w_hh, b_hh, lengths = inputs
+        xg, h0, w_hh, b_ih, b_hh, lengths = inputs
         hs, saved = output
         ctx.mark_non_differentiable(saved)
-        ctx.has_bias = b_hh is not None
+        biases(ctx, b_ih, b_hh)
         ctx.save_for_backward(hs, saved, w_hh, lengths)
 
     def gru_seq_bwd(ctx, dhs, _saved):
         hs, saved, w_hh, lengths = ctx.saved_tensors
-        dxg, dh0, dw_hh, db_hh = torch.ops.rnnext.gru_seq_backward(zeros_if_none(dhs, hs), hs, saved, w_hh, lengths)
-        return dxg, dh0, dw_hh, db_hh if ctx.has_bias else None, None
+        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.gru_seq_backward(zeros_if_none(dhs, hs), hs, saved, w_hh,
+                                                                           lengths)
+        return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None
 
     def rnn_seq_setup(ctx, inputs, output):
-        xg, h0, w_hh, b_hh, lengths, nonlinearity = inputs
-        ctx.has_bias, ctx.nonlinearity = b_hh is not None, nonlinearity
+        xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity = inputs
+        biases(ctx, b_ih, b_hh)
+        ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(output, w_hh, lengths)
 
     def rnn_seq_bwd(ctx, dhs):
         hs, w_hh, lengths = ctx.saved_tensors
-        dxg, dh0, dw_hh, db_hh = torch.ops.rnnext.rnn_seq_backward(zeros_if_none(dhs, hs), hs, w_hh, lengths,
-                                                                   ctx.nonlinearity)
-        return dxg, dh0, dw_hh, db_hh if ctx.has_bias else None, None, None
+        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(zeros_if_none(dhs, hs), hs, w_hh, lengths,
+                                                                           ctx.nonlinearity)
+        return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None
 
     torch.library.register_autograd(lib + "lstm_seq", lstm_seq_bwd, setup_context=lstm_seq_setup)
     torch.library.register_autograd(lib + "gru_seq", gru_seq_bwd, setup_context=gru_seq_setup)

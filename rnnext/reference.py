@@ -53,15 +53,19 @@ def step_mask(lengths, T):
     return (torch.arange(T, device=lengths.device).unsqueeze(1) < lengths).unsqueeze(2)
 
 
-def recurrence(mode, xg, h0, c0, w_hh, b_hh=None, w_hr=None, lengths=None, reverse=False, nonlinearity="tanh"):
+def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
+               nonlinearity="tanh"):
     """One layer-direction over a sequence: a Python loop over this module's cells.
 
-    mode "LSTM", "GRU" or "RNN"; xg ``[T, B, G*H]`` input projection (b_ih included); h0 ``[B, P]``
+    mode "LSTM", "GRU" or "RNN"; xg ``[T, B, G*H]`` input projection ``x @ w_ih^T`` (b_ih is added here:
+    the fused kernels add it in the cell, which saves a pass over xg); h0 ``[B, P]``
     (P = proj_size or H); c0 ``[B, H]`` (LSTM only); w_hh ``[G*H, P]``; w_hr ``[P, H]`` (LSTM proj_size);
     lengths ``[B]`` int64 on xg's device or None: steps t >= lengths[b] keep the state and output 0;
     reverse: run each sequence backwards within its length. Returns ``y [T, B, P], h_n [B, P],
     c_n [B, H] or None``.
     """
+    if b_ih is not None:
+        xg = xg + b_ih
     if reverse:
         xg = flip_within(xg, lengths)
     mask = None if lengths is None else step_mask(lengths, xg.size(0))

@@ -13,7 +13,7 @@ CASES = {"lstm": ("LSTM", 4, 0, "tanh"), "lstm_proj": ("LSTM", 4, 3, "tanh"), "g
 
 
 def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=False, seed=0):
-    """Leaf tensors for recurrence(mode, xg, h0, c0, w_hh, b_hh, w_hr, lengths, ...)."""
+    """Leaf tensors for recurrence(mode, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, ...)."""
     mode, G, P, _ = CASES[case]
     P = P or H
     g = torch.Generator().manual_seed(seed)
@@ -24,7 +24,7 @@ def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=Fal
         lens[0] = T
         lens = lens.to(device)
     return dict(mode=mode, xg=t(T, B, G * H), h0=t(B, P), c0=t(B, H) if mode == "LSTM" else None, w_hh=t(G * H, P),
-                b_hh=t(G * H) if bias else None, w_hr=t(P, H) if CASES[case][2] else None, lengths=lens,
+                b_ih=t(G * H) if bias else None, b_hh=t(G * H) if bias else None, w_hr=t(P, H) if CASES[case][2] else None, lengths=lens,
                 nonlinearity=CASES[case][3])
 
 
@@ -77,10 +77,12 @@ def op_call(case, args):
     """The forward op and its positional arguments."""
     a = args
     if a["mode"] == "LSTM":
-        return torch.ops.rnnext.lstm_seq, (a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_hh"], a["w_hr"], a["lengths"])
+        return torch.ops.rnnext.lstm_seq, (a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
+                                           a["lengths"])
     if a["mode"] == "GRU":
-        return torch.ops.rnnext.gru_seq, (a["xg"], a["h0"], a["w_hh"], a["b_hh"], a["lengths"])
-    return torch.ops.rnnext.rnn_seq, (a["xg"], a["h0"], a["w_hh"], a["b_hh"], a["lengths"], a["nonlinearity"])
+        return torch.ops.rnnext.gru_seq, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"])
+    return torch.ops.rnnext.rnn_seq, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"],
+                                      a["nonlinearity"])
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -137,10 +139,10 @@ def test_op_errors(device):
     a = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
     seq = torch.ops.rnnext.lstm_seq
     with pytest.raises(RuntimeError, match=r"expected w_hh of shape \[20, 5\]"):
-        seq(a["xg"], a["h0"], a["c0"], a["w_hh"][:, :4], None, None, None)
+        seq(a["xg"], a["h0"], a["c0"], a["w_hh"][:, :4], None, None, None, None)
     with pytest.raises(RuntimeError, match="expected int64 lengths"):
-        seq(a["xg"], a["h0"], a["c0"], a["w_hh"], None, None, a["lengths"].int())
+        seq(a["xg"], a["h0"], a["c0"], a["w_hh"], None, None, None, a["lengths"].int())
     with pytest.raises(RuntimeError, match=r"expected h0 of shape \[3, 5\]"):
-        seq(a["xg"], a["h0"][:2], a["c0"], a["w_hh"], None, None, None)
+        seq(a["xg"], a["h0"][:2], a["c0"], a["w_hh"], None, None, None, None)
     with pytest.raises(RuntimeError, match="not a multiple of 4"):
-        seq(a["xg"][..., :7], a["h0"], a["c0"], a["w_hh"], None, None, None)
+        seq(a["xg"][..., :7], a["h0"], a["c0"], a["w_hh"], None, None, None, None)

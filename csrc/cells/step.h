@@ -7,6 +7,8 @@
 //   xg, hg, dxg, dhg, dgates   [B, G*H]  gate k of row b at b*G*H + k*H + j
 //   states and their grads     [B, H]
 //   saved                      [B, 4*H]  activated gates, per cell below
+// b_ih, b_hh [G*H] (nullable): added to xg and hg here, so that the GEMMs are plain mm (addmm first
+// copies the broadcast bias into its output, which costs more than the add).
 // Variable lengths: a row with lengths[b] <= t is past its end: its state carries over unchanged,
 // its gate gradients are 0 and the gradient reaching its new state passes to its old one ("direct").
 // Backward reads the gradient of the new state as dh_next (from step t+1) + dh_ext (nullable: from
@@ -32,13 +34,20 @@ RNNEXT_HD V load_sum(const S* a, const S* b_or_null, int64_t i) {
   return b_or_null ? v + Lanes<V>::load(b_or_null + i) : v;
 }
 
+// Gate k of a [B, G*H] projection (xg or hg) in row b, column j, plus its bias.
+template <typename V, typename S>
+RNNEXT_HD V load_gate(const S* proj, const S* bias, int64_t G, int64_t H, int64_t b, int64_t j, int64_t k) {
+  V v = Lanes<V>::load(proj + (b * G + k) * H + j);
+  return bias ? v + Lanes<V>::load(bias + k * H + j) : v;
+}
+
 // saved = (i, f, g, o). With proj_size, h receives the cell output o*tanh(c) (unmasked; the driver
 // projects and masks it) and h_prev is null.
 template <typename scalar_t, typename acc_t>
 struct LSTMFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *xg, *hg, *c_prev, *h_prev;
+  const scalar_t *xg, *hg, *b_ih, *b_hh, *c_prev, *h_prev;
   scalar_t *h, *c, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
@@ -52,9 +61,8 @@ struct LSTMFwd : Step {
     }
     LSTMGates<V> a;
     V tanh_c;
-    V cn = lstm_forward(L::load(xg + g) + L::load(hg + g), L::load(xg + g + H) + L::load(hg + g + H),
-                        L::load(xg + g + 2 * H) + L::load(hg + g + 2 * H),
-                        L::load(xg + g + 3 * H) + L::load(hg + g + 3 * H), L::load(c_prev + s), a, tanh_c);
+    auto pre = [&](int k) { return load_gate<V>(xg, b_ih, 4, H, b, j, k) + load_gate<V>(hg, b_hh, 4, H, b, j, k); };
+    V cn = lstm_forward(pre(0), pre(1), pre(2), pre(3), L::load(c_prev + s), a, tanh_c);
     L::store(c + s, cn);
     L::store(h + s, a.o * tanh_c);
     L::store(saved + g, a.i);
@@ -99,7 +107,7 @@ template <typename scalar_t, typename acc_t>
 struct GRUFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *xg, *hg, *h_prev;
+  const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
   scalar_t *h, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
@@ -111,8 +119,9 @@ struct GRUFwd : Step {
       return;
     }
     GRUGates<V> a;
-    L::store(h + s, gru_forward(L::load(xg + x), L::load(xg + x + H), L::load(xg + x + 2 * H), L::load(hg + x),
-                                L::load(hg + x + H), L::load(hg + x + 2 * H), L::load(h_prev + s), a));
+    auto xk = [&](int k) { return load_gate<V>(xg, b_ih, 3, H, b, j, k); };
+    auto hk = [&](int k) { return load_gate<V>(hg, b_hh, 3, H, b, j, k); };
+    L::store(h + s, gru_forward(xk(0), xk(1), xk(2), hk(0), hk(1), hk(2), L::load(h_prev + s), a));
     L::store(saved + g, a.r);
     L::store(saved + g + H, a.z);
     L::store(saved + g + 2 * H, a.n);
@@ -156,13 +165,15 @@ template <Act A, typename scalar_t, typename acc_t>
 struct RNNFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *xg, *hg, *h_prev;
+  const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
   scalar_t* h;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    L::store(h + s, active(b) ? rnn_forward<A>(L::load(xg + s) + L::load(hg + s)) : L::load(h_prev + s));
+    L::store(h + s, active(b) ? rnn_forward<A>(load_gate<V>(xg, b_ih, 1, H, b, j, 0) +
+                                               load_gate<V>(hg, b_hh, 1, H, b, j, 0))
+                              : L::load(h_prev + s));
   }
 };
 

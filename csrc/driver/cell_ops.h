@@ -23,7 +23,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& xg, const Tensor& hg,
   auto hy = at::empty_like(c), cy = at::empty_like(c), saved = at::empty_like(x);
   RNNEXT_DISPATCH(xg.scalar_type(), "lstm_cell", [&] {
     cells::LSTMFwd<scalar_t, at::opmath_type<scalar_t>> f{
-        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), cptr<scalar_t>(c), nullptr,
+        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, cptr<scalar_t>(c), nullptr,
         mptr<scalar_t>(hy), mptr<scalar_t>(cy), mptr<scalar_t>(saved)};
     L::run(xg.device(), c.size(0), H, f);
   });
@@ -54,7 +54,7 @@ std::tuple<Tensor, Tensor> gru_cell(const Tensor& xg, const Tensor& hg, const Te
   auto hy = at::empty_like(h0), saved = at::empty({h0.size(0), 4 * H}, h0.options());
   RNNEXT_DISPATCH(xg.scalar_type(), "gru_cell", [&] {
     cells::GRUFwd<scalar_t, at::opmath_type<scalar_t>> f{
-        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), cptr<scalar_t>(h0), mptr<scalar_t>(hy),
+        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, cptr<scalar_t>(h0), mptr<scalar_t>(hy),
         mptr<scalar_t>(saved)};
     L::run(xg.device(), h0.size(0), H, f);
   });
@@ -87,7 +87,7 @@ Tensor rnn_cell(const Tensor& xg, const Tensor& hg, std::string_view nonlinearit
   with_act(nonlinearity, [&](auto act) {
     RNNEXT_DISPATCH(xg.scalar_type(), "rnn_cell", [&] {
       cells::RNNFwd<decltype(act)::value, scalar_t, at::opmath_type<scalar_t>> f{
-          {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, mptr<scalar_t>(hy)};
+          {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, nullptr, mptr<scalar_t>(hy)};
       L::run(xg.device(), x.size(0), H, f);
     });
   });
