@@ -20,19 +20,19 @@ TORCH_LIBRARY(rnnext, m) {
   m.def("rnn_cell_backward(Tensor dhy, Tensor hy, str nonlinearity) -> Tensor");
 
   // One layer-direction over a whole sequence; shapes and conventions in driver/sequence.h.
-  // hs: states [T+1, B, P] (hs[0] = h0); cs: LSTM cell states [T+1, B, H]; saved, r: for backward.
-  // xg: input projection without bias; b_ih and b_hh are added inside.
+  // xg: input projection without bias (b_ih and b_hh are added inside); y: outputs [T, B, P];
+  // hn, cn: final states; c_all, saved, r: what backward needs.
   m.def("lstm_seq(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
-        "Tensor? lengths) -> (Tensor hs, Tensor cs, Tensor saved, Tensor r)");
-  m.def("lstm_seq_backward(Tensor dhs, Tensor dcs, Tensor hs, Tensor cs, Tensor saved, Tensor r, Tensor w_hh, "
-        "Tensor? w_hr, Tensor? lengths) -> (Tensor dxg, Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_ih, "
-        "Tensor db_hh, Tensor dw_hr)");
+        "Tensor? lengths) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, Tensor saved, Tensor r)");
+  m.def("lstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor y, Tensor h0, Tensor c0, Tensor c_all, "
+        "Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths) -> (Tensor dxg, Tensor dh0, "
+        "Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
   m.def("gru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths) "
-        "-> (Tensor hs, Tensor saved)");
-  m.def("gru_seq_backward(Tensor dhs, Tensor hs, Tensor saved, Tensor w_hh, Tensor? lengths) "
+        "-> (Tensor y, Tensor hn, Tensor saved)");
+  m.def("gru_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor saved, Tensor w_hh, Tensor? lengths) "
         "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
   m.def("rnn_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, str nonlinearity) "
-        "-> Tensor");
-  m.def("rnn_seq_backward(Tensor dhs, Tensor hs, Tensor w_hh, Tensor? lengths, str nonlinearity) "
-        "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+        "-> (Tensor y, Tensor hn)");
+  m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor w_hh, Tensor? lengths, "
+        "str nonlinearity) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
 }

@@ -16,15 +16,15 @@ One layer-direction over a whole sequence (shapes in ``csrc/driver/sequence.h``)
 
 - ``recurrence(mode, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, reverse, nonlinearity) -> (y, h_n, c_n)``,
   the signature of :func:`rnnext.reference.recurrence`, over ``torch.ops.rnnext.{lstm,gru,rnn}_seq``.
-  Saved for backward: the states ``hs [T+1, B, P]`` (whose views are y and h_n), LSTM cell states
-  ``cs [T+1, B, H]``, activated gates ``[T, B, 4*H]`` (LSTM, GRU) and, with proj_size, the cell outputs
-  before projection ``[T, B, H]``.
+  Saved for backward: the output ``y [T, B, P]`` and h0 (the states before each step are y[t-1]),
+  LSTM cell states ``[T, B, H]`` and c0, activated gates ``[T, B, 4*H]`` (LSTM, GRU) and, with
+  proj_size, the cell outputs before projection ``[T, B, H]``.
 """
 import warnings
 
 import torch
 
-from rnnext.reference import flip_within, step_mask
+from rnnext.reference import flip_within
 
 try:
     from rnnext import _C  # noqa: F401  (loading it registers the ops)
@@ -69,18 +69,14 @@ def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=
         xg = flip_within(xg, lengths)
     cn = None
     if mode == "LSTM":
-        hs, cs, _, _ = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths)
-        cn = cs[-1]
+        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths)[:3]
     elif mode == "GRU":
-        hs, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths)
+        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths)
     else:
-        hs = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity)
-    y = hs[1:]
-    if lengths is not None:
-        y = torch.where(step_mask(lengths, y.size(0)), y, 0)
+        y, hn = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity)
     if reverse:
         y = flip_within(y, lengths)
-    return y, hs[-1], cn
+    return y, hn, cn
 
 
 def _state(x):  # kernels return contiguous tensors
@@ -119,36 +115,34 @@ def _register():
     def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths):
         T, B = xg.shape[:2]
         H, P = c0.shape[1], h0.shape[1]
-        return xg.new_empty(T + 1, B, P), xg.new_empty(T + 1, B, H), xg.new_empty(T, B, 4 * H), \
-            xg.new_empty(T if w_hr is not None else 0, B, H)
+        return (xg.new_empty(T, B, P), _state(h0), _state(c0), xg.new_empty(T, B, H), xg.new_empty(T, B, 4 * H),
+                xg.new_empty(T if w_hr is not None else 0, B, H))
 
     @torch.library.register_fake(lib + "lstm_seq_backward")
-    def _(dhs, dcs, hs, cs, saved, r, w_hh, w_hr, lengths):
-        T, B, P = saved.shape[0], saved.shape[1], hs.shape[2]
-        H = cs.shape[2]
-        return saved.new_empty(T, B, 4 * H), hs.new_empty(B, P), hs.new_empty(B, H), _state(w_hh), \
-            hs.new_empty(4 * H), hs.new_empty(4 * H), hs.new_empty(P, H) if w_hr is not None else hs.new_empty(0)
+    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths):
+        H4 = saved.shape[2]
+        return (_state(saved), _state(h0), _state(c0), _state(w_hh), y.new_empty(H4), y.new_empty(H4),
+                _state(w_hr) if w_hr is not None else y.new_empty(0))
 
     @torch.library.register_fake(lib + "gru_seq")
     def _(xg, h0, w_hh, b_ih, b_hh, lengths):
         T, B = xg.shape[:2]
         H = h0.shape[1]
-        return xg.new_empty(T + 1, B, H), xg.new_empty(T, B, 4 * H)
+        return xg.new_empty(T, B, H), _state(h0), xg.new_empty(T, B, 4 * H)
 
     @torch.library.register_fake(lib + "gru_seq_backward")
-    def _(dhs, hs, saved, w_hh, lengths):
-        T, B, H = saved.shape[0], saved.shape[1], hs.shape[2]
-        return hs.new_empty(T, B, 3 * H), hs.new_empty(B, H), _state(w_hh), hs.new_empty(3 * H), hs.new_empty(3 * H)
+    def _(dy, dhn, y, h0, saved, w_hh, lengths):
+        T, B, H = y.shape
+        return y.new_empty(T, B, 3 * H), _state(h0), _state(w_hh), y.new_empty(3 * H), y.new_empty(3 * H)
 
     @torch.library.register_fake(lib + "rnn_seq")
     def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity):
-        T, B, H = xg.shape
-        return xg.new_empty(T + 1, B, H)
+        return _state(xg), _state(h0)
 
     @torch.library.register_fake(lib + "rnn_seq_backward")
-    def _(dhs, hs, w_hh, lengths, nonlinearity):
-        T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-        return hs.new_empty(T, B, H), hs.new_empty(B, H), _state(w_hh), hs.new_empty(H), hs.new_empty(H)
+    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity):
+        H = y.shape[2]
+        return _state(y), _state(h0), _state(w_hh), y.new_empty(H), y.new_empty(H)
 
     def zeros_if_none(g, like):
         return torch.zeros_like(like) if g is None else g
@@ -161,41 +155,42 @@ def _register():
 
     def lstm_seq_setup(ctx, inputs, output):
         xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths = inputs
-        hs, cs, saved, r = output
-        ctx.mark_non_differentiable(saved, r)
+        y, hn, cn, c_all, saved, r = output
+        ctx.mark_non_differentiable(c_all, saved, r)
         biases(ctx, b_ih, b_hh)
         ctx.has_proj = w_hr is not None
-        ctx.save_for_backward(hs, cs, saved, r, w_hh, w_hr, lengths)
+        ctx.save_for_backward(y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths)
 
-    def lstm_seq_bwd(ctx, dhs, dcs, _saved, _r):
-        hs, cs, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
+    def lstm_seq_bwd(ctx, dy, dhn, dcn, *_):
+        y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
         dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
-            zeros_if_none(dhs, hs), zeros_if_none(dcs, cs), hs, cs, saved, r, w_hh, w_hr, lengths)
+            zeros_if_none(dy, y), zeros_if_none(dhn, h0), zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
+            w_hr, lengths)
         return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None
 
     def gru_seq_setup(ctx, inputs, output):
         xg, h0, w_hh, b_ih, b_hh, lengths = inputs
-        hs, saved = output
+        y, hn, saved = output
         ctx.mark_non_differentiable(saved)
         biases(ctx, b_ih, b_hh)
-        ctx.save_for_backward(hs, saved, w_hh, lengths)
+        ctx.save_for_backward(y, h0, saved, w_hh, lengths)
 
-    def gru_seq_bwd(ctx, dhs, _saved):
-        hs, saved, w_hh, lengths = ctx.saved_tensors
-        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.gru_seq_backward(zeros_if_none(dhs, hs), hs, saved, w_hh,
-                                                                           lengths)
+    def gru_seq_bwd(ctx, dy, dhn, _):
+        y, h0, saved, w_hh, lengths = ctx.saved_tensors
+        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.gru_seq_backward(
+            zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths)
         return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None
 
     def rnn_seq_setup(ctx, inputs, output):
         xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity = inputs
         biases(ctx, b_ih, b_hh)
         ctx.nonlinearity = nonlinearity
-        ctx.save_for_backward(output, w_hh, lengths)
+        ctx.save_for_backward(output[0], h0, w_hh, lengths)
 
-    def rnn_seq_bwd(ctx, dhs):
-        hs, w_hh, lengths = ctx.saved_tensors
-        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(zeros_if_none(dhs, hs), hs, w_hh, lengths,
-                                                                           ctx.nonlinearity)
+    def rnn_seq_bwd(ctx, dy, dhn):
+        y, h0, w_hh, lengths = ctx.saved_tensors
+        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
+            zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity)
         return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None
 
     torch.library.register_autograd(lib + "lstm_seq", lstm_seq_bwd, setup_context=lstm_seq_setup)

@@ -102,20 +102,21 @@ def test_opcheck_backward(device, case, lengths):
     op, inputs = op_call(case, args)
     with torch.no_grad():
         out = op(*inputs)
-    out = out if isinstance(out, tuple) else (out,)
     a = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     d = lambda t: torch.randn_like(t)  # noqa: E731
     if a["mode"] == "LSTM":
-        hs, cs, saved, r = out
+        y, hn, cn, c_all, saved, r = out
         torch.library.opcheck(torch.ops.rnnext.lstm_seq_backward,
-                              (d(hs), d(cs), hs, cs, saved, r, a["w_hh"], a["w_hr"], a["lengths"]))
+                              (d(y), d(hn), d(cn), y, a["h0"], a["c0"], c_all, saved, r, a["w_hh"], a["w_hr"],
+                               a["lengths"]))
     elif a["mode"] == "GRU":
-        hs, saved = out
-        torch.library.opcheck(torch.ops.rnnext.gru_seq_backward, (d(hs), hs, saved, a["w_hh"], a["lengths"]))
+        y, hn, saved = out
+        torch.library.opcheck(torch.ops.rnnext.gru_seq_backward,
+                              (d(y), d(hn), y, a["h0"], saved, a["w_hh"], a["lengths"]))
     else:
-        (hs,) = out
+        y, hn = out
         torch.library.opcheck(torch.ops.rnnext.rnn_seq_backward,
-                              (d(hs), hs, a["w_hh"], a["lengths"], a["nonlinearity"]))
+                              (d(y), d(hn), y, a["h0"], a["w_hh"], a["lengths"], a["nonlinearity"]))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

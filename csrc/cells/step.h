@@ -9,11 +9,14 @@
 //   saved                      [B, 4*H]  activated gates, per cell below
 // b_ih, b_hh [G*H] (nullable): added to xg and hg here, so that the GEMMs are plain mm (addmm first
 // copies the broadcast bias into its output, which costs more than the add).
+// State pointers may alias (h_prev == h, c_prev == c): each element is read before it is written, by
+// the same thread. y is this step's output row (0 past a sequence's end); h, c the carried state.
 // Variable lengths: a row with lengths[b] <= t is past its end: its state carries over unchanged,
-// its gate gradients are 0 and the gradient reaching its new state passes to its old one ("direct").
-// Backward reads the gradient of the new state as dh_next (from step t+1) + dh_ext (nullable: from
-// outside, e.g. the output y[t]), and writes to `direct` the part of the gradient of the previous
-// state that does not go through hg (nullable where that part is known to be 0).
+// its output, gates and gate gradients are 0, and the gradient of its state passes through
+// unchanged ("direct"). Backward reads the gradient of the new state as dh_next (from step t+1)
+// plus, for rows within their length, dy (nullable: the gradient of the output y[t]), and writes to
+// `direct` the part of the gradient of the previous state that does not go through hg (nullable
+// where that part is known to be 0).
 #pragma once
 #include "cells/gru.h"
 #include "cells/lstm.h"
@@ -41,30 +44,35 @@ RNNEXT_HD V load_gate(const S* proj, const S* bias, int64_t G, int64_t H, int64_
   return bias ? v + Lanes<V>::load(bias + k * H + j) : v;
 }
 
-// saved = (i, f, g, o). With proj_size, h receives the cell output o*tanh(c) (unmasked; the driver
-// projects and masks it) and h_prev is null.
+// saved = (i, f, g, o). With proj_size, y receives the cell output o*tanh(c) before the projection
+// and h is null (the driver projects, then CarryFwd updates the state). c_out (nullable): c per step.
 template <typename scalar_t, typename acc_t>
 struct LSTMFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
   const scalar_t *xg, *hg, *b_ih, *b_hh, *c_prev, *h_prev;
-  scalar_t *h, *c, *saved;
+  scalar_t *c, *c_out, *h, *y, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 4 * b * H + j;
-    if (!active(b)) {  // saved and (with proj_size) h are unused past the end; zeros keep outputs defined
+    if (!active(b)) {
       L::store(c + s, L::load(c_prev + s));
-      L::store(h + s, h_prev ? L::load(h_prev + s) : V(0));
+      if (h) L::store(h + s, L::load(h_prev + s));
+      if (c_out) L::store(c_out + s, V(0));
+      L::store(y + s, V(0));
       for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
+    auto pre = [&](int k) { return load_gate<V>(xg, b_ih, 4, H, b, j, k) + load_gate<V>(hg, b_hh, 4, H, b, j, k); };
     LSTMGates<V> a;
     V tanh_c;
-    auto pre = [&](int k) { return load_gate<V>(xg, b_ih, 4, H, b, j, k) + load_gate<V>(hg, b_hh, 4, H, b, j, k); };
     V cn = lstm_forward(pre(0), pre(1), pre(2), pre(3), L::load(c_prev + s), a, tanh_c);
+    V hn = a.o * tanh_c;
     L::store(c + s, cn);
-    L::store(h + s, a.o * tanh_c);
+    if (c_out) L::store(c_out + s, cn);
+    if (h) L::store(h + s, hn);
+    L::store(y + s, hn);
     L::store(saved + g, a.i);
     L::store(saved + g + H, a.f);
     L::store(saved + g + 2 * H, a.g);
@@ -72,28 +80,27 @@ struct LSTMFwd : Step {
   }
 };
 
-// dc: [B, H] in/out, the gradient of c on entry (plus dc_ext), of c_prev on exit.
+// dc: [B, H] in/out, the gradient of c on entry, of c_prev on exit. c: c after this step.
 template <typename scalar_t, typename acc_t>
 struct LSTMBwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *dh_next, *dh_ext, *dc_ext, *saved, *c_prev, *c;
+  const scalar_t *dh_next, *dy, *saved, *c_prev, *c;
   scalar_t *dc, *dgates, *direct;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 4 * b * H + j;
-    V dh = load_sum<V>(dh_next, dh_ext, s), dcin = load_sum<V>(dc, dc_ext, s);
     if (!active(b)) {
       for (int k = 0; k < 4; ++k) L::store(dgates + g + k * H, V(0));
-      L::store(dc + s, dcin);
-      if (direct) L::store(direct + s, dh);
+      if (direct) L::store(direct + s, L::load(dh_next + s));
       return;
     }
     LSTMGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H),
                    L::load(saved + g + 3 * H)};
     LSTMGates<V> d;
-    L::store(dc + s, lstm_backward(dh, dcin, a, L::load(c_prev + s), L::load(c + s), d));
+    L::store(dc + s, lstm_backward(load_sum<V>(dh_next, dy, s), L::load(dc + s), a, L::load(c_prev + s),
+                                   L::load(c + s), d));
     L::store(dgates + g, d.i);
     L::store(dgates + g + H, d.f);
     L::store(dgates + g + 2 * H, d.g);
@@ -108,20 +115,23 @@ struct GRUFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
   const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
-  scalar_t *h, *saved;
+  scalar_t *h, *y, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
-    const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
+    const int64_t s = b * H + j, g = 4 * b * H + j;
     if (!active(b)) {
-      L::store(h + s, L::load(h_prev + s));
+      if (h) L::store(h + s, L::load(h_prev + s));
+      L::store(y + s, V(0));
       for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
-    GRUGates<V> a;
     auto xk = [&](int k) { return load_gate<V>(xg, b_ih, 3, H, b, j, k); };
     auto hk = [&](int k) { return load_gate<V>(hg, b_hh, 3, H, b, j, k); };
-    L::store(h + s, gru_forward(xk(0), xk(1), xk(2), hk(0), hk(1), hk(2), L::load(h_prev + s), a));
+    GRUGates<V> a;
+    V hn = gru_forward(xk(0), xk(1), xk(2), hk(0), hk(1), hk(2), L::load(h_prev + s), a);
+    if (h) L::store(h + s, hn);
+    L::store(y + s, hn);
     L::store(saved + g, a.r);
     L::store(saved + g + H, a.z);
     L::store(saved + g + 2 * H, a.n);
@@ -133,24 +143,23 @@ template <typename scalar_t, typename acc_t>
 struct GRUBwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *dh_next, *dh_ext, *saved, *h_prev;
+  const scalar_t *dh_next, *dy, *saved, *h_prev;
   scalar_t *dxg, *dhg, *direct;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
-    V dh = load_sum<V>(dh_next, dh_ext, s);
     if (!active(b)) {
       for (int k = 0; k < 3; ++k) {
         L::store(dxg + x + k * H, V(0));
         L::store(dhg + x + k * H, V(0));
       }
-      L::store(direct + s, dh);
+      L::store(direct + s, L::load(dh_next + s));
       return;
     }
     GRUGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H), L::load(saved + g + 3 * H)};
     V dxr, dxz, dxn, dhn;
-    L::store(direct + s, gru_backward(dh, a, L::load(h_prev + s), dxr, dxz, dxn, dhn));
+    L::store(direct + s, gru_backward(load_sum<V>(dh_next, dy, s), a, L::load(h_prev + s), dxr, dxz, dxn, dhn));
     L::store(dxg + x, dxr);
     L::store(dxg + x + H, dxz);
     L::store(dxg + x + 2 * H, dxn);
@@ -160,70 +169,82 @@ struct GRUBwd : Step {
   }
 };
 
-// Nothing saved: backward uses the new state h itself.
+// Nothing saved: backward uses the output y itself.
 template <Act A, typename scalar_t, typename acc_t>
 struct RNNFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
   const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
-  scalar_t* h;
+  scalar_t *h, *y;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    L::store(h + s, active(b) ? rnn_forward<A>(load_gate<V>(xg, b_ih, 1, H, b, j, 0) +
-                                               load_gate<V>(hg, b_hh, 1, H, b, j, 0))
-                              : L::load(h_prev + s));
+    if (!active(b)) {
+      if (h) L::store(h + s, L::load(h_prev + s));
+      L::store(y + s, V(0));
+      return;
+    }
+    V hn = rnn_forward<A>(load_gate<V>(xg, b_ih, 1, H, b, j, 0) + load_gate<V>(hg, b_hh, 1, H, b, j, 0));
+    if (h) L::store(h + s, hn);
+    L::store(y + s, hn);
   }
 };
 
+// y: the forward output of this step.
 template <Act A, typename scalar_t, typename acc_t>
 struct RNNBwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *dh_next, *dh_ext, *h;
+  const scalar_t *dh_next, *dy, *y;
   scalar_t *dpre, *direct;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    V dh = load_sum<V>(dh_next, dh_ext, s);
     const bool on = active(b);
-    L::store(dpre + s, on ? rnn_backward<A>(dh, L::load(h + s)) : V(0));
-    if (direct) L::store(direct + s, on ? V(0) : dh);
+    L::store(dpre + s, on ? rnn_backward<A>(load_sum<V>(dh_next, dy, s), L::load(y + s)) : V(0));
+    if (direct) L::store(direct + s, on ? V(0) : L::load(dh_next + s));
   }
 };
 
-// LSTM proj_size, forward: the new state is the projected cell output hp, or h_prev past the end.
+// LSTM proj_size, forward: the projected cell output hp becomes the state and the output; past a
+// sequence's end the state stays and the output is 0.
 template <typename scalar_t, typename acc_t>
 struct CarryFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *hp, *h_prev;
-  scalar_t* h;
+  const scalar_t* hp;
+  scalar_t *h, *y;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
     const int64_t s = b * H + j;
-    Lanes<V>::store(h + s, Lanes<V>::load((active(b) ? hp : h_prev) + s));
+    if (!active(b)) {
+      L::store(y + s, V(0));
+      return;
+    }
+    V v = L::load(hp + s);
+    L::store(h + s, v);
+    L::store(y + s, v);
   }
 };
 
-// LSTM proj_size, backward: splits the gradient of the new (projected) state into the part that goes
-// through the projection (dhp) and the part carried past the end (direct).
+// LSTM proj_size, backward: the gradient of the projected output (dhp) and the part carried past a
+// sequence's end (direct).
 template <typename scalar_t, typename acc_t>
 struct CarryBwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *dh_next, *dh_ext;
+  const scalar_t *dh_next, *dy;
   scalar_t *dhp, *direct;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    V dh = load_sum<V>(dh_next, dh_ext, s);
     const bool on = active(b);
-    L::store(dhp + s, on ? dh : V(0));
-    if (direct) L::store(direct + s, on ? V(0) : dh);
+    L::store(dhp + s, on ? load_sum<V>(dh_next, dy, s) : V(0));
+    if (direct) L::store(direct + s, on ? V(0) : L::load(dh_next + s));
   }
 };
 

@@ -23,8 +23,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& xg, const Tensor& hg,
   auto hy = at::empty_like(c), cy = at::empty_like(c), saved = at::empty_like(x);
   RNNEXT_DISPATCH(xg.scalar_type(), "lstm_cell", [&] {
     cells::LSTMFwd<scalar_t, at::opmath_type<scalar_t>> f{
-        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, cptr<scalar_t>(c), nullptr,
-        mptr<scalar_t>(hy), mptr<scalar_t>(cy), mptr<scalar_t>(saved)};
+        {nullptr, 0, H},     cptr<scalar_t>(x),  cptr<scalar_t>(h), nullptr, nullptr, cptr<scalar_t>(c), nullptr,
+        mptr<scalar_t>(cy), nullptr,            nullptr,           mptr<scalar_t>(hy), mptr<scalar_t>(saved)};
     L::run(xg.device(), c.size(0), H, f);
   });
   return {hy, cy, saved};
@@ -40,8 +40,8 @@ std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& dhy, const Tensor& d
   auto dgates = at::empty_like(s), dcx = dcy.clone(at::MemoryFormat::Contiguous);
   RNNEXT_DISPATCH(cx.scalar_type(), "lstm_cell_backward", [&] {
     cells::LSTMBwd<scalar_t, at::opmath_type<scalar_t>> f{
-        {nullptr, 0, H}, cptr<scalar_t>(dh), nullptr, nullptr, cptr<scalar_t>(s), cptr<scalar_t>(c0),
-        cptr<scalar_t>(c1), mptr<scalar_t>(dcx), mptr<scalar_t>(dgates), nullptr};
+        {nullptr, 0, H},     cptr<scalar_t>(dh),     nullptr, cptr<scalar_t>(s), cptr<scalar_t>(c0), cptr<scalar_t>(c1),
+        mptr<scalar_t>(dcx), mptr<scalar_t>(dgates), nullptr};
     L::run(cx.device(), c0.size(0), H, f);
   });
   return {dgates, dcx};
@@ -54,8 +54,8 @@ std::tuple<Tensor, Tensor> gru_cell(const Tensor& xg, const Tensor& hg, const Te
   auto hy = at::empty_like(h0), saved = at::empty({h0.size(0), 4 * H}, h0.options());
   RNNEXT_DISPATCH(xg.scalar_type(), "gru_cell", [&] {
     cells::GRUFwd<scalar_t, at::opmath_type<scalar_t>> f{
-        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, cptr<scalar_t>(h0), mptr<scalar_t>(hy),
-        mptr<scalar_t>(saved)};
+        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, cptr<scalar_t>(h0), nullptr,
+        mptr<scalar_t>(hy), mptr<scalar_t>(saved)};
     L::run(xg.device(), h0.size(0), H, f);
   });
   return {hy, saved};
@@ -87,7 +87,7 @@ Tensor rnn_cell(const Tensor& xg, const Tensor& hg, std::string_view nonlinearit
   with_act(nonlinearity, [&](auto act) {
     RNNEXT_DISPATCH(xg.scalar_type(), "rnn_cell", [&] {
       cells::RNNFwd<decltype(act)::value, scalar_t, at::opmath_type<scalar_t>> f{
-          {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, nullptr, mptr<scalar_t>(hy)};
+          {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, nullptr, nullptr, mptr<scalar_t>(hy)};
       L::run(xg.device(), x.size(0), H, f);
     });
   });
