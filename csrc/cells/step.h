@@ -44,6 +44,13 @@ RNNEXT_HD V load_gate(const S* proj, const S* bias, int64_t G, int64_t H, int64_
   return bias ? v + Lanes<V>::load(bias + k * H + j) : v;
 }
 
+// Pre-activation of gate k: both projections and both biases.
+template <typename V, typename S>
+RNNEXT_HD V preact(const S* xg, const S* b_ih, const S* hg, const S* b_hh, int64_t G, int64_t H, int64_t b, int64_t j,
+                   int64_t k) {
+  return load_gate<V>(xg, b_ih, G, H, b, j, k) + load_gate<V>(hg, b_hh, G, H, b, j, k);
+}
+
 // saved = (i, f, g, o). With proj_size, y receives the cell output o*tanh(c) before the projection
 // and h is null (the driver projects, then CarryFwd updates the state). c_out (nullable): c per step.
 template <typename scalar_t, typename acc_t>
@@ -64,10 +71,11 @@ struct LSTMFwd : Step {
       for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
-    auto pre = [&](int k) { return load_gate<V>(xg, b_ih, 4, H, b, j, k) + load_gate<V>(hg, b_hh, 4, H, b, j, k); };
     LSTMGates<V> a;
     V tanh_c;
-    V cn = lstm_forward(pre(0), pre(1), pre(2), pre(3), L::load(c_prev + s), a, tanh_c);
+    V cn = lstm_forward(preact<V>(xg, b_ih, hg, b_hh, 4, H, b, j, 0), preact<V>(xg, b_ih, hg, b_hh, 4, H, b, j, 1),
+                        preact<V>(xg, b_ih, hg, b_hh, 4, H, b, j, 2), preact<V>(xg, b_ih, hg, b_hh, 4, H, b, j, 3),
+                        L::load(c_prev + s), a, tanh_c);
     V hn = a.o * tanh_c;
     L::store(c + s, cn);
     if (c_out) L::store(c_out + s, cn);
@@ -126,10 +134,11 @@ struct GRUFwd : Step {
       for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
-    auto xk = [&](int k) { return load_gate<V>(xg, b_ih, 3, H, b, j, k); };
-    auto hk = [&](int k) { return load_gate<V>(hg, b_hh, 3, H, b, j, k); };
     GRUGates<V> a;
-    V hn = gru_forward(xk(0), xk(1), xk(2), hk(0), hk(1), hk(2), L::load(h_prev + s), a);
+    V hn = gru_forward(load_gate<V>(xg, b_ih, 3, H, b, j, 0), load_gate<V>(xg, b_ih, 3, H, b, j, 1),
+                       load_gate<V>(xg, b_ih, 3, H, b, j, 2), load_gate<V>(hg, b_hh, 3, H, b, j, 0),
+                       load_gate<V>(hg, b_hh, 3, H, b, j, 1), load_gate<V>(hg, b_hh, 3, H, b, j, 2),
+                       L::load(h_prev + s), a);
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
     L::store(saved + g, a.r);
@@ -185,7 +194,7 @@ struct RNNFwd : Step {
       L::store(y + s, V(0));
       return;
     }
-    V hn = rnn_forward<A>(load_gate<V>(xg, b_ih, 1, H, b, j, 0) + load_gate<V>(hg, b_hh, 1, H, b, j, 0));
+    V hn = rnn_forward<A>(preact<V>(xg, b_ih, hg, b_hh, 1, H, b, j, 0));
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
   }
