@@ -1,0 +1,242 @@
+"""rnnext fused vs torch.nn vs rnnext reference: time ratios side by side in one run, peak memory.
+
+    python benchmarks/bench.py                 # default sweep on the present device, < 3 min on 2 CPU cores
+    python benchmarks/bench.py --full          # batch 1..256, hidden 64..1024, T up to 1000
+    python benchmarks/bench.py --device cuda --dtype bfloat16 --cells lstm,gru
+
+Times are medians of torch.utils.benchmark measurements (with torch's thread count: torch.nn uses
+every core), the candidates interleaved round by round so that drift hits all alike. fwd runs under
+no_grad; fwd+bwd is forward plus backward of the output's sum. Peak memory is what fwd+bwd adds on
+top of the inputs and weights (CUDA: max_memory_allocated; CPU: peak RSS growth, each candidate in
+its own process). Writes <out>/<device>-<dtype>.{csv,md,png}; prints the Markdown table last.
+"""
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+import torch
+from torch.utils.benchmark import Timer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rnnext  # noqa: E402
+
+CELLS = {"lstm": (rnnext.LSTM, torch.nn.LSTM, 4), "gru": (rnnext.GRU, torch.nn.GRU, 3),
+         "rnn": (rnnext.RNN, torch.nn.RNN, 1)}
+CANDIDATES = ("rnnext", "torch.nn", "reference")
+DEFAULT = {"cpu": [(100, 32, 256, 256), (100, 8, 128, 128), (50, 64, 512, 512)],
+           "cuda": [(100, 64, 512, 512), (1024, 16, 768, 768)]}
+SMOKE = [(3, 2, 4, 5)]
+# (cell, (T, B, I, H)) whose fwd+bwd peak memory is reported on its own: long sequences
+MEMORY = {"cpu": [("lstm", (1000, 32, 256, 256))], "cuda": [("lstm", (1000, 64, 512, 512))]}
+
+
+def full_sweep():
+    """batch 1..256, hidden 64..1024, T up to 1000 (T, B, I, H), I = H."""
+    cfgs = [(100, b, 256, 256) for b in (1, 8, 32, 128, 256)]
+    cfgs += [(100, 32, h, h) for h in (64, 128, 512, 1024)]
+    cfgs += [(t, 32, 256, 256) for t in (10, 1000)]
+    return cfgs
+
+
+def flops(cell, T, B, I, H):
+    """Forward GEMM FLOPs (input projection + recurrence); fwd+bwd is ~3x."""
+    G = CELLS[cell][2]
+    return 2 * T * B * G * H * (I + H)
+
+
+def build(cell, cand, T, B, I, H, device, dtype):
+    ours_cls, nn_cls, _ = CELLS[cell]
+    torch.manual_seed(0)
+    model = (nn_cls if cand == "torch.nn" else ours_cls)(I, H).to(device, dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype)
+    backend = "reference" if cand == "reference" else "auto"
+
+    def fwd():
+        with torch.no_grad(), rnnext.use_backend(backend):
+            model(x)
+
+    def fwd_bwd():
+        with rnnext.use_backend(backend):
+            y, _ = model(x.requires_grad_())
+        y.sum().backward()
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+
+    return fwd, fwd_bwd
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fns, device, rounds, target=0.05):
+    """Median seconds per call of each fn, interleaved: every round times every candidate once."""
+    nt = torch.get_num_threads()
+    timers, numbers = {}, {}
+    for name, fn in fns.items():
+        fn()
+        sync(device)
+        timers[name] = Timer("fn(); sync(device)", globals=dict(fn=fn, sync=sync, device=device), num_threads=nt)
+        once = timers[name].timeit(1).median
+        numbers[name] = max(1, int(target / max(once, 1e-6)))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name in fns:
+            samples[name].append(timers[name].timeit(numbers[name]).median)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def peak_memory_child(cell, cand, T, B, I, H, device, dtype):
+    """Runs in a fresh process: bytes fwd+bwd adds on top of model and input."""
+    _, fwd_bwd = build(cell, cand, T, B, I, H, device, getattr(torch, dtype))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    def status(key):  # kB figures of /proc/self/status
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
+        f.write("5")
+    base = status("VmRSS:")
+    fwd_bwd()
+    return status("VmHWM:") - base
+
+
+def peak_memory(cell, cand, T, B, I, H, device, dtype):
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import bench; "
+            f"print(bench.peak_memory_child({cell!r}, {cand!r}, {T}, {B}, {I}, {H}, {device!r}, {dtype!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def machine(device):
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    model = platform.processor() or "cpu"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--cells", default="lstm,gru,rnn")
+    p.add_argument("--full", action="store_true", help="the larger sweep (minutes to hours on a CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--smoke", action="store_true", help="one tiny config: checks the script end to end")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    from tqdm import tqdm
+
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    for c in cells:
+        if c not in CELLS:
+            p.error(f"unknown cell {c!r}; choose from {sorted(CELLS)}")
+    configs = SMOKE if args.smoke else full_sweep() if args.full else DEFAULT[args.device]
+    cands = [c for c in CANDIDATES if not (args.no_reference and c == "reference")]
+    rounds = 3 if (args.quick or args.smoke) else 7
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    work = [(cell, cfg) for cfg in configs for cell in cells]
+    for cell, (T, B, I, H) in tqdm(work, desc="benchmark", unit="config"):
+        fns = {c: build(cell, c, T, B, I, H, args.device, dtype) for c in cands}
+        for mode, k in (("fwd", 0), ("fwd+bwd", 1)):
+            t = measure({c: fns[c][k] for c in cands}, args.device, rounds)
+            gf = flops(cell, T, B, I, H) * (1 if mode == "fwd" else 3) / t["rnnext"] / 1e9
+            row = dict(cell=cell, T=T, B=B, I=I, H=H, dtype=args.dtype, mode=mode,
+                       **{f"{c} ms": round(t[c] * 1e3, 4) for c in cands},
+                       **{f"{c}/torch.nn": round(t[c] / t["torch.nn"], 3) for c in cands if c != "torch.nn"},
+                       **{"rnnext GFLOP/s": round(gf, 1)})
+            if mode == "fwd+bwd" and not args.no_memory:
+                for c in ("rnnext", "torch.nn"):
+                    row[f"{c} peak MB"] = round(peak_memory(cell, c, T, B, I, H, args.device, args.dtype) / 2**20, 1)
+            rows.append(row)
+
+    memory_lines = []
+    if not (args.no_memory or args.smoke):
+        for cell, (T, B, I, H) in MEMORY[args.device]:
+            if cell not in cells:
+                continue
+            mb = {c: peak_memory(cell, c, T, B, I, H, args.device, args.dtype) / 2**20 for c in ("rnnext", "torch.nn")}
+            memory_lines.append(f"{cell} T={T} B={B} I={I} H={H} fwd+bwd peak memory growth: rnnext {mb['rnnext']:.0f} MB,"
+                                f" torch.nn {mb['torch.nn']:.0f} MB, ratio {mb['rnnext'] / mb['torch.nn']:.2f}")
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{args.device}-{args.dtype}" + ("-smoke" if args.smoke else "-full" if args.full
+                                                                  else ""))
+    header = (f"rnnext benchmark: {machine(args.device)}; torch {torch.__version__}; commit {commit()}; "
+              f"{datetime.date.today()}; ratio = time / torch.nn time (same run), < 1 is faster")
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(stem + ".csv", "w", newline="") as f:
+        f.write(f"# {header}\n")
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    table += "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows)
+    summary = []
+    for mode in ("fwd", "fwd+bwd"):
+        for cell in cells:
+            ratios = [r["rnnext/torch.nn"] for r in rows if r["cell"] == cell and r["mode"] == mode]
+            summary.append(f"{cell} {mode}: geometric-mean rnnext/torch.nn = "
+                           f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} over {len(ratios)} configs")
+    text = f"{header}\n\n{table}\n" + "\n".join(f"- {s}" for s in summary + memory_lines) + "\n"
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    plot(rows, cells, stem + ".png", header)
+    print(f"\nwrote {stem}.csv, .md, .png\n")
+    print(text)
+    return rows
+
+
+def plot(rows, cells, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        mine = [r for r in rows if r["cell"] == cell]
+        labels = sorted({f"{r['T']},{r['B']},{r['I']},{r['H']}" for r in mine}, key=lambda s: [int(v) for v in s.split(",")])
+        for i, mode in enumerate(("fwd", "fwd+bwd")):
+            vals = {f"{r['T']},{r['B']},{r['I']},{r['H']}": r["rnnext/torch.nn"] for r in mine if r["mode"] == mode}
+            ax.bar([k + 0.4 * i for k in range(len(labels))], [vals[lab] for lab in labels], width=0.4, label=mode)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([k + 0.2 for k in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(cell.upper())
+        ax.set_ylabel("rnnext time / torch.nn time")
+        ax.legend()
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
