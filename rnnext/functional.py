@@ -13,6 +13,7 @@ autograd: the reference keeps its per-step graph; the fused sequence ops save th
 activated gates (see :mod:`rnnext.ops`).
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,37 @@ def backend_for(t: torch.Tensor, backend: str | None = None):
     return reference
 
 
+# What torch.nn's RNNs do under torch.autocast, per device: "lower" runs in the autocast dtype, "fp32"
+# in float32 (measured with torch 2.14 on CPU; CUDA autocasts every RNN op to the lower precision).
+AUTOCAST = {"cpu": {"lstm": "lower", "rnn": "lower", "rnn_cell": "lower", "gru": "fp32", "lstm_cell": "fp32",
+                    "gru_cell": "fp32"}}
+
+
+def _cast(obj, dtype):
+    """autocast's rule: float64 is never cast."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != torch.float64 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    return obj
+
+
+def _autocasting(fn):
+    """Under torch.autocast, runs fn as torch.nn's RNNs run: floating inputs, states and weights cast
+    to the autocast dtype (or float32, per AUTOCAST), autocast off inside. fn's first argument is the input."""
+    @functools.wraps(fn)
+    def wrapper(input, *args, **kwargs):
+        device = input.device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(input, *args, **kwargs)
+        lower = AUTOCAST.get(device, {}).get(fn.__name__, "lower") == "lower"
+        dtype = torch.get_autocast_dtype(device) if lower else torch.float32
+        with torch.autocast(device, enabled=False):
+            return fn(_cast(input, dtype), *_cast(args, dtype), **{k: _cast(v, dtype) for k, v in kwargs.items()})
+
+    return wrapper
+
+
 # ---- single cells: torch._VF.lstm_cell / gru_cell / rnn_*_cell ------------------------------------
 
 def _check_cell(input, hx, w_ih, w_hh):
@@ -69,6 +101,7 @@ def _check_cell(input, hx, w_ih, w_hh):
             raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {w_hh.size(1)}")
 
 
+@_autocasting
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One LSTM step. input ``[B, I]``, hx = (h ``[B, H]``, c ``[B, H]``) -> (h', c')."""
     _check_cell(input, hx, w_ih, w_hh)
@@ -76,12 +109,14 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     return hy, cy
 
 
+@_autocasting
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One GRU step. input ``[B, I]``, hx ``[B, H]`` -> h'."""
     _check_cell(input, (hx,), w_ih, w_hh)
     return backend_for(input, backend).gru_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)[0]
 
 
+@_autocasting
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None):
     """One Elman RNN step, nonlinearity "tanh" or "relu". input ``[B, I]``, hx ``[B, H]`` -> h'."""
     _check_cell(input, (hx,), w_ih, w_hh)
@@ -129,6 +164,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
     return x, torch.stack(hs), None if c0 is None else torch.stack(cs)
 
 
+@_autocasting
 def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
          batch_first=False, batch_sizes=None, backend=None):
     """Multi-layer LSTM, as ``torch._VF.lstm``. hx = (h0 ``[L*D, B, P]``, c0 ``[L*D, B, H]``);
@@ -138,6 +174,7 @@ def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fa
                    batch_first, batch_sizes, "tanh", backend)
 
 
+@_autocasting
 def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
         batch_first=False, batch_sizes=None, backend=None):
     """Multi-layer GRU, as ``torch._VF.gru``. hx ``[L*D, B, H]``. Returns (output, h_n)."""
@@ -145,6 +182,7 @@ def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
                    batch_first, batch_sizes, "tanh", backend)[:2]
 
 
+@_autocasting
 def rnn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
         batch_first=False, batch_sizes=None, nonlinearity="tanh", backend=None):
     """Multi-layer Elman RNN (nonlinearity "tanh" or "relu"), as ``torch._VF.rnn_tanh``. Returns (output, h_n)."""

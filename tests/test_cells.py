@@ -230,3 +230,16 @@ def test_cell_errors_match_torch(kind):
             same_error(lambda: ours(x, hx), lambda: theirs(x, hx))
         else:
             ours(x, hx)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_autocast_dtype_like_torch(device, kind):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    ours, theirs = pair(kind, 8, 6, device=device, dtype=torch.float32)
+    x = torch.randn(3, 8, device=device)
+    with torch.autocast(device, dtype=dtype):
+        got, want = ours(x), theirs(x)
+    got, want = (got[0], want[0]) if kind == "lstm" else (got, want)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

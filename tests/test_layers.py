@@ -260,3 +260,23 @@ def test_torch_compile_fullgraph(kind):
     torch.testing.assert_close(loss, eager_loss)
     for a, b in zip(grads, eager, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", list(MODES))
+def test_autocast_like_torch(device, kind):
+    """Under torch.autocast the layers compute in the dtype torch.nn's do (on CPU: bfloat16 for LSTM and
+    RNN, float32 for GRU), within the low-precision rule of DESIGN.md (error vs fp64 <= 2x torch.nn's)."""
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    torch.manual_seed(18)
+    ours, theirs = pair(kind, 16, 24, device, dtype=torch.float32, num_layers=2)
+    exact, _ = pair(kind, 16, 24, device, dtype=torch.float64, num_layers=2)
+    exact.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 16, device=device)
+    with torch.autocast(device, dtype=dtype):
+        got, want = ours(x)[0], theirs(x)[0]
+    assert got.dtype == want.dtype
+    assert want.dtype == (torch.float32 if (device, kind) == ("cpu", "gru") else dtype)
+    ref = exact(x.double())[0]
+    err, base = (got.double() - ref).abs().max().item(), (want.double() - ref).abs().max().item()
+    assert err <= 2 * base + 1e-3, (err, base)
