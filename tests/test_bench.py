@@ -1,0 +1,26 @@
+"""The benchmark's smallest setting, end to end (no timing assertions): it cannot rot."""
+import csv
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench  # noqa: E402
+
+
+def test_bench_smoke(tmp_path, capsys):
+    rows = bench.main(["--smoke", "--device", "cpu", "--no-memory", "--out", str(tmp_path)])
+    assert {(r["cell"], r["mode"]) for r in rows} == {(c, m) for c in bench.CELLS for m in ("fwd", "fwd+bwd")}
+    for r in rows:
+        assert r["rnnext ms"] > 0 and r["torch.nn ms"] > 0 and r["reference ms"] > 0
+    with open(tmp_path / "cpu-float32-smoke.csv") as f:
+        assert f.readline().startswith("# rnnext benchmark:")
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "cpu-float32-smoke.png").stat().st_size > 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("- rnn fwd+bwd: geometric-mean")
+
+
+def test_bench_rejects_unknown_cell(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--cells", "transformer", "--out", str(tmp_path)])
