@@ -8,7 +8,7 @@ Times are medians of torch.utils.benchmark measurements (with torch's thread cou
 every core), the candidates interleaved round by round so that drift hits all alike. fwd runs under
 no_grad; fwd+bwd is forward plus backward of the output's sum. Peak memory is what fwd+bwd adds on
 top of the inputs and weights (CUDA: max_memory_allocated; CPU: peak RSS growth, each candidate in
-its own process). Writes <out>/<device>-<dtype>.{csv,md,png}; prints the Markdown table last.
+its own process): for the long-sequence configs of MEMORY, and with --full for every config. Writes <out>/<device>-<dtype>.{csv,md,png}; prints the Markdown table last.
 """
 import argparse
 import csv
@@ -163,7 +163,7 @@ def main(argv=None):
             p.error(f"unknown cell {c!r}; choose from {sorted(CELLS)}")
     configs = SMOKE if args.smoke else full_sweep() if args.full else DEFAULT[args.device]
     cands = [c for c in CANDIDATES if not (args.no_reference and c == "reference")]
-    rounds = 3 if (args.quick or args.smoke) else 7
+    rounds = 3 if (args.quick or args.smoke) else 5
     dtype = getattr(torch, args.dtype)
     rows = []
     work = [(cell, cfg) for cfg in configs for cell in cells]
@@ -176,7 +176,7 @@ def main(argv=None):
                        **{f"{c} ms": round(t[c] * 1e3, 4) for c in cands},
                        **{f"{c}/torch.nn": round(t[c] / t["torch.nn"], 3) for c in cands if c != "torch.nn"},
                        **{"rnnext GFLOP/s": round(gf, 1)})
-            if mode == "fwd+bwd" and not args.no_memory:
+            if mode == "fwd+bwd" and args.full and not args.no_memory:
                 for c in ("rnnext", "torch.nn"):
                     row[f"{c} peak MB"] = round(peak_memory(cell, c, T, B, I, H, args.device, args.dtype) / 2**20, 1)
             rows.append(row)
