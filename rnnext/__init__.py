@@ -1,14 +1,15 @@
 """rnnext: fused LSTM, GRU and Elman RNN kernels (CPU and CUDA) as drop-in torch.nn layers.
 
-- ``rnnext.LSTM/GRU/RNN`` and ``rnnext.LSTMCell/GRUCell/RNNCell``: torch.nn's layers and cells.
+- ``rnnext.LSTM/GRU/RNN`` and ``rnnext.LSTMCell/GRUCell/RNNCell``: torch.nn's layers and cells;
+  ``rnnext.convert(model)`` swaps them into an existing model.
 - ``rnnext.functional``: the same as functions over torch's flat weight lists; backend switch.
 - ``rnnext.reference``: pure-PyTorch implementation (fallback and test oracle).
 - ``rnnext.ops``: the fused C++/CUDA ops (``torch.ops.rnnext``).
 """
 from rnnext import functional, ops, reference
 from rnnext.functional import set_backend, use_backend
-from rnnext.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from rnnext.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "functional", "reference", "ops",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional", "reference", "ops",
            "set_backend", "use_backend"]
 __version__ = "0.1.0"

@@ -190,3 +190,34 @@ class RNNCell(nn.RNNCell):
         h = functional.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                                 nonlinearity=self.nonlinearity)
         return h if is_batched else h.squeeze(0)
+
+
+# ---- convert ----------------------------------------------------------------------------------------
+
+_CONVERSIONS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell,
+                nn.RNNCell: RNNCell}
+
+
+def _converted(module):
+    """The rnnext equivalent of a torch.nn RNN module, holding the very same Parameter objects."""
+    cls = _CONVERSIONS[type(module)]
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    # Same attributes, parameters (shared, not copied), buffers, hooks and training flag.
+    new.__dict__.update({k: v for k, v in module.__dict__.items() if k != "_modules"})
+    new._modules = module._modules
+    if isinstance(new, nn.RNNBase):
+        new._init_flat_weights()
+    return new
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replaces, in place, every ``torch.nn`` LSTM/GRU/RNN and LSTMCell/GRUCell/RNNCell inside ``model``
+    (``model`` itself included) with the rnnext equivalent, sharing the same Parameter objects, so an
+    optimizer built before the conversion keeps working. Subclasses of those modules are left alone
+    (their forward may differ). Returns the converted model."""
+    if type(model) in _CONVERSIONS:
+        return _converted(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, convert(child))
+    return model
