@@ -154,6 +154,7 @@ def _register():
         return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
 
     def lstm_seq_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
         xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths = inputs
         y, hn, cn, c_all, saved, r = output
         ctx.mark_non_differentiable(c_all, saved, r)
@@ -169,6 +170,7 @@ def _register():
         return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None
 
     def gru_seq_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
         xg, h0, w_hh, b_ih, b_hh, lengths = inputs
         y, hn, saved = output
         ctx.mark_non_differentiable(saved)
@@ -182,6 +184,7 @@ def _register():
         return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None
 
     def rnn_seq_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
         xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity = inputs
         biases(ctx, b_ih, b_hh)
         ctx.nonlinearity = nonlinearity
