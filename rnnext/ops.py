@@ -79,6 +79,15 @@ def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=
     return y, hn, cn
 
 
+def _first_order_only(name):
+    """The backward ops have no derivatives of their own: refuse create_graph=True rather than return
+    a graph that silently lacks the second-order terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"rnnext: double backward (create_graph=True) through the fused {name} op is not supported yet; "
+            "run the model under rnnext.use_backend('reference') to get higher-order gradients")
+
+
 def _state(x):  # kernels return contiguous tensors
     return x.new_empty(x.shape)
 
@@ -163,6 +172,7 @@ def _register():
         ctx.save_for_backward(y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths)
 
     def lstm_seq_bwd(ctx, dy, dhn, dcn, *_):
+        _first_order_only("lstm_seq")
         y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
         dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
             zeros_if_none(dy, y), zeros_if_none(dhn, h0), zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
@@ -178,6 +188,7 @@ def _register():
         ctx.save_for_backward(y, h0, saved, w_hh, lengths)
 
     def gru_seq_bwd(ctx, dy, dhn, _):
+        _first_order_only("gru_seq")
         y, h0, saved, w_hh, lengths = ctx.saved_tensors
         dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.gru_seq_backward(
             zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths)
@@ -191,6 +202,7 @@ def _register():
         ctx.save_for_backward(output[0], h0, w_hh, lengths)
 
     def rnn_seq_bwd(ctx, dy, dhn):
+        _first_order_only("rnn_seq")
         y, h0, w_hh, lengths = ctx.saved_tensors
         dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
             zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity)
@@ -205,6 +217,7 @@ def _register():
         ctx.save_for_backward(inputs[2], output[1], output[2])
 
     def lstm_backward(ctx, dhy, dcy, _):
+        _first_order_only("lstm_cell")
         cx, cy, saved = ctx.saved_tensors
         dgates, dcx = torch.ops.rnnext.lstm_cell_backward(dhy, dcy, cx, cy, saved)
         return dgates, dgates, dcx
@@ -214,6 +227,7 @@ def _register():
         ctx.save_for_backward(inputs[2], output[1])
 
     def gru_backward(ctx, dhy, _):
+        _first_order_only("gru_cell")
         hx, saved = ctx.saved_tensors
         return torch.ops.rnnext.gru_cell_backward(dhy, hx, saved)
 
@@ -222,6 +236,7 @@ def _register():
         ctx.save_for_backward(output)
 
     def rnn_backward(ctx, dhy):
+        _first_order_only("rnn_cell")
         (hy,) = ctx.saved_tensors
         dpre = torch.ops.rnnext.rnn_cell_backward(dhy, hy, ctx.nonlinearity)
         return dpre, dpre, None

@@ -301,3 +301,22 @@ def test_low_precision_rule(device, dtype, kind):
         assert g.dtype == dtype
         err, base_err = rms(g.double() - e), rms(b.double() - e)
         assert err <= 2 * base_err + 1e-4 * rms(e), (err, base_err)
+
+
+@pytest.mark.parametrize("kind", list(MODES))
+def test_double_backward(kind):
+    """Fused: a clear error instead of silently missing second-order terms. Reference: gradgradcheck."""
+    torch.manual_seed(20)
+    ours, theirs = pair(kind, 3, 2)
+    x = leaf(torch.randn(3, 2, 3, dtype=torch.float64))
+    if ops.LOAD_ERROR is None:
+        with rnnext.use_backend("fused"):
+            y = ours(x)[0]
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(y.sum(), x, create_graph=True)
+        cell = {"lstm": rnnext.LSTMCell, "gru": rnnext.GRUCell}.get(kind, rnnext.RNNCell)(3, 2).double()
+        out = cell(x[0])
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad((out[0] if kind == "lstm" else out).sum(), x, create_graph=True)
+    with rnnext.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda inp: ours(inp)[0], (x,))
