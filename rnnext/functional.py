@@ -127,6 +127,11 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", b
 
 def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
             batch_sizes, nonlinearity, backend):
+    for name, tensors in (("hidden", (h0, c0)), ("parameter", params)):  # torch.nn's check and message
+        for t in tensors:
+            if t is not None and t.device != input.device:
+                raise RuntimeError(f"Input and {name} tensors are not at the same device, found input tensor at "
+                                   f"{input.device} and {name} tensor at {t.device}")
     D = 2 if bidirectional else 1
     proj = mode == "LSTM" and h0.size(-1) != c0.size(-1)
     stride = (4 if has_biases else 2) + (1 if proj else 0)

@@ -1,0 +1,236 @@
+"""rnnext where users take it: random configurations, bad and odd input, long sequences, threads,
+serialization, distributed training."""
+import contextlib
+import copy
+import io
+import os
+import pickle
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnext
+from conftest import close, cpu_and_cuda, same_error
+
+MODULES = {"lstm": (rnnext.LSTM, nn.LSTM), "gru": (rnnext.GRU, nn.GRU), "rnn_tanh": (rnnext.RNN, nn.RNN),
+           "rnn_relu": (rnnext.RNN, nn.RNN)}
+
+
+def make(kind, *args, **kwargs):
+    ours_cls, theirs_cls = MODULES[kind]
+    if kind.startswith("rnn"):
+        kwargs["nonlinearity"] = kind.split("_")[1]
+    ours = ours_cls(*args, **kwargs)
+    theirs = theirs_cls(*args, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def outputs_and_grads(model, x, backend="auto"):
+    data = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+    with rnnext.use_backend(backend) if hasattr(model, "_run") else contextlib.nullcontext():
+        out, hidden = model(x)
+    out = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
+    outs = [out] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+    g = torch.Generator().manual_seed(3)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    return outs + list(torch.autograd.grad(loss, [data] + list(model.parameters())))
+
+
+@settings(max_examples=220, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(sorted(MODULES)), num_layers=st.integers(1, 3), bidirectional=st.booleans(),
+       batch_first=st.booleans(), bias=st.booleans(), proj=st.integers(0, 3), T=st.integers(1, 6),
+       B=st.integers(1, 4), I=st.integers(1, 5), H=st.integers(1, 6), packed=st.booleans(),
+       dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 2**16))
+def test_fuzz_against_torch_and_reference(kind, num_layers, bidirectional, batch_first, bias, proj, T, B, I, H, packed,
+                                          dtype, seed):
+    torch.manual_seed(seed)
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    if kind == "lstm" and proj and proj < H:
+        kw["proj_size"] = proj
+    ours, theirs = make(kind, I, H, **kw)
+    ours, theirs = ours.to(dtype), theirs.double()
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    if packed:
+        lengths = torch.randint(1, T + 1, (B,))
+        x64 = pack_padded_sequence(x.requires_grad_(), lengths, batch_first=batch_first, enforce_sorted=False)
+        x_ours = pack_padded_sequence(x.detach().to(dtype).requires_grad_(), lengths, batch_first=batch_first,
+                                      enforce_sorted=False)
+    else:
+        x64, x_ours = x.requires_grad_(), x.detach().to(dtype).requires_grad_()
+    want = outputs_and_grads(theirs, x64)
+    rtol = 1e-9 if dtype == torch.float64 else 1e-5
+    for backend in ("fused", "reference") if rnnext.ops.LOAD_ERROR is None else ("reference",):
+        got = outputs_and_grads(ours, x_ours, backend)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and a.shape == b.shape
+            close(a.double(), b, rtol)
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_bad_lengths_like_torch(kind):
+    ours, theirs = make(kind, 3, 4)
+    x = torch.randn(5, 3, 3)
+    same_error(lambda: ours(pack_padded_sequence(x, [2, 5, 1])), lambda: theirs(pack_padded_sequence(x, [2, 5, 1])))
+    same_error(lambda: ours(pack_padded_sequence(x, [5, 0, 1])), lambda: theirs(pack_padded_sequence(x, [5, 0, 1])))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_device_mismatch_like_torch(kind):
+    ours, theirs = make(kind, 3, 4)
+    ours, theirs = ours.cuda(), theirs.cuda()
+    x = torch.randn(5, 2, 3)
+    same_error(lambda: ours(x), lambda: theirs(x))
+    D = 1
+    hx = torch.zeros(D, 2, 4)
+    hx = (hx, hx) if kind == "lstm" else hx
+    same_error(lambda: ours(x.cuda(), hx), lambda: theirs(x.cuda(), hx))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_nan_and_inf_propagate_like_torch(device, kind):
+    ours, theirs = make(kind, 3, 4, num_layers=2)
+    ours, theirs = ours.to(device, torch.float64), theirs.to(device, torch.float64)
+    x = torch.randn(6, 3, 3, device=device, dtype=torch.float64)
+    x[2, 0, 1] = float("nan")
+    x[4, 2, 0] = float("inf")
+    got, want = ours(x)[0], theirs(x)[0]
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_long_sequence_memory_linear_in_T(kind):
+    """T = 10000 forward+backward runs (a loop, no recursion), and what autograd saves grows linearly."""
+    ours, _ = make(kind, 4, 8)
+
+    def saved_bytes(T):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        x = torch.randn(T, 2, 4, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _ = ours(x)
+        y.sum().backward()
+        assert torch.isfinite(x.grad).all()
+        return total[0]
+
+    small, large = saved_bytes(1000), saved_bytes(10000)
+    assert 9.5 < large / small < 10.5
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_threads_get_sequential_results(kind):
+    ours, _ = make(kind, 5, 6, num_layers=2, bidirectional=True)
+    xs = [torch.randn(7, 3, 5, requires_grad=True) for _ in range(4)]
+
+    def run(x):
+        y, _ = ours(x)
+        return [y.detach()] + list(torch.autograd.grad(y.square().sum(), [x] + list(ours.parameters())))
+
+    want = [run(x) for x in xs]
+    got = [None] * 4
+
+    def worker(i):
+        got[i] = run(xs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, w in zip(got, want):
+        for a, b in zip(g, w, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_serialization_and_conversions(kind):
+    ours, theirs = make(kind, 3, 4, num_layers=2, bidirectional=True, **({"proj_size": 2} if kind == "lstm" else {}))
+    x = torch.randn(5, 2, 3)
+    want = ours(x)[0]
+    # state_dict both ways
+    fresh_ours, fresh_theirs = make(kind, 3, 4, num_layers=2, bidirectional=True,
+                                    **({"proj_size": 2} if kind == "lstm" else {}))
+    fresh_theirs.load_state_dict(ours.state_dict())
+    fresh_ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(fresh_theirs(x)[0], want)
+    torch.testing.assert_close(fresh_ours(x)[0], want)
+    # pickling, torch.save, deepcopy
+    for clone in (pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
+        assert type(clone) is type(ours)
+        torch.testing.assert_close(clone(x)[0], want)
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x)[0], want)
+    # dtype conversions keep working (flat weights follow)
+    assert ours.double()(x.double())[0].dtype == torch.float64
+    assert ours.to(torch.float32)(x)[0].dtype == torch.float32
+
+
+def test_public_api_documented():
+    import inspect
+
+    import rnnext.functional as F
+
+    public = [getattr(rnnext, n) for n in rnnext.__all__ if not inspect.ismodule(getattr(rnnext, n))]
+    public += [F.lstm, F.gru, F.rnn, F.lstm_cell, F.gru_cell, F.rnn_cell, F.set_backend, F.use_backend,
+               rnnext.reference.recurrence, rnnext.ops.recurrence]
+    public += [getattr(c, "forward") for c in (rnnext.LSTM, rnnext.GRU, rnnext.RNN, rnnext.LSTMCell, rnnext.GRUCell,
+                                               rnnext.RNNCell)]
+    for obj in public:
+        assert obj.__doc__ and len(obj.__doc__.strip()) > 20, obj
+
+
+def _ddp_worker(rank, world, init_file, kind, steps, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    rnn, _ = make(kind, 3, 5)
+    model = torch.nn.parallel.DistributedDataParallel(rnn)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(6, 4 * world, 3, generator=g)[:, rank * 4:(rank + 1) * 4]
+        y, _ = model(x)
+        opt.zero_grad()
+        y.square().mean().backward()
+        opt.step()
+    if rank == 0:
+        torch.save({k: v.detach() for k, v in rnn.state_dict().items()}, result_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_ddp_two_processes_match_one(kind, tmp_path):
+    import torch.multiprocessing as mp
+
+    steps, world = 3, 2
+    result = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), kind, steps, result), nprocs=world, join=True)
+    torch.manual_seed(0)
+    single, _ = make(kind, 3, 5)
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(6, 4 * world, 3, generator=g)
+        y, _ = single(x)
+        opt.zero_grad()
+        y.square().mean().backward()
+        opt.step()
+    got = torch.load(result)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
