@@ -69,7 +69,14 @@ class _Layer(nn.RNNBase):
 
 
 class LSTM(_Layer):
-    """Drop-in ``torch.nn.LSTM`` (same arguments, including proj_size)."""
+    """Drop-in ``torch.nn.LSTM``: same constructor (input_size, hidden_size, num_layers, bias, batch_first,
+    dropout, bidirectional, proj_size, device, dtype), parameters, state_dict and errors.
+
+    forward(input, hx=None) -> (output, (h_n, c_n)): input ``[T, B, I]`` (``[B, T, I]`` with batch_first),
+    ``[T, I]`` unbatched, or a PackedSequence; hx = (h0 ``[L*D, B, P]``, c0 ``[L*D, B, H]``), P = proj_size or H;
+    output ``[T, B, D*P]``. dtypes: float32/float64/float16/bfloat16. Saved for backward per
+    layer-direction: the output, the activated gates ``[T, B, 4H]``, the cell states ``[T, B, H]`` (and the
+    cell outputs before projection with proj_size)."""
 
     _dims_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -101,7 +108,11 @@ class LSTM(_Layer):
 
 
 class GRU(_Layer):
-    """Drop-in ``torch.nn.GRU``."""
+    """Drop-in ``torch.nn.GRU``: same constructor, parameters, state_dict and errors.
+
+    forward(input, hx=None) -> (output, h_n): input ``[T, B, I]`` (``[B, T, I]`` with batch_first), ``[T, I]``
+    unbatched, or a PackedSequence; hx ``[L*D, B, H]``; output ``[T, B, D*H]``. Saved for backward per
+    layer-direction: the output and the gates (r, z, n, W_hn h + b_hn) ``[T, B, 4H]``."""
 
     _dims_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
 
@@ -115,7 +126,11 @@ class GRU(_Layer):
 
 
 class RNN(_Layer):
-    """Drop-in ``torch.nn.RNN`` (nonlinearity "tanh" or "relu")."""
+    """Drop-in ``torch.nn.RNN`` (nonlinearity "tanh" or "relu"): same constructor, parameters, state_dict
+    and errors.
+
+    forward(input, hx=None) -> (output, h_n), shapes as :class:`GRU`. Saved for backward per
+    layer-direction: the output only."""
 
     _dims_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
 
@@ -147,7 +162,8 @@ def _cell_input(name, input, hx, hx_label="hidden"):
 
 
 class LSTMCell(nn.LSTMCell):
-    """Drop-in ``torch.nn.LSTMCell`` on the fused cell op."""
+    """Drop-in ``torch.nn.LSTMCell`` on the fused cell op (``torch.ops.rnnext.lstm_cell``); saves the
+    activated gates ``[B, 4H]`` for backward."""
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx = (h, c) ``[B, H]`` or None -> (h', c')."""
@@ -166,7 +182,8 @@ class LSTMCell(nn.LSTMCell):
 
 
 class GRUCell(nn.GRUCell):
-    """Drop-in ``torch.nn.GRUCell`` on the fused cell op."""
+    """Drop-in ``torch.nn.GRUCell`` on the fused cell op (``torch.ops.rnnext.gru_cell``); saves the gates
+    (r, z, n, W_hn h + b_hn) ``[B, 4H]`` for backward."""
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
@@ -179,7 +196,8 @@ class GRUCell(nn.GRUCell):
 
 
 class RNNCell(nn.RNNCell):
-    """Drop-in ``torch.nn.RNNCell`` (nonlinearity "tanh" or "relu") on the fused cell op."""
+    """Drop-in ``torch.nn.RNNCell`` (nonlinearity "tanh" or "relu") on the fused cell op
+    (``torch.ops.rnnext.rnn_cell``); saves its output for backward."""
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
