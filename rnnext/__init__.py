@@ -2,14 +2,16 @@
 
 - ``rnnext.LSTM/GRU/RNN`` and ``rnnext.LSTMCell/GRUCell/RNNCell``: torch.nn's layers and cells;
   ``rnnext.convert(model)`` swaps them into an existing model.
+- ``rnnext.MinimalGRU/MinimalGRUCell``: the lecture notes' GRU (update gate, no reset gate).
+- ``rnnext.truncated_bptt``: train on long sequences in chunks of k steps.
 - ``rnnext.functional``: the same as functions over torch's flat weight lists; backend switch.
 - ``rnnext.reference``: pure-PyTorch implementation (fallback and test oracle).
 - ``rnnext.ops``: the fused C++/CUDA ops (``torch.ops.rnnext``).
 """
 from rnnext import functional, ops, reference
 from rnnext.functional import set_backend, use_backend
-from rnnext.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from rnnext.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, MinimalGRU, MinimalGRUCell, RNNCell, convert
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional", "reference", "ops",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MinimalGRU", "MinimalGRUCell", "convert", "functional", "reference", "ops",
            "set_backend", "use_backend"]
 __version__ = "0.1.0"

@@ -117,6 +117,13 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
 
 
 @_autocasting
+def mgru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
+    """One step of the lecture's GRU (update gate only). input ``[B, I]``, hx ``[B, H]`` -> h'."""
+    _check_cell(input, (hx,), w_ih, w_hh)
+    return backend_for(input, backend).mgru_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)[0]
+
+
+@_autocasting
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None):
     """One Elman RNN step, nonlinearity "tanh" or "relu". input ``[B, I]``, hx ``[B, H]`` -> h'."""
     _check_cell(input, (hx,), w_ih, w_hh)
@@ -126,7 +133,10 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", b
 # ---- whole sequences ------------------------------------------------------------------------------
 
 def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-            batch_sizes, nonlinearity, backend):
+            batch_sizes, nonlinearity, backend, clip):
+    clip = 0.0 if clip is None else float(clip)
+    if clip < 0:
+        raise ValueError(f"state_grad_clip must be positive or None, got {clip}")
     for name, tensors in (("hidden", (h0, c0)), ("parameter", params)):  # torch.nn's check and message
         for t in tensors:
             if t is not None and t.device != input.device:
@@ -155,7 +165,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             y, h, c = impl.recurrence(
                 mode, F.linear(x, p[0]), h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
-                p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity)
+                p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip)
             ys.append(y)
             hs.append(h)
             cs.append(c)
@@ -169,29 +179,49 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
     return x, torch.stack(hs), None if c0 is None else torch.stack(cs)
 
 
+_CLIP_DOC = """state_grad_clip: BPTT gradient clipping inside the backward kernel: at every step, the gradient
+    of the hidden state that step produced (from the output and from the next step) is clamped to
+    [-v, v] before it flows into the step (LSTM: h, after projection; not the cell state). None: off."""
+
+
 @_autocasting
 def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
-         batch_first=False, batch_sizes=None, backend=None):
+         batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None):
     """Multi-layer LSTM, as ``torch._VF.lstm``. hx = (h0 ``[L*D, B, P]``, c0 ``[L*D, B, H]``);
     P = proj_size when params hold ``w_hr`` (then ``h0.size(-1) != c0.size(-1)``), else H.
-    Returns (output ``[T, B, D*P]`` or packed data, h_n, c_n)."""
+    Returns (output ``[T, B, D*P]`` or packed data, h_n, c_n). {clip}"""
     return _layers("LSTM", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend)
+                   batch_first, batch_sizes, "tanh", backend, state_grad_clip)
 
 
 @_autocasting
 def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
-        batch_first=False, batch_sizes=None, backend=None):
-    """Multi-layer GRU, as ``torch._VF.gru``. hx ``[L*D, B, H]``. Returns (output, h_n)."""
+        batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None):
+    """Multi-layer GRU, as ``torch._VF.gru``. hx ``[L*D, B, H]``. Returns (output, h_n). {clip}"""
     return _layers("GRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend)[:2]
+                   batch_first, batch_sizes, "tanh", backend, state_grad_clip)[:2]
+
+
+@_autocasting
+def mgru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+         batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None):
+    """Multi-layer GRU of the lecture notes (update gate u and candidate c~ only, weight rows (u, c):
+    ``h = u*c~ + (1-u)*h'``), flat weights and shapes as :func:`gru` with 2H gate rows. Returns
+    (output, h_n). {clip}"""
+    return _layers("MGRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                   batch_first, batch_sizes, "tanh", backend, state_grad_clip)[:2]
 
 
 @_autocasting
 def rnn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
-        batch_first=False, batch_sizes=None, nonlinearity="tanh", backend=None):
-    """Multi-layer Elman RNN (nonlinearity "tanh" or "relu"), as ``torch._VF.rnn_tanh``. Returns (output, h_n)."""
+        batch_first=False, batch_sizes=None, nonlinearity="tanh", backend=None, state_grad_clip=None):
+    """Multi-layer Elman RNN (nonlinearity "tanh" or "relu"), as ``torch._VF.rnn_tanh``. Returns
+    (output, h_n). {clip}"""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
     return _layers("RNN", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, nonlinearity, backend)[:2]
+                   batch_first, batch_sizes, nonlinearity, backend, state_grad_clip)[:2]
+
+
+for _f in (lstm, gru, mgru, rnn):
+    _f.__doc__ = _f.__doc__.replace("{clip}", _CLIP_DOC)

@@ -14,6 +14,19 @@ from rnnext import functional
 
 
 class _Layer(nn.RNNBase):
+    def __init__(self, mode, *args, state_grad_clip=None, **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        if state_grad_clip is not None and not state_grad_clip > 0:
+            raise ValueError(f"state_grad_clip must be positive or None, got {state_grad_clip}")
+        self.state_grad_clip = state_grad_clip
+
+    def flatten_parameters(self):
+        """No-op: rnnext's kernels read the parameters as they are (cuDNN's flat buffer is not used)."""
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s + f", state_grad_clip={self.state_grad_clip}" if self.state_grad_clip is not None else s
+
     def _run(self, input, hx, batch_sizes):
         raise NotImplementedError
 
@@ -65,12 +78,14 @@ class _Layer(nn.RNNBase):
 
     def _args(self, batch_sizes):
         return dict(has_biases=self.bias, num_layers=self.num_layers, dropout=self.dropout, train=self.training,
-                    bidirectional=self.bidirectional, batch_first=self.batch_first, batch_sizes=batch_sizes)
+                    bidirectional=self.bidirectional, batch_first=self.batch_first, batch_sizes=batch_sizes,
+                    state_grad_clip=self.state_grad_clip)
 
 
 class LSTM(_Layer):
     """Drop-in ``torch.nn.LSTM``: same constructor (input_size, hidden_size, num_layers, bias, batch_first,
-    dropout, bidirectional, proj_size, device, dtype), parameters, state_dict and errors.
+    dropout, bidirectional, proj_size, device, dtype), parameters, state_dict and errors; one more
+    keyword, ``state_grad_clip`` (BPTT gradient clipping, see :func:`rnnext.functional.lstm`), for all layers.
 
     forward(input, hx=None) -> (output, (h_n, c_n)): input ``[T, B, I]`` (``[B, T, I]`` with batch_first),
     ``[T, I]`` unbatched, or a PackedSequence; hx = (h0 ``[L*D, B, P]``, c0 ``[L*D, B, H]``), P = proj_size or H;
@@ -151,6 +166,32 @@ class RNN(_Layer):
                               **self._args(batch_sizes))
 
 
+class MinimalGRU(_Layer):
+    """The GRU of the lecture notes: an update gate and no reset gate,
+    ``u = sigmoid(W_u [h', x]), c~ = tanh(W_c [h', x]), h = u*c~ + (1-u)*h'``.
+
+    Same constructor, forward, shapes and parameter names as :class:`GRU` (no proj_size), with 2H gate
+    rows (u, c) in ``weight_ih_l{k}``, ``weight_hh_l{k}`` and the biases. Saved for backward per
+    layer-direction: the output and (u, c~) ``[T, B, 2H]``."""
+
+    _dims_message = "MinimalGRU: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not MinimalGRU")
+        super().__init__("RNN_TANH", *args, **kwargs)  # torch.nn knows no 2-gate mode: widen its weights
+        self.mode = "MGRU"
+        for names in self._all_weights:
+            for name in names:
+                old = getattr(self, name)
+                setattr(self, name, nn.Parameter(old.new_empty((2 * old.shape[0],) + tuple(old.shape[1:]))))
+        self.reset_parameters()
+        self._init_flat_weights()
+
+    def _run(self, input, hx, batch_sizes):
+        return functional.mgru(input, hx, self._flat_weights, **self._args(batch_sizes))
+
+
 # ---- cells ----------------------------------------------------------------------------------------
 
 def _cell_input(name, input, hx, hx_label="hidden"):
@@ -210,6 +251,23 @@ class RNNCell(nn.RNNCell):
         return h if is_batched else h.squeeze(0)
 
 
+class MinimalGRUCell(nn.RNNCellBase):
+    """One step of :class:`MinimalGRU` (update gate only) on the fused cell op
+    (``torch.ops.rnnext.mgru_cell``); weights ``[2H, I]``, ``[2H, H]`` with rows (u, c); saves (u, c~)."""
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=2, device=device, dtype=dtype)
+
+    def forward(self, input, hx=None):
+        """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
+        is_batched = _cell_input("MinimalGRUCell", input, hx)
+        if not is_batched:
+            input = input.unsqueeze(0)
+        hx = input.new_zeros(input.size(0), self.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
+        h = functional.mgru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h if is_batched else h.squeeze(0)
+
+
 # ---- convert ----------------------------------------------------------------------------------------
 
 _CONVERSIONS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell,
@@ -225,6 +283,7 @@ def _converted(module):
     new.__dict__.update({k: v for k, v in module.__dict__.items() if k != "_modules"})
     new._modules = module._modules
     if isinstance(new, nn.RNNBase):
+        new.state_grad_clip = None
         new._init_flat_weights()
     return new
 

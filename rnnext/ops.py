@@ -8,6 +8,7 @@ Single-step cells; ``xg``/``hg`` are the input and hidden projections ``[B, G*H]
 - ``lstm_cell(xg, hg, cx) -> (hy, cy, saved)``
 - ``gru_cell(xg, hg, hx) -> (hy, saved)``
 - ``rnn_cell(xg, hg, nonlinearity) -> hy``
+- ``mgru_cell(xg, hg, hx) -> (hy, saved)``: the lecture's GRU (update gate only), saved ``[B, 2*H]`` = (u, c~)
 
 ``saved`` is what backward needs, ``[B, 4*H]``: activated gates (i, f, g, o) for LSTM; (r, z, n, hn)
 for GRU, where hn is the hidden part of n's pre-activation. It is not differentiable.
@@ -62,18 +63,24 @@ def rnn_cell(xg, hg, nonlinearity):
     return torch.ops.rnnext.rnn_cell(xg, hg, nonlinearity)
 
 
+def mgru_cell(xg, hg, hx):
+    return torch.ops.rnnext.mgru_cell(xg, hg, hx)
+
+
 def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh"):
+               nonlinearity="tanh", clip=0.0):
     """One layer-direction on the fused sequence ops; see :func:`rnnext.reference.recurrence`."""
     if reverse:
         xg = flip_within(xg, lengths)
     cn = None
     if mode == "LSTM":
-        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths)[:3]
+        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)[:3]
     elif mode == "GRU":
-        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths)
+        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip)
+    elif mode == "MGRU":
+        y, hn, _ = torch.ops.rnnext.mgru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip)
     else:
-        y, hn = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity)
+        y, hn = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip)
     if reverse:
         y = flip_within(y, lengths)
     return y, hn, cn
@@ -121,35 +128,39 @@ def _register():
         return _state(hy)
 
     @torch.library.register_fake(lib + "lstm_seq")
-    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths):
+    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0):
         T, B = xg.shape[:2]
         H, P = c0.shape[1], h0.shape[1]
         return (xg.new_empty(T, B, P), _state(h0), _state(c0), xg.new_empty(T, B, H), xg.new_empty(T, B, 4 * H),
                 xg.new_empty(T if w_hr is not None else 0, B, H))
 
     @torch.library.register_fake(lib + "lstm_seq_backward")
-    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths):
+    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0):
         H4 = saved.shape[2]
         return (_state(saved), _state(h0), _state(c0), _state(w_hh), y.new_empty(H4), y.new_empty(H4),
                 _state(w_hr) if w_hr is not None else y.new_empty(0))
 
-    @torch.library.register_fake(lib + "gru_seq")
-    def _(xg, h0, w_hh, b_ih, b_hh, lengths):
-        T, B = xg.shape[:2]
-        H = h0.shape[1]
-        return xg.new_empty(T, B, H), _state(h0), xg.new_empty(T, B, 4 * H)
+    def gate_seq_fakes(name, G, S):  # GRU and the lecture's GRU: G gates, S saved values per element
+        @torch.library.register_fake(lib + name)
+        def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0):
+            T, B = xg.shape[:2]
+            H = h0.shape[1]
+            return xg.new_empty(T, B, H), _state(h0), xg.new_empty(T, B, S * H)
 
-    @torch.library.register_fake(lib + "gru_seq_backward")
-    def _(dy, dhn, y, h0, saved, w_hh, lengths):
-        T, B, H = y.shape
-        return y.new_empty(T, B, 3 * H), _state(h0), _state(w_hh), y.new_empty(3 * H), y.new_empty(3 * H)
+        @torch.library.register_fake(lib + name + "_backward")
+        def _(dy, dhn, y, h0, saved, w_hh, lengths, clip=0.0):
+            T, B, H = y.shape
+            return y.new_empty(T, B, G * H), _state(h0), _state(w_hh), y.new_empty(G * H), y.new_empty(G * H)
+
+    gate_seq_fakes("gru_seq", 3, 4)
+    gate_seq_fakes("mgru_seq", 2, 2)
 
     @torch.library.register_fake(lib + "rnn_seq")
-    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity):
+    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0):
         return _state(xg), _state(h0)
 
     @torch.library.register_fake(lib + "rnn_seq_backward")
-    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity):
+    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity, clip=0.0):
         H = y.shape[2]
         return _state(y), _state(h0), _state(w_hh), y.new_empty(H), y.new_empty(H)
 
@@ -164,7 +175,8 @@ def _register():
 
     def lstm_seq_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths = inputs
+        xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *clip = inputs  # tracing may drop a default clip
+        ctx.clip = clip[0] if clip else 0.0
         y, hn, cn, c_all, saved, r = output
         ctx.mark_non_differentiable(c_all, saved, r)
         biases(ctx, b_ih, b_hh)
@@ -176,40 +188,45 @@ def _register():
         y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
         dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
             zeros_if_none(dy, y), zeros_if_none(dhn, h0), zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
-            w_hr, lengths)
-        return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None
+            w_hr, lengths, ctx.clip)
+        return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None, None
 
-    def gru_seq_setup(ctx, inputs, output):
+    def gate_seq_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        xg, h0, w_hh, b_ih, b_hh, lengths = inputs
+        xg, h0, w_hh, b_ih, b_hh, lengths, *clip = inputs
+        ctx.clip = clip[0] if clip else 0.0
         y, hn, saved = output
         ctx.mark_non_differentiable(saved)
         biases(ctx, b_ih, b_hh)
         ctx.save_for_backward(y, h0, saved, w_hh, lengths)
 
-    def gru_seq_bwd(ctx, dy, dhn, _):
-        _first_order_only("gru_seq")
-        y, h0, saved, w_hh, lengths = ctx.saved_tensors
-        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.gru_seq_backward(
-            zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths)
-        return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None
+    def gate_seq_bwd(name):
+        def bwd(ctx, dy, dhn, _):
+            _first_order_only(name)
+            y, h0, saved, w_hh, lengths = ctx.saved_tensors
+            dxg, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
+                zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths, ctx.clip)
+            return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None
+
+        return bwd
 
     def rnn_seq_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity = inputs
+        xg, h0, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity, *clip = inputs
+        ctx.clip = clip[0] if clip else 0.0
         biases(ctx, b_ih, b_hh)
-        ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(output[0], h0, w_hh, lengths)
 
     def rnn_seq_bwd(ctx, dy, dhn):
         _first_order_only("rnn_seq")
         y, h0, w_hh, lengths = ctx.saved_tensors
         dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
-            zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity)
-        return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None
+            zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity, ctx.clip)
+        return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None, None
 
     torch.library.register_autograd(lib + "lstm_seq", lstm_seq_bwd, setup_context=lstm_seq_setup)
-    torch.library.register_autograd(lib + "gru_seq", gru_seq_bwd, setup_context=gru_seq_setup)
+    torch.library.register_autograd(lib + "gru_seq", gate_seq_bwd("gru_seq"), setup_context=gate_seq_setup)
+    torch.library.register_autograd(lib + "mgru_seq", gate_seq_bwd("mgru_seq"), setup_context=gate_seq_setup)
     torch.library.register_autograd(lib + "rnn_seq", rnn_seq_bwd, setup_context=rnn_seq_setup)
 
     def lstm_setup(ctx, inputs, output):
@@ -241,6 +258,25 @@ def _register():
         dpre = torch.ops.rnnext.rnn_cell_backward(dhy, hy, ctx.nonlinearity)
         return dpre, dpre, None
 
+    @torch.library.register_fake(lib + "mgru_cell")
+    def _(xg, hg, hx):
+        return _state(hx), _state(xg)
+
+    @torch.library.register_fake(lib + "mgru_cell_backward")
+    def _(dhy, hx, saved):
+        return _state(saved), _state(hx)
+
+    def mgru_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[2], output[1])
+
+    def mgru_backward(ctx, dhy, _):
+        _first_order_only("mgru_cell")
+        hx, saved = ctx.saved_tensors
+        dgates, dhx = torch.ops.rnnext.mgru_cell_backward(dhy, hx, saved)
+        return dgates, dgates, dhx
+
+    torch.library.register_autograd(lib + "mgru_cell", mgru_backward, setup_context=mgru_setup)
     torch.library.register_autograd(lib + "lstm_cell", lstm_backward, setup_context=lstm_setup)
     torch.library.register_autograd(lib + "gru_cell", gru_backward, setup_context=gru_setup)
     torch.library.register_autograd(lib + "rnn_cell", rnn_backward, setup_context=rnn_setup)

@@ -29,6 +29,14 @@ def gru_cell(xg, hg, hx):
     return hy, torch.cat([r, z, n, hn], 1).detach()
 
 
+def mgru_cell(xg, hg, hx):
+    """The lecture's GRU: update gate u and candidate c~ only (rows (u, c)); saved = (u, c~)."""
+    pu, pc = (xg + hg).chunk(2, 1)
+    u, cand = pu.sigmoid(), pc.tanh()
+    hy = u * cand + (1 - u) * hx
+    return hy, torch.cat([u, cand], 1).detach()
+
+
 def rnn_cell(xg, hg, nonlinearity):
     pre = xg + hg
     if nonlinearity == "tanh":
@@ -54,15 +62,17 @@ def step_mask(lengths, T):
 
 
 def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh"):
+               nonlinearity="tanh", clip=0.0):
     """One layer-direction over a sequence: a Python loop over this module's cells.
 
-    mode "LSTM", "GRU" or "RNN"; xg ``[T, B, G*H]`` input projection ``x @ w_ih^T`` (b_ih is added here:
+    mode "LSTM", "GRU", "MGRU" (the lecture's GRU) or "RNN"; xg ``[T, B, G*H]`` input projection ``x @ w_ih^T`` (b_ih is added here:
     the fused kernels add it in the cell, which saves a pass over xg); h0 ``[B, P]``
     (P = proj_size or H); c0 ``[B, H]`` (LSTM only); w_hh ``[G*H, P]``; w_hr ``[P, H]`` (LSTM proj_size);
     lengths ``[B]`` int64 on xg's device or None: steps t >= lengths[b] keep the state and output 0;
-    reverse: run each sequence backwards within its length. Returns ``y [T, B, P], h_n [B, P],
-    c_n [B, H] or None``.
+    reverse: run each sequence backwards within its length. clip > 0: BPTT gradient clipping, the
+    gradient of the state each step produces (summed over its uses: the output and the next step) is
+    clamped to [-clip, clip] (a hook on it; the fused kernels clamp the same quantity). Returns
+    ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
     """
     if b_ih is not None:
         xg = xg + b_ih
@@ -79,8 +89,13 @@ def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=
         elif mode == "GRU":
             hy, _ = gru_cell(xg[t], hg, h)
             cy = None
+        elif mode == "MGRU":
+            hy, _ = mgru_cell(xg[t], hg, h)
+            cy = None
         else:
             hy, cy = rnn_cell(xg[t], hg, nonlinearity), None
+        if clip > 0 and hy.requires_grad:
+            hy.register_hook(lambda g: g.clamp(-clip, clip))
         if mask is not None:
             ys.append(torch.where(mask[t], hy, 0))
             hy = torch.where(mask[t], hy, h)
@@ -113,3 +128,10 @@ def rnn(*args, **kwargs):
     from rnnext import functional
 
     return functional.rnn(*args, backend="reference", **kwargs)
+
+
+def mgru(*args, **kwargs):
+    """:func:`rnnext.functional.mgru` on the reference cells."""
+    from rnnext import functional
+
+    return functional.mgru(*args, backend="reference", **kwargs)

@@ -17,9 +17,14 @@
 // plus, for rows within their length, dy (nullable: the gradient of the output y[t]), and writes to
 // `direct` the part of the gradient of the previous state that does not go through hg (nullable
 // where that part is known to be 0).
+// BPTT clipping (clip > 0): at every step within a sequence, the gradient of the state that step
+// produced (from its output and from the next step, the sum above) is clamped to [-clip, clip]
+// before it enters the step's backward. LSTM: the hidden state h (after projection with proj_size);
+// the cell state's gradient is not clipped. Past a sequence's end nothing is clipped.
 #pragma once
 #include "cells/gru.h"
 #include "cells/lstm.h"
+#include "cells/mgru.h"
 #include "cells/rnn.h"
 
 namespace rnnext {
@@ -35,6 +40,13 @@ template <typename V, typename S>
 RNNEXT_HD V load_sum(const S* a, const S* b_or_null, int64_t i) {
   V v = Lanes<V>::load(a + i);
   return b_or_null ? v + Lanes<V>::load(b_or_null + i) : v;
+}
+
+// The gradient of a step's new state: from the next step, plus from the output, clipped.
+template <typename V, typename S, typename A>
+RNNEXT_HD V state_grad(const S* dh_next, const S* dy, int64_t i, A clip) {
+  V v = load_sum<V>(dh_next, dy, i);
+  return clip > A(0) ? Lanes<V>::clamp(v, V(-clip), V(clip)) : v;
 }
 
 // Gate k of a [B, G*H] projection (xg or hg) in row b, column j, plus its bias.
@@ -95,6 +107,7 @@ struct LSTMBwd : Step {
   using acc = acc_t;
   const scalar_t *dh_next, *dy, *saved, *c_prev, *c;
   scalar_t *dc, *dgates, *direct;
+  acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
@@ -107,7 +120,7 @@ struct LSTMBwd : Step {
     LSTMGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H),
                    L::load(saved + g + 3 * H)};
     LSTMGates<V> d;
-    L::store(dc + s, lstm_backward(load_sum<V>(dh_next, dy, s), L::load(dc + s), a, L::load(c_prev + s),
+    L::store(dc + s, lstm_backward(state_grad<V>(dh_next, dy, s, clip), L::load(dc + s), a, L::load(c_prev + s),
                                    L::load(c + s), d));
     L::store(dgates + g, d.i);
     L::store(dgates + g + H, d.f);
@@ -154,6 +167,7 @@ struct GRUBwd : Step {
   using acc = acc_t;
   const scalar_t *dh_next, *dy, *saved, *h_prev;
   scalar_t *dxg, *dhg, *direct;
+  acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
@@ -168,7 +182,7 @@ struct GRUBwd : Step {
     }
     GRUGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H), L::load(saved + g + 3 * H)};
     V dxr, dxz, dxn, dhn;
-    L::store(direct + s, gru_backward(load_sum<V>(dh_next, dy, s), a, L::load(h_prev + s), dxr, dxz, dxn, dhn));
+    L::store(direct + s, gru_backward(state_grad<V>(dh_next, dy, s, clip), a, L::load(h_prev + s), dxr, dxz, dxn, dhn));
     L::store(dxg + x, dxr);
     L::store(dxg + x + H, dxz);
     L::store(dxg + x + 2 * H, dxn);
@@ -207,13 +221,67 @@ struct RNNBwd : Step {
   using acc = acc_t;
   const scalar_t *dh_next, *dy, *y;
   scalar_t *dpre, *direct;
+  acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j;
     const bool on = active(b);
-    L::store(dpre + s, on ? rnn_backward<A>(load_sum<V>(dh_next, dy, s), L::load(y + s)) : V(0));
+    L::store(dpre + s, on ? rnn_backward<A>(state_grad<V>(dh_next, dy, s, clip), L::load(y + s)) : V(0));
     if (direct) L::store(direct + s, on ? V(0) : L::load(dh_next + s));
+  }
+};
+
+// saved = (u, c~)
+template <typename scalar_t, typename acc_t>
+struct MGRUFwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
+  scalar_t *h, *y, *saved;
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j, g = 2 * b * H + j;
+    if (!active(b)) {
+      if (h) L::store(h + s, L::load(h_prev + s));
+      L::store(y + s, V(0));
+      L::store(saved + g, V(0));
+      L::store(saved + g + H, V(0));
+      return;
+    }
+    V u, cand;
+    V hn = mgru_forward(preact<V>(xg, b_ih, hg, b_hh, 2, H, b, j, 0), preact<V>(xg, b_ih, hg, b_hh, 2, H, b, j, 1),
+                        L::load(h_prev + s), u, cand);
+    if (h) L::store(h + s, hn);
+    L::store(y + s, hn);
+    L::store(saved + g, u);
+    L::store(saved + g + H, cand);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct MGRUBwd : Step {
+  using scalar = scalar_t;
+  using acc = acc_t;
+  const scalar_t *dh_next, *dy, *saved, *h_prev;
+  scalar_t *dgates, *direct;
+  acc_t clip;
+  template <typename V>
+  RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    using L = Lanes<V>;
+    const int64_t s = b * H + j, g = 2 * b * H + j;
+    if (!active(b)) {
+      L::store(dgates + g, V(0));
+      L::store(dgates + g + H, V(0));
+      L::store(direct + s, L::load(dh_next + s));
+      return;
+    }
+    V dpu, dpc;
+    L::store(direct + s, mgru_backward(state_grad<V>(dh_next, dy, s, clip), L::load(saved + g),
+                                       L::load(saved + g + H), L::load(h_prev + s), dpu, dpc));
+    L::store(dgates + g, dpu);
+    L::store(dgates + g + H, dpc);
   }
 };
 
@@ -247,12 +315,13 @@ struct CarryBwd : Step {
   using acc = acc_t;
   const scalar_t *dh_next, *dy;
   scalar_t *dhp, *direct;
+  acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
     const int64_t s = b * H + j;
     const bool on = active(b);
-    L::store(dhp + s, on ? load_sum<V>(dh_next, dy, s) : V(0));
+    L::store(dhp + s, on ? state_grad<V>(dh_next, dy, s, clip) : V(0));
     if (direct) L::store(direct + s, on ? V(0) : L::load(dh_next + s));
   }
 };

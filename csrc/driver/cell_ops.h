@@ -111,4 +111,34 @@ Tensor rnn_cell_backward(const Tensor& dhy, const Tensor& hy, std::string_view n
   return dpre;
 }
 
+template <typename L>
+std::tuple<Tensor, Tensor> mgru_cell(const Tensor& xg, const Tensor& hg, const Tensor& hx) {
+  const int64_t H = check_cell("mgru_cell", 2, xg, hg, hx);
+  auto x = xg.contiguous(), h = hg.contiguous(), h0 = hx.contiguous();
+  auto hy = at::empty_like(h0), saved = at::empty_like(x);
+  RNNEXT_DISPATCH(xg.scalar_type(), "mgru_cell", [&] {
+    cells::MGRUFwd<scalar_t, at::opmath_type<scalar_t>> f{
+        {nullptr, 0, H}, cptr<scalar_t>(x), cptr<scalar_t>(h), nullptr, nullptr, cptr<scalar_t>(h0), nullptr,
+        mptr<scalar_t>(hy), mptr<scalar_t>(saved)};
+    L::run(xg.device(), h0.size(0), H, f);
+  });
+  return {hy, saved};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor> mgru_cell_backward(const Tensor& dhy, const Tensor& hx, const Tensor& saved) {
+  const char* op = "mgru_cell_backward";
+  const int64_t H = check_cell(op, 2, saved, saved, hx);
+  check_shape(op, "dhy", dhy, hx.sizes(), hx);
+  auto dh = dhy.contiguous(), h0 = hx.contiguous(), s = saved.contiguous();
+  auto dgates = at::empty_like(s), dhx = at::empty_like(h0);
+  RNNEXT_DISPATCH(hx.scalar_type(), "mgru_cell_backward", [&] {
+    cells::MGRUBwd<scalar_t, at::opmath_type<scalar_t>> f{
+        {nullptr, 0, H}, cptr<scalar_t>(dh), nullptr, cptr<scalar_t>(s), cptr<scalar_t>(h0), mptr<scalar_t>(dgates),
+        mptr<scalar_t>(dhx)};
+    L::run(hx.device(), h0.size(0), H, f);
+  });
+  return {dgates, dhx};
+}
+
 }  // namespace rnnext

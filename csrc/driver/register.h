@@ -19,6 +19,10 @@ void register_ops(torch::Library& m) {
   m.impl("gru_seq_backward", &gru_seq_backward<L>);
   m.impl("rnn_seq", &rnn_seq<L>);
   m.impl("rnn_seq_backward", &rnn_seq_backward<L>);
+  m.impl("mgru_cell", &mgru_cell<L>);
+  m.impl("mgru_cell_backward", &mgru_cell_backward<L>);
+  m.impl("mgru_seq", &mgru_seq<L>);
+  m.impl("mgru_seq_backward", &mgru_seq_backward<L>);
 }
 
 }  // namespace rnnext

@@ -96,7 +96,8 @@ template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor& xg_, const Tensor& h0,
                                                                     const Tensor& c0, const Tensor& w_hh,
                                                                     const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                    const OptTensor& w_hr, const OptTensor& lengths_) {
+                                                                    const OptTensor& w_hr, const OptTensor& lengths_,
+                                                                    double /*clip: for backward*/) {
   const Dims d = check_seq("lstm_seq", 4, xg_, h0, w_hh, b_ih, b_hh, w_hr, lengths_);
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
   check_shape("lstm_seq", "c0", c0, {B, H}, xg_);
@@ -132,7 +133,7 @@ template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
     const Tensor& dy_, const Tensor& dhn, const Tensor& dcn, const Tensor& y, const Tensor& h0, const Tensor& c0_,
     const Tensor& c_all, const Tensor& saved_, const Tensor& r, const Tensor& w_hh, const OptTensor& w_hr,
-    const OptTensor& lengths_) {
+    const OptTensor& lengths_, double clip) {
   const char* op = "lstm_seq_backward";
   const Dims d = check_saved(op, saved_, 4, dy_, dhn, y, h0, w_hh, 4);
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
@@ -159,7 +160,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
       const S* dy_t = cptr<S>(dy) + t * B * P;
       S* dir = mptr<S>(direct);
       if (w_hr) {
-        L::run(y.device(), B, P, cells::CarryBwd<S, acc_t>{{len, t, P}, dh_cell, dy_t, mptr<S>(dhp) + t * B * P, dir});
+        L::run(y.device(), B, P,
+               cells::CarryBwd<S, acc_t>{{len, t, P}, dh_cell, dy_t, mptr<S>(dhp) + t * B * P, dir, acc_t(clip)});
         at::mm_out(dr, dhp[t], wr);
         dh_cell = cptr<S>(dr);
         dy_t = nullptr;
@@ -168,7 +170,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
       const S* c_prev = t ? cptr<S>(cs) + (t - 1) * B * H : cptr<S>(c0);
       L::run(y.device(), B, H,
              cells::LSTMBwd<S, acc_t>{{len, t, H}, dh_cell, dy_t, cptr<S>(saved) + t * B * 4 * H, c_prev,
-                                      cptr<S>(cs) + t * B * H, mptr<S>(dc), mptr<S>(dxg) + t * B * 4 * H, dir});
+                                      cptr<S>(cs) + t * B * H, mptr<S>(dc), mptr<S>(dxg) + t * B * 4 * H, dir,
+                                      acc_t(w_hr ? 0 : clip)});
       step_gemm_backward(dh, direct, dxg[t], w);
     }
   });
@@ -179,7 +182,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
-                                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_) {
+                                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_,
+                                           double /*clip: for backward*/) {
   const Dims d = check_seq("gru_seq", 3, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
@@ -206,7 +210,7 @@ template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(const Tensor& dy_, const Tensor& dhn,
                                                                     const Tensor& y, const Tensor& h0_,
                                                                     const Tensor& saved_, const Tensor& w_hh,
-                                                                    const OptTensor& lengths_) {
+                                                                    const OptTensor& lengths_, double clip) {
   const Dims d = check_saved("gru_seq_backward", saved_, 4, dy_, dhn, y, h0_, w_hh, 3);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto dy = dy_.contiguous(), saved = saved_.contiguous(), h0 = h0_.contiguous(), w = w_hh.contiguous();
@@ -223,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(const Tensor
       L::run(y.device(), B, H,
              cells::GRUBwd<S, acc_t>{{len, t, H}, cptr<S>(dh), cptr<S>(dy) + t * B * H, cptr<S>(saved) + t * B * 4 * H,
                                      h_prev, mptr<S>(dxg) + t * B * 3 * H, mptr<S>(dhg) + t * B * 3 * H,
-                                     mptr<S>(direct)});
+                                     mptr<S>(direct), acc_t(clip)});
       step_gemm_backward(dh, direct, dhg[t], w);
     }
   });
@@ -232,7 +236,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(const Tensor
 
 template <typename L>
 std::tuple<Tensor, Tensor> rnn_seq(const Tensor& xg_, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_ih,
-                                   const OptTensor& b_hh, const OptTensor& lengths_, std::string_view nonlinearity) {
+                                   const OptTensor& b_hh, const OptTensor& lengths_, std::string_view nonlinearity,
+                                   double /*clip: for backward*/) {
   const Dims d = check_seq("rnn_seq", 1, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
@@ -262,7 +267,7 @@ template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor& dy_, const Tensor& dhn,
                                                                     const Tensor& y_, const Tensor& h0,
                                                                     const Tensor& w_hh, const OptTensor& lengths_,
-                                                                    std::string_view nonlinearity) {
+                                                                    std::string_view nonlinearity, double clip) {
   // RNN saves nothing but y: y itself stands in for "saved" in the shape checks.
   const Dims d = check_saved("rnn_seq_backward", y_, 1, dy_, dhn, y_, h0, w_hh, 1);
   const int64_t T = d.T, B = d.B, H = d.H;
@@ -281,10 +286,64 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor
         L::run(y.device(), B, H,
                cells::RNNBwd<decltype(act)::value, S, acc_t>{{len, t, H}, cptr<S>(dh), cptr<S>(dy) + t * B * H,
                                                             cptr<S>(y) + t * B * H, mptr<S>(dxg) + t * B * H,
-                                                            mptr<S>(direct)});
+                                                            mptr<S>(direct), acc_t(clip)});
         step_gemm_backward(dh, direct, dxg[t], w);
       }
     });
+  });
+  auto db = bias_grad(dxg);
+  return {dxg, dh, hh_weight_grad(dxg, h0, y, d), db.clone(), db};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
+                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_,
+                                            double /*clip: for backward*/) {
+  const Dims d = check_seq("mgru_seq", 2, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
+  const int64_t T = d.T, B = d.B, H = d.H;
+  auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
+  auto lengths = contiguous_or_undefined(lengths_);
+  auto opts = xg.options();
+  auto y = at::empty({T, B, H}, opts), saved = at::empty({T, B, 2 * H}, opts), hg = at::empty({B, 2 * H}, opts);
+  auto h = h0.clone(at::MemoryFormat::Contiguous);
+  auto w_t = right_operand(w_hh);
+  RNNEXT_DISPATCH(xg.scalar_type(), "mgru_seq", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using S = scalar_t;
+    const int64_t* len = cptr<int64_t>(lengths);
+    for (int64_t t = 0; t < T; ++t) {
+      at::mm_out(hg, h, w_t);
+      L::run(xg.device(), B, H,
+             cells::MGRUFwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * 2 * H, cptr<S>(hg), cptr<S>(xb), cptr<S>(hb),
+                                      cptr<S>(h), mptr<S>(h), mptr<S>(y) + t * B * H, mptr<S>(saved) + t * B * 2 * H});
+    }
+  });
+  return {y, h, saved};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(const Tensor& dy_, const Tensor& dhn,
+                                                                     const Tensor& y, const Tensor& h0_,
+                                                                     const Tensor& saved_, const Tensor& w_hh,
+                                                                     const OptTensor& lengths_, double clip) {
+  const Dims d = check_saved("mgru_seq_backward", saved_, 2, dy_, dhn, y, h0_, w_hh, 2);
+  const int64_t T = d.T, B = d.B, H = d.H;
+  auto dy = dy_.contiguous(), saved = saved_.contiguous(), h0 = h0_.contiguous(), w = w_hh.contiguous();
+  auto lengths = contiguous_or_undefined(lengths_);
+  auto opts = y.options();
+  auto dxg = at::empty({T, B, 2 * H}, opts), direct = at::empty({B, H}, opts);
+  auto dh = dhn.clone(at::MemoryFormat::Contiguous);
+  RNNEXT_DISPATCH(y.scalar_type(), "mgru_seq_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using S = scalar_t;
+    const int64_t* len = cptr<int64_t>(lengths);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const S* h_prev = t ? cptr<S>(y) + (t - 1) * B * H : cptr<S>(h0);
+      L::run(y.device(), B, H,
+             cells::MGRUBwd<S, acc_t>{{len, t, H}, cptr<S>(dh), cptr<S>(dy) + t * B * H, cptr<S>(saved) + t * B * 2 * H,
+                                      h_prev, mptr<S>(dxg) + t * B * 2 * H, mptr<S>(direct), acc_t(clip)});
+      step_gemm_backward(dh, direct, dxg[t], w);
+    }
   });
   auto db = bias_grad(dxg);
   return {dxg, dh, hh_weight_grad(dxg, h0, y, d), db.clone(), db};
