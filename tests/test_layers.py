@@ -320,3 +320,25 @@ def test_double_backward(kind):
             torch.autograd.grad((out[0] if kind == "lstm" else out).sum(), x, create_graph=True)
     with rnnext.use_backend("reference"):
         assert torch.autograd.gradgradcheck(lambda inp: ours(inp)[0], (x,))
+
+
+@pytest.mark.parametrize("kind", list(MODES))
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_state_grad_clip(kind, packed):
+    """The layers' BPTT clipping option: fused == reference (which clips the same quantity with hooks),
+    and it changes the gradients."""
+    torch.manual_seed(21)
+    ours_cls, _, extra = MODES[kind]
+    kw = dict(num_layers=2, bidirectional=True, dtype=torch.float64, **extra)
+    clipped = ours_cls(4, 6, state_grad_clip=0.02, **kw)
+    plain = ours_cls(4, 6, **kw)
+    plain.load_state_dict(clipped.state_dict())
+    x = leaf(torch.randn(8, 3, 4, dtype=torch.float64) * 3)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([8, 3, 5]), enforce_sorted=False)
+    backends = ["reference"] + (["fused"] if ops.LOAD_ERROR is None else [])
+    got = {b: forward_and_grads(clipped, x, None, b) for b in backends}
+    for a, b in zip(got["fused"], got["reference"]) if "fused" in got else []:
+        close(a, b, 1e-9)
+    unclipped = forward_and_grads(plain, x, None, backends[-1])
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(got[backends[-1]], unclipped))

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension no
 
 # name: (mode, gates, proj_size, nonlinearity)
 CASES = {"lstm": ("LSTM", 4, 0, "tanh"), "lstm_proj": ("LSTM", 4, 3, "tanh"), "gru": ("GRU", 3, 0, "tanh"),
-         "rnn_tanh": ("RNN", 1, 0, "tanh"), "rnn_relu": ("RNN", 1, 0, "relu")}
+         "mgru": ("MGRU", 2, 0, "tanh"), "rnn_tanh": ("RNN", 1, 0, "tanh"), "rnn_relu": ("RNN", 1, 0, "relu")}
 
 
 def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=False, seed=0):
@@ -28,8 +28,8 @@ def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=Fal
                 nonlinearity=CASES[case][3])
 
 
-def outputs_and_grads(fn, args, reverse):
-    y, h, c = fn(**args, reverse=reverse)
+def outputs_and_grads(fn, args, reverse, clip=0.0):
+    y, h, c = fn(**args, reverse=reverse, clip=clip)
     outs = [y, h] + ([c] if c is not None else [])
     g = torch.Generator().manual_seed(1)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
@@ -79,8 +79,9 @@ def op_call(case, args):
     if a["mode"] == "LSTM":
         return torch.ops.rnnext.lstm_seq, (a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
                                            a["lengths"])
-    if a["mode"] == "GRU":
-        return torch.ops.rnnext.gru_seq, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"])
+    if a["mode"] in ("GRU", "MGRU"):
+        op = torch.ops.rnnext.gru_seq if a["mode"] == "GRU" else torch.ops.rnnext.mgru_seq
+        return op, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], 0.25)
     return torch.ops.rnnext.rnn_seq, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"],
                                       a["nonlinearity"])
 
@@ -109,10 +110,10 @@ def test_opcheck_backward(device, case, lengths):
         torch.library.opcheck(torch.ops.rnnext.lstm_seq_backward,
                               (d(y), d(hn), d(cn), y, a["h0"], a["c0"], c_all, saved, r, a["w_hh"], a["w_hr"],
                                a["lengths"]))
-    elif a["mode"] == "GRU":
+    elif a["mode"] in ("GRU", "MGRU"):
         y, hn, saved = out
-        torch.library.opcheck(torch.ops.rnnext.gru_seq_backward,
-                              (d(y), d(hn), y, a["h0"], saved, a["w_hh"], a["lengths"]))
+        torch.library.opcheck(getattr(torch.ops.rnnext, a["mode"].lower() + "_seq_backward"),
+                              (d(y), d(hn), y, a["h0"], saved, a["w_hh"], a["lengths"], 0.25))
     else:
         y, hn = out
         torch.library.opcheck(torch.ops.rnnext.rnn_seq_backward,
@@ -147,3 +148,23 @@ def test_op_errors(device):
         seq(a["xg"], a["h0"][:2], a["c0"], a["w_hh"], None, None, None, None)
     with pytest.raises(RuntimeError, match="not a multiple of 4"):
         seq(a["xg"][..., :7], a["h0"], a["c0"], a["w_hh"], None, None, None, None)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_grad_clip_matches_reference(device, case, lengths, reverse):
+    """In-kernel BPTT clipping clamps the same quantity as the reference's hook on each step's state."""
+    args = make_args(case, 9, 4, 6, device, lengths=lengths, seed=11)
+    args["xg"] = (args["xg"] * 6).detach().requires_grad_()  # saturate some gates: large gradients
+    clip = 0.05
+    got = outputs_and_grads(ops.recurrence, args, reverse, clip)
+    want = outputs_and_grads(reference.recurrence, args, reverse, clip)
+    unclipped = outputs_and_grads(ops.recurrence, args, reverse)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    n_out = 3 if CASES[case][0] == "LSTM" else 2
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(got[n_out:], unclipped[n_out:]))  # clipping acted
+    for a, b in zip(got[:n_out], unclipped[:n_out]):
+        assert torch.equal(a, b)  # forward untouched
