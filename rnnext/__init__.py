@@ -8,10 +8,11 @@
 - ``rnnext.reference``: pure-PyTorch implementation (fallback and test oracle).
 - ``rnnext.ops``: the fused C++/CUDA ops (``torch.ops.rnnext``).
 """
-from rnnext import functional, ops, reference
+from rnnext import functional, ops, reference, utils
 from rnnext.functional import set_backend, use_backend
+from rnnext.utils import truncated_bptt
 from rnnext.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, MinimalGRU, MinimalGRUCell, RNNCell, convert
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MinimalGRU", "MinimalGRUCell", "convert", "functional", "reference", "ops",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MinimalGRU", "MinimalGRUCell", "convert", "truncated_bptt", "functional", "reference", "ops",
            "set_backend", "use_backend"]
 __version__ = "0.1.0"
