@@ -202,6 +202,16 @@ def _cell_input(name, input, hx, hx_label="hidden"):
     return input.dim() == 2
 
 
+def _single_state_step(cell, name, input, hx, step, **kwargs):
+    """torch.nn's GRUCell/RNNCell forward around one functional step: checks, unbatched input, zero hx."""
+    is_batched = _cell_input(name, input, hx)
+    if not is_batched:
+        input = input.unsqueeze(0)
+    hx = input.new_zeros(input.size(0), cell.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
+    h = step(input, hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, **kwargs)
+    return h if is_batched else h.squeeze(0)
+
+
 class LSTMCell(nn.LSTMCell):
     """Drop-in ``torch.nn.LSTMCell`` on the fused cell op (``torch.ops.rnnext.lstm_cell``); saves the
     activated gates ``[B, 4H]`` for backward."""
@@ -228,12 +238,7 @@ class GRUCell(nn.GRUCell):
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
-        is_batched = _cell_input("GRUCell", input, hx)
-        if not is_batched:
-            input = input.unsqueeze(0)
-        hx = input.new_zeros(input.size(0), self.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
-        h = functional.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        return h if is_batched else h.squeeze(0)
+        return _single_state_step(self, "GRUCell", input, hx, functional.gru_cell)
 
 
 class RNNCell(nn.RNNCell):
@@ -242,13 +247,7 @@ class RNNCell(nn.RNNCell):
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
-        is_batched = _cell_input("RNNCell", input, hx)
-        if not is_batched:
-            input = input.unsqueeze(0)
-        hx = input.new_zeros(input.size(0), self.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
-        h = functional.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                                nonlinearity=self.nonlinearity)
-        return h if is_batched else h.squeeze(0)
+        return _single_state_step(self, "RNNCell", input, hx, functional.rnn_cell, nonlinearity=self.nonlinearity)
 
 
 class MinimalGRUCell(nn.RNNCellBase):
@@ -260,12 +259,7 @@ class MinimalGRUCell(nn.RNNCellBase):
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
-        is_batched = _cell_input("MinimalGRUCell", input, hx)
-        if not is_batched:
-            input = input.unsqueeze(0)
-        hx = input.new_zeros(input.size(0), self.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
-        h = functional.mgru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        return h if is_batched else h.squeeze(0)
+        return _single_state_step(self, "MinimalGRUCell", input, hx, functional.mgru_cell)
 
 
 # ---- convert ----------------------------------------------------------------------------------------

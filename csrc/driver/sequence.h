@@ -180,30 +180,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
   return {dxg, dh, dc, hh_weight_grad(dxg, h0, y, d), db.clone(), db, dw_hr};
 }
 
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
-                                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_,
-                                           double /*clip: for backward*/) {
-  const Dims d = check_seq("gru_seq", 3, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
+// Forward of a single-state cell with G gate rows that saves S values per element (GRU: 3, 4;
+// the lecture's GRU: 2, 2); Fwd is its cells/step.h functor.
+template <typename L, template <typename, typename> class Fwd, int G, int S_>
+std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
+                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_) {
+  const Dims d = check_seq(op, G, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
   auto lengths = contiguous_or_undefined(lengths_);
   auto opts = xg.options();
-  auto y = at::empty({T, B, H}, opts), saved = at::empty({T, B, 4 * H}, opts), hg = at::empty({B, 3 * H}, opts);
+  auto y = at::empty({T, B, H}, opts), saved = at::empty({T, B, S_ * H}, opts), hg = at::empty({B, G * H}, opts);
   auto h = h0.clone(at::MemoryFormat::Contiguous);
   auto w_t = right_operand(w_hh);
-  RNNEXT_DISPATCH(xg.scalar_type(), "gru_seq", [&] {
+  RNNEXT_DISPATCH(xg.scalar_type(), "gated_seq", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using S = scalar_t;
     const int64_t* len = cptr<int64_t>(lengths);
     for (int64_t t = 0; t < T; ++t) {
       at::mm_out(hg, h, w_t);
       L::run(xg.device(), B, H,
-             cells::GRUFwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * 3 * H, cptr<S>(hg), cptr<S>(xb), cptr<S>(hb),
-                                     cptr<S>(h), mptr<S>(h), mptr<S>(y) + t * B * H, mptr<S>(saved) + t * B * 4 * H});
+             Fwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * G * H, cptr<S>(hg), cptr<S>(xb), cptr<S>(hb), cptr<S>(h),
+                           mptr<S>(h), mptr<S>(y) + t * B * H, mptr<S>(saved) + t * B * S_ * H});
     }
   });
   return {y, h, saved};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
+                                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
+                                           double /*clip: for backward*/) {
+  return gated_seq<L, cells::GRUFwd, 3, 4>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths);
 }
 
 template <typename L>
@@ -296,29 +304,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
-                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_,
+std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
+                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
                                             double /*clip: for backward*/) {
-  const Dims d = check_seq("mgru_seq", 2, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
-  const int64_t T = d.T, B = d.B, H = d.H;
-  auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = xg.options();
-  auto y = at::empty({T, B, H}, opts), saved = at::empty({T, B, 2 * H}, opts), hg = at::empty({B, 2 * H}, opts);
-  auto h = h0.clone(at::MemoryFormat::Contiguous);
-  auto w_t = right_operand(w_hh);
-  RNNEXT_DISPATCH(xg.scalar_type(), "mgru_seq", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using S = scalar_t;
-    const int64_t* len = cptr<int64_t>(lengths);
-    for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(hg, h, w_t);
-      L::run(xg.device(), B, H,
-             cells::MGRUFwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * 2 * H, cptr<S>(hg), cptr<S>(xb), cptr<S>(hb),
-                                      cptr<S>(h), mptr<S>(h), mptr<S>(y) + t * B * H, mptr<S>(saved) + t * B * 2 * H});
-    }
-  });
-  return {y, h, saved};
+  return gated_seq<L, cells::MGRUFwd, 2, 2>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths);
 }
 
 template <typename L>
