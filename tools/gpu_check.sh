@@ -28,11 +28,12 @@ cat "$OUT/machine.txt"
 
 if step build 300 "$PY" setup.py build_ext --inplace; then
   step tests 240 "$PY" -m pytest -q -x -p no:cacheprovider tests
-  if [ -f benchmarks/bench.py ]; then
-    step bench 180 "$PY" benchmarks/bench.py --device cuda --quick --out "$OUT"
-  fi
+  # rnnext vs cuDNN vs reference at (100,64,512,512) and (1024,16,768,768); tables land in $OUT
+  step bench_fp32 150 "$PY" benchmarks/bench.py --device cuda --dtype float32 --quick --out "$OUT"
+  step bench_bf16 150 "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --quick --out "$OUT"
 fi
 
 echo; echo "== gpu_check summary =="; cat "$OUT/machine.txt"
 printf '%s\n' "${summary[@]}"
 grep -E "passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1
+grep -h "geometric-mean\|peak memory" "$OUT"/cuda-*.md 2>/dev/null
