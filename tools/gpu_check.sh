@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one command for a lent GPU machine (no network; python3 with torch+CUDA, pytest, ninja):
 # build for sm_90 with all cores, run the whole test suite (the CUDA cases run here), a short GPU
-# benchmark, and print a summary last. Logs go to $OUT when it is set. Sized for < 8 minutes on an H100.
+# benchmark, and print a summary last. Logs and result tables (8 files) go to $OUT when it is set. Sized for
+# < 8 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -9,6 +10,7 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 PY="${PYTHON:-python3}"
+MACHINE=$(mktemp)  # not in $OUT: at most 8 files come back from a lent machine
 summary=()
 
 step() {  # name, timeout seconds, command...
@@ -23,8 +25,8 @@ step() {  # name, timeout seconds, command...
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  git rev-parse HEAD 2>/dev/null; } > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+  git rev-parse HEAD 2>/dev/null; } > "$MACHINE" 2>&1
+cat "$MACHINE"
 
 if step build 300 "$PY" setup.py build_ext --inplace; then
   step tests 240 "$PY" -m pytest -q -x -p no:cacheprovider tests
@@ -33,7 +35,7 @@ if step build 300 "$PY" setup.py build_ext --inplace; then
   step bench_bf16 150 "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --quick --out "$OUT"
 fi
 
-echo; echo "== gpu_check summary =="; cat "$OUT/machine.txt"
+echo; echo "== gpu_check summary =="; cat "$MACHINE"
 printf '%s\n' "${summary[@]}"
 grep -E "passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1
 grep -h "geometric-mean\|peak memory" "$OUT"/cuda-*.md 2>/dev/null
