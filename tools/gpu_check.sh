@@ -12,6 +12,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 PY="${PYTHON:-python3}"
 MACHINE=$(mktemp)  # not in $OUT: at most 8 files come back from a lent machine
 summary=()
+failed=0
 
 step() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
@@ -20,6 +21,7 @@ step() {  # name, timeout seconds, command...
   local rc=$?
   summary+=("$(printf '%-10s rc=%-3s %4ss  (%s)' "$name" "$rc" "$((SECONDS - t0))" "$OUT/$name.log")")
   tail -n 25 "$OUT/$name.log"
+  [ "$rc" -eq 0 ] || failed=1
   return $rc
 }
 
@@ -39,3 +41,4 @@ echo; echo "== gpu_check summary =="; cat "$MACHINE"
 printf '%s\n' "${summary[@]}"
 grep -E "passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1
 grep -h "geometric-mean\|peak memory" "$OUT"/cuda-*.md 2>/dev/null
+exit $failed
