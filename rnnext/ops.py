@@ -15,11 +15,12 @@ for GRU, where hn is the hidden part of n's pre-activation. It is not differenti
 
 One layer-direction over a whole sequence (shapes in ``csrc/driver/sequence.h``):
 
-- ``recurrence(mode, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, reverse, nonlinearity) -> (y, h_n, c_n)``,
-  the signature of :func:`rnnext.reference.recurrence`, over ``torch.ops.rnnext.{lstm,gru,rnn}_seq``.
-  Saved for backward: the output ``y [T, B, P]`` and h0 (the states before each step are y[t-1]),
-  LSTM cell states ``[T, B, H]`` and c0, activated gates ``[T, B, 4*H]`` (LSTM, GRU) and, with
-  proj_size, the cell outputs before projection ``[T, B, H]``.
+- ``recurrence(mode, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, reverse, nonlinearity, clip)
+  -> (y, h_n, c_n)``, the signature of :func:`rnnext.reference.recurrence`, over
+  ``torch.ops.rnnext.{lstm,gru,mgru,rnn}_seq``. Saved for backward: the output ``y [T, B, P]`` and h0
+  (the states before each step are y[t-1]), LSTM cell states ``[T, B, H]`` and c0, activated gates
+  ``[T, B, 4*H]`` (LSTM, GRU; ``2*H`` for the lecture's GRU) and, with proj_size, the cell outputs before
+  projection ``[T, B, H]``.
 """
 import warnings
 
