@@ -25,12 +25,15 @@ TORCH_LIBRARY(rnnext, m) {
   // xg: input projection without bias (b_ih and b_hh are added inside); y: outputs [T, B, P];
   // hn, cn: final states; c_all, saved, r: what backward needs. clip: BPTT gradient clipping of the
   // state at every step (0 = off; cells/step.h), taken by the forward ops too so autograd can pass it on.
+  // save=False (no backward will follow): c_all and saved come back empty and are not computed.
   m.def("lstm_seq(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
-        "Tensor? lengths, float clip=0.) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, Tensor saved, Tensor r)");
+        "Tensor? lengths, float clip=0., bool save=True) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, Tensor saved, "
+        "Tensor r)");
   m.def("lstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor y, Tensor h0, Tensor c0, Tensor c_all, "
         "Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths, float clip=0.) -> (Tensor dxg, Tensor dh0, "
         "Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
-  m.def("gru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0.) "
+  m.def("gru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0., "
+        "bool save=True) "
         "-> (Tensor y, Tensor hn, Tensor saved)");
   m.def("gru_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor saved, Tensor w_hh, Tensor? lengths, "
         "float clip=0.) "
@@ -41,7 +44,8 @@ TORCH_LIBRARY(rnnext, m) {
   m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor w_hh, Tensor? lengths, "
         "str nonlinearity, float clip=0.) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
   // The lecture's GRU (update gate only; cells/mgru.h): gates (u, c), saved (u, c~) [T, B, 2H].
-  m.def("mgru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0.) "
+  m.def("mgru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0., "
+        "bool save=True) "
         "-> (Tensor y, Tensor hn, Tensor saved)");
   m.def("mgru_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor saved, Tensor w_hh, Tensor? lengths, "
         "float clip=0.) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");

@@ -73,13 +73,16 @@ def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=
     """One layer-direction on the fused sequence ops; see :func:`rnnext.reference.recurrence`."""
     if reverse:
         xg = flip_within(xg, lengths)
+    # Without a backward to follow (no_grad, or nothing requires grad), skip saving the gates.
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_ih, b_hh, w_hr))
     cn = None
     if mode == "LSTM":
-        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)[:3]
+        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save)[:3]
     elif mode == "GRU":
-        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip)
+        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save)
     elif mode == "MGRU":
-        y, hn, _ = torch.ops.rnnext.mgru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip)
+        y, hn, _ = torch.ops.rnnext.mgru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save)
     else:
         y, hn = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip)
     if reverse:
@@ -129,10 +132,11 @@ def _register():
         return _state(hy)
 
     @torch.library.register_fake(lib + "lstm_seq")
-    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0):
+    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True):
         T, B = xg.shape[:2]
         H, P = c0.shape[1], h0.shape[1]
-        return (xg.new_empty(T, B, P), _state(h0), _state(c0), xg.new_empty(T, B, H), xg.new_empty(T, B, 4 * H),
+        Ts = T if save else 0
+        return (xg.new_empty(T, B, P), _state(h0), _state(c0), xg.new_empty(Ts, B, H), xg.new_empty(Ts, B, 4 * H),
                 xg.new_empty(T if w_hr is not None else 0, B, H))
 
     @torch.library.register_fake(lib + "lstm_seq_backward")
@@ -143,10 +147,10 @@ def _register():
 
     def gate_seq_fakes(name, G, S):  # GRU and the lecture's GRU: G gates, S saved values per element
         @torch.library.register_fake(lib + name)
-        def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0):
+        def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True):
             T, B = xg.shape[:2]
             H = h0.shape[1]
-            return xg.new_empty(T, B, H), _state(h0), xg.new_empty(T, B, S * H)
+            return xg.new_empty(T, B, H), _state(h0), xg.new_empty(T if save else 0, B, S * H)
 
         @torch.library.register_fake(lib + name + "_backward")
         def _(dy, dhn, y, h0, saved, w_hh, lengths, clip=0.0):
@@ -171,13 +175,22 @@ def _register():
     def biases(ctx, b_ih, b_hh):
         ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
 
+    def options(ctx, rest):  # (clip, save) after the tensors; tracing may drop defaulted trailing ones
+        ctx.clip = rest[0] if len(rest) > 0 else 0.0
+        ctx.saved_gates = rest[1] if len(rest) > 1 else True
+
+    def check_saved(ctx, name):
+        if not ctx.saved_gates:
+            raise RuntimeError(f"rnnext: {name} ran without saving for backward (save=False); "
+                               "call it with save=True when a gradient is needed")
+
     def bias_grads(ctx, db_ih, db_hh):
         return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
 
     def lstm_seq_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *clip = inputs  # tracing may drop a default clip
-        ctx.clip = clip[0] if clip else 0.0
+        xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *rest = inputs
+        options(ctx, rest)
         y, hn, cn, c_all, saved, r = output
         ctx.mark_non_differentiable(c_all, saved, r)
         biases(ctx, b_ih, b_hh)
@@ -186,16 +199,17 @@ def _register():
 
     def lstm_seq_bwd(ctx, dy, dhn, dcn, *_):
         _first_order_only("lstm_seq")
+        check_saved(ctx, "lstm_seq")
         y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
         dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
             zeros_if_none(dy, y), zeros_if_none(dhn, h0), zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
             w_hr, lengths, ctx.clip)
-        return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None, None
+        return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None, None, None
 
     def gate_seq_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        xg, h0, w_hh, b_ih, b_hh, lengths, *clip = inputs
-        ctx.clip = clip[0] if clip else 0.0
+        xg, h0, w_hh, b_ih, b_hh, lengths, *rest = inputs
+        options(ctx, rest)
         y, hn, saved = output
         ctx.mark_non_differentiable(saved)
         biases(ctx, b_ih, b_hh)
@@ -204,10 +218,11 @@ def _register():
     def gate_seq_bwd(name):
         def bwd(ctx, dy, dhn, _):
             _first_order_only(name)
+            check_saved(ctx, name)
             y, h0, saved, w_hh, lengths = ctx.saved_tensors
             dxg, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
                 zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths, ctx.clip)
-            return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None
+            return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None, None
 
         return bwd
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
-from conftest import close, cpu_and_cuda, same_error
+from conftest import cpu_and_cuda, same_error
 
 MODULES = {"lstm": (rnnext.LSTM, nn.LSTM), "gru": (rnnext.GRU, nn.GRU), "rnn_tanh": (rnnext.RNN, nn.RNN),
            "rnn_relu": (rnnext.RNN, nn.RNN)}
@@ -42,7 +42,7 @@ def outputs_and_grads(model, x, backend="auto"):
     return outs + list(torch.autograd.grad(loss, [data] + list(model.parameters())))
 
 
-@settings(max_examples=220, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=220, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(sorted(MODULES)), num_layers=st.integers(1, 3), bidirectional=st.booleans(),
        batch_first=st.booleans(), bias=st.booleans(), proj=st.integers(0, 3), T=st.integers(1, 6),
        B=st.integers(1, 4), I=st.integers(1, 5), H=st.integers(1, 6), packed=st.booleans(),
@@ -64,13 +64,16 @@ def test_fuzz_against_torch_and_reference(kind, num_layers, bidirectional, batch
     else:
         x64, x_ours = x.requires_grad_(), x.detach().to(dtype).requires_grad_()
     want = outputs_and_grads(theirs, x64)
-    rtol = 1e-9 if dtype == torch.float64 else 1e-5
+    # float32: rounding errors scale with the terms summed, so the tolerance is relative to the largest
+    # value of all outputs and gradients, not to each (possibly cancelled, tiny) element
+    scale = max(w.abs().max().item() for w in want if w.numel())
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
     for backend in ("fused", "reference") if rnnext.ops.LOAD_ERROR is None else ("reference",):
         got = outputs_and_grads(ours, x_ours, backend)
         assert len(got) == len(want)
         for a, b in zip(got, want):
             assert a.dtype == dtype and a.shape == b.shape
-            close(a.double(), b, rtol)
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("kind", sorted(MODULES))

@@ -168,3 +168,23 @@ def test_state_grad_clip_matches_reference(device, case, lengths, reverse):
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(got[n_out:], unclipped[n_out:]))  # clipping acted
     for a, b in zip(got[:n_out], unclipped[:n_out]):
         assert torch.equal(a, b)  # forward untouched
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", ["lstm", "lstm_proj", "gru", "mgru"])
+@pytest.mark.parametrize("lengths", [False, True])
+def test_save_false_skips_saving_only(device, case, lengths):
+    """save=False (what a no_grad forward uses): same outputs, nothing saved; backward refuses."""
+    args = make_args(case, 5, 3, 4, device, lengths=lengths, seed=12)
+    op, inputs = op_call(case, args)
+    inputs = inputs if CASES[case][0] == "LSTM" else inputs[:-1]  # drop the clip of op_call
+    full = op(*inputs, 0.0, True)
+    light = op(*inputs, 0.0, False)
+    n_out = 3 if CASES[case][0] == "LSTM" else 2
+    for a, b in zip(full[:n_out], light[:n_out]):
+        assert torch.equal(a, b)
+    assert all(t.size(0) == 0 for t in light[n_out:n_out + (2 if CASES[case][0] == "LSTM" else 1)])
+    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+    torch.library.opcheck(op, detached + (0.0, False))
+    with pytest.raises(RuntimeError, match="without saving for backward"):
+        light[0].sum().backward()

@@ -9,6 +9,7 @@
 //   saved                      [B, 4*H]  activated gates, per cell below
 // b_ih, b_hh [G*H] (nullable): added to xg and hg here, so that the GEMMs are plain mm (addmm first
 // copies the broadcast bias into its output, which costs more than the add).
+// saved and c_out may be null: a forward that no backward will follow (no_grad) skips those stores.
 // State pointers may alias (h_prev == h, c_prev == c): each element is read before it is written, by
 // the same thread. y is this step's output row (0 past a sequence's end); h, c the carried state.
 // Variable lengths: a row with lengths[b] <= t is past its end: its state carries over unchanged,
@@ -80,7 +81,8 @@ struct LSTMFwd : Step {
       if (h) L::store(h + s, L::load(h_prev + s));
       if (c_out) L::store(c_out + s, V(0));
       L::store(y + s, V(0));
-      for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
+      if (saved)
+        for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
     LSTMGates<V> a;
@@ -93,6 +95,7 @@ struct LSTMFwd : Step {
     if (c_out) L::store(c_out + s, cn);
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
+    if (!saved) return;
     L::store(saved + g, a.i);
     L::store(saved + g + H, a.f);
     L::store(saved + g + 2 * H, a.g);
@@ -144,7 +147,8 @@ struct GRUFwd : Step {
     if (!active(b)) {
       if (h) L::store(h + s, L::load(h_prev + s));
       L::store(y + s, V(0));
-      for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
+      if (saved)
+        for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
       return;
     }
     GRUGates<V> a;
@@ -154,6 +158,7 @@ struct GRUFwd : Step {
                        L::load(h_prev + s), a);
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
+    if (!saved) return;
     L::store(saved + g, a.r);
     L::store(saved + g + H, a.z);
     L::store(saved + g + 2 * H, a.n);
@@ -246,8 +251,10 @@ struct MGRUFwd : Step {
     if (!active(b)) {
       if (h) L::store(h + s, L::load(h_prev + s));
       L::store(y + s, V(0));
-      L::store(saved + g, V(0));
-      L::store(saved + g + H, V(0));
+      if (saved) {
+        L::store(saved + g, V(0));
+        L::store(saved + g + H, V(0));
+      }
       return;
     }
     V u, cand;
@@ -255,6 +262,7 @@ struct MGRUFwd : Step {
                         L::load(h_prev + s), u, cand);
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
+    if (!saved) return;
     L::store(saved + g, u);
     L::store(saved + g + H, cand);
   }

@@ -12,6 +12,7 @@
 //   y        [T, B, P]    outputs;  h_n [B, P], c_n [B, H] the final (carried) states
 //   c_all    [T, B, H]    LSTM cell state after each step (0 past the end), for backward
 //   saved    [T, B, 4*H]  activated gates for backward (LSTM i,f,g,o; GRU r,z,n,hn)
+//   save     false: no backward will follow (no_grad); c_all and saved are then [0, B, .] and not written
 //   r        [T, B, H]    LSTM with w_hr: cell outputs o*tanh(c) before the projection; else [0]
 // Backward needs the state before each step only where the step is within its sequence, and there it
 // equals the previous output: h_prev[t] = y[t-1] (h0 at t = 0), so the states are not saved.
@@ -97,15 +98,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
                                                                     const Tensor& c0, const Tensor& w_hh,
                                                                     const OptTensor& b_ih, const OptTensor& b_hh,
                                                                     const OptTensor& w_hr, const OptTensor& lengths_,
-                                                                    double /*clip: for backward*/) {
+                                                                    double /*clip: for backward*/, bool save) {
   const Dims d = check_seq("lstm_seq", 4, xg_, h0, w_hh, b_ih, b_hh, w_hr, lengths_);
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
   check_shape("lstm_seq", "c0", c0, {B, H}, xg_);
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
   auto lengths = contiguous_or_undefined(lengths_);
   auto opts = xg.options();
-  auto y = at::empty({T, B, P}, opts), c_all = at::empty({T, B, H}, opts), saved = at::empty({T, B, 4 * H}, opts),
-       r = at::empty({w_hr ? T : 0, B, H}, opts), hg = at::empty({B, 4 * H}, opts);
+  auto y = at::empty({T, B, P}, opts), c_all = at::empty({save ? T : 0, B, H}, opts),
+       saved = at::empty({save ? T : 0, B, 4 * H}, opts), r = at::empty({w_hr ? T : 0, B, H}, opts),
+       hg = at::empty({B, 4 * H}, opts);
   auto h = h0.clone(at::MemoryFormat::Contiguous), c = c0.clone(at::MemoryFormat::Contiguous);
   auto hp = w_hr ? at::empty({B, P}, opts) : Tensor();
   auto w_t = right_operand(w_hh), wr_t = w_hr ? right_operand(*w_hr) : Tensor();
@@ -119,8 +121,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
       L::run(xg.device(), B, H,
              cells::LSTMFwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * 4 * H, cptr<S>(hg), cptr<S>(xb),
                                       cptr<S>(hb), cptr<S>(c), w_hr ? nullptr : cptr<S>(h), mptr<S>(c),
-                                      mptr<S>(c_all) + t * B * H, w_hr ? nullptr : mptr<S>(h), out,
-                                      mptr<S>(saved) + t * B * 4 * H});
+                                      save ? mptr<S>(c_all) + t * B * H : nullptr, w_hr ? nullptr : mptr<S>(h), out,
+                                      save ? mptr<S>(saved) + t * B * 4 * H : nullptr});
       if (!w_hr) continue;
       at::mm_out(hp, r[t], wr_t);
       L::run(xg.device(), B, P, cells::CarryFwd<S, acc_t>{{len, t, P}, cptr<S>(hp), mptr<S>(h), mptr<S>(y) + t * B * P});
@@ -184,13 +186,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
 // the lecture's GRU: 2, 2); Fwd is its cells/step.h functor.
 template <typename L, template <typename, typename> class Fwd, int G, int S_>
 std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
-                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_) {
+                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_,
+                                             bool save) {
   const Dims d = check_seq(op, G, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
   auto lengths = contiguous_or_undefined(lengths_);
   auto opts = xg.options();
-  auto y = at::empty({T, B, H}, opts), saved = at::empty({T, B, S_ * H}, opts), hg = at::empty({B, G * H}, opts);
+  auto y = at::empty({T, B, H}, opts), saved = at::empty({save ? T : 0, B, S_ * H}, opts),
+       hg = at::empty({B, G * H}, opts);
   auto h = h0.clone(at::MemoryFormat::Contiguous);
   auto w_t = right_operand(w_hh);
   RNNEXT_DISPATCH(xg.scalar_type(), "gated_seq", [&] {
@@ -201,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, 
       at::mm_out(hg, h, w_t);
       L::run(xg.device(), B, H,
              Fwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * G * H, cptr<S>(hg), cptr<S>(xb), cptr<S>(hb), cptr<S>(h),
-                           mptr<S>(h), mptr<S>(y) + t * B * H, mptr<S>(saved) + t * B * S_ * H});
+                           mptr<S>(h), mptr<S>(y) + t * B * H, save ? mptr<S>(saved) + t * B * S_ * H : nullptr});
     }
   });
   return {y, h, saved};
@@ -210,8 +214,8 @@ std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                           double /*clip: for backward*/) {
-  return gated_seq<L, cells::GRUFwd, 3, 4>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths);
+                                           double /*clip: for backward*/, bool save) {
+  return gated_seq<L, cells::GRUFwd, 3, 4>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, save);
 }
 
 template <typename L>
@@ -306,8 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                            double /*clip: for backward*/) {
-  return gated_seq<L, cells::MGRUFwd, 2, 2>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths);
+                                            double /*clip: for backward*/, bool save) {
+  return gated_seq<L, cells::MGRUFwd, 2, 2>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, save);
 }
 
 template <typename L>
