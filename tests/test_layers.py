@@ -342,3 +342,14 @@ def test_layer_state_grad_clip(kind, packed):
         close(a, b, 1e-9)
     unclipped = forward_and_grads(plain, x, None, backends[-1])
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(got[backends[-1]], unclipped))
+
+
+def test_torch_nn_graph_breaks_where_rnnext_does_not():
+    """The reason the layers subclass nn.RNNBase: Dynamo refuses torch.nn.LSTM instances."""
+    x = torch.randn(3, 2, 4)
+    theirs, ours = nn.LSTM(4, 5), rnnext.LSTM(4, 5)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="Attempted to wrap RNN, GRU, or LSTM"):
+        torch.compile(lambda inp: theirs(inp)[0].sum(), fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(lambda inp: ours(inp)[0].sum(), fullgraph=True, backend="eager")(x),
+                               ours(x)[0].sum())
