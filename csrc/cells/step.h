@@ -66,12 +66,16 @@ RNNEXT_HD V preact(const S* xg, const S* b_ih, const S* hg, const S* b_hh, int64
 
 // saved = (i, f, g, o). With proj_size, y receives the cell output o*tanh(c) before the projection
 // and h is null (the driver projects, then CarryFwd updates the state). c_out (nullable): c per step.
-template <typename scalar_t, typename acc_t>
+// state_t: the type of the carried cell state (float for 16-bit inputs in the sequence driver).
+template <typename scalar_t, typename acc_t, typename state_t = scalar_t>
 struct LSTMFwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
-  const scalar_t *xg, *hg, *b_ih, *b_hh, *c_prev, *h_prev;
-  scalar_t *c, *c_out, *h, *y, *saved;
+  const scalar_t *xg, *hg, *b_ih, *b_hh;
+  const state_t* c_prev;
+  const scalar_t* h_prev;
+  state_t* c;
+  scalar_t *c_out, *h, *y, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     using L = Lanes<V>;
@@ -104,12 +108,13 @@ struct LSTMFwd : Step {
 };
 
 // dc: [B, H] in/out, the gradient of c on entry, of c_prev on exit. c: c after this step.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename state_t = scalar_t>
 struct LSTMBwd : Step {
   using scalar = scalar_t;
   using acc = acc_t;
   const scalar_t *dh_next, *dy, *saved, *c_prev, *c;
-  scalar_t *dc, *dgates, *direct;
+  state_t* dc;
+  scalar_t *dgates, *direct;
   acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {

@@ -9,7 +9,8 @@
 //   w_hh     [G*H, P]     b_ih, b_hh [G*H] (optional);  w_hr [P, H] (LSTM proj_size, optional)
 //   lengths  [B] int64 on xg's device (optional): rows with lengths[b] <= t keep their state and
 //                         output 0
-//   y        [T, B, P]    outputs;  h_n [B, P], c_n [B, H] the final (carried) states
+//   y        [T, B, P]    outputs;  h_n [B, P], c_n [B, H] the final (carried) states; the cell state is
+//                         carried in float for 16-bit types (the GEMM input h stays in the input type)
 //   c_all    [T, B, H]    LSTM cell state after each step (0 past the end), for backward
 //   saved    [T, B, 4*H]  activated gates for backward (LSTM i,f,g,o; GRU r,z,n,hn)
 //   save     false: no backward will follow (no_grad); c_all and saved are then [0, B, .] and not written
@@ -108,19 +109,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
   auto y = at::empty({T, B, P}, opts), c_all = at::empty({save ? T : 0, B, H}, opts),
        saved = at::empty({save ? T : 0, B, 4 * H}, opts), r = at::empty({w_hr ? T : 0, B, H}, opts),
        hg = at::empty({B, 4 * H}, opts);
-  auto h = h0.clone(at::MemoryFormat::Contiguous), c = c0.clone(at::MemoryFormat::Contiguous);
+  auto h = h0.clone(at::MemoryFormat::Contiguous);
   auto hp = w_hr ? at::empty({B, P}, opts) : Tensor();
   auto w_t = right_operand(w_hh), wr_t = w_hr ? right_operand(*w_hr) : Tensor();
+  Tensor c;  // the carried cell state, in acc_t: 16-bit types would round it at every step
   RNNEXT_DISPATCH(xg.scalar_type(), "lstm_seq", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using S = scalar_t;
+    c = c0.to(c10::CppTypeToScalarType<acc_t>::value, false, true, at::MemoryFormat::Contiguous);
     const int64_t* len = cptr<int64_t>(lengths);
     for (int64_t t = 0; t < T; ++t) {
       at::mm_out(hg, h, w_t);
       S* out = w_hr ? mptr<S>(r) + t * B * H : mptr<S>(y) + t * B * P;
       L::run(xg.device(), B, H,
-             cells::LSTMFwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * 4 * H, cptr<S>(hg), cptr<S>(xb),
-                                      cptr<S>(hb), cptr<S>(c), w_hr ? nullptr : cptr<S>(h), mptr<S>(c),
+             cells::LSTMFwd<S, acc_t, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * 4 * H, cptr<S>(hg), cptr<S>(xb),
+                                      cptr<S>(hb), cptr<acc_t>(c), w_hr ? nullptr : cptr<S>(h), mptr<acc_t>(c),
                                       save ? mptr<S>(c_all) + t * B * H : nullptr, w_hr ? nullptr : mptr<S>(h), out,
                                       save ? mptr<S>(saved) + t * B * 4 * H : nullptr});
       if (!w_hr) continue;
@@ -128,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
       L::run(xg.device(), B, P, cells::CarryFwd<S, acc_t>{{len, t, P}, cptr<S>(hp), mptr<S>(h), mptr<S>(y) + t * B * P});
     }
   });
-  return {y, h, c, c_all, saved, r};
+  return {y, h, c.to(xg.scalar_type()), c_all, saved, r};
 }
 
 template <typename L>
@@ -150,12 +153,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
   auto lengths = contiguous_or_undefined(lengths_);
   auto opts = y.options();
   auto dxg = at::empty({T, B, 4 * H}, opts);
-  auto dh = dhn.clone(at::MemoryFormat::Contiguous), dc = dcn.clone(at::MemoryFormat::Contiguous);
+  auto dh = dhn.clone(at::MemoryFormat::Contiguous);
   auto direct = lengths.defined() ? at::empty({B, P}, opts) : Tensor();
   auto dhp = w_hr ? at::empty({T, B, P}, opts) : Tensor(), dr = w_hr ? at::empty({B, H}, opts) : Tensor();
+  Tensor dc;  // carried across steps like c: in acc_t
   RNNEXT_DISPATCH(y.scalar_type(), "lstm_seq_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using S = scalar_t;
+    dc = dcn.to(c10::CppTypeToScalarType<acc_t>::value, false, true, at::MemoryFormat::Contiguous);
     const int64_t* len = cptr<int64_t>(lengths);
     for (int64_t t = T - 1; t >= 0; --t) {
       const S* dh_cell = cptr<S>(dh);
@@ -171,15 +176,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
       }
       const S* c_prev = t ? cptr<S>(cs) + (t - 1) * B * H : cptr<S>(c0);
       L::run(y.device(), B, H,
-             cells::LSTMBwd<S, acc_t>{{len, t, H}, dh_cell, dy_t, cptr<S>(saved) + t * B * 4 * H, c_prev,
-                                      cptr<S>(cs) + t * B * H, mptr<S>(dc), mptr<S>(dxg) + t * B * 4 * H, dir,
+             cells::LSTMBwd<S, acc_t, acc_t>{{len, t, H}, dh_cell, dy_t, cptr<S>(saved) + t * B * 4 * H, c_prev,
+                                      cptr<S>(cs) + t * B * H, mptr<acc_t>(dc), mptr<S>(dxg) + t * B * 4 * H, dir,
                                       acc_t(w_hr ? 0 : clip)});
       step_gemm_backward(dh, direct, dxg[t], w);
     }
   });
   auto db = bias_grad(dxg);
   auto dw_hr = w_hr ? at::mm(dhp.reshape({T * B, P}).t(), r.reshape({T * B, H})) : at::empty({0}, opts);
-  return {dxg, dh, dc, hh_weight_grad(dxg, h0, y, d), db.clone(), db, dw_hr};
+  return {dxg, dh, dc.to(y.scalar_type()), hh_weight_grad(dxg, h0, y, d), db.clone(), db, dw_hr};
 }
 
 // Forward of a single-state cell with G gate rows that saves S values per element (GRU: 3, 4;
