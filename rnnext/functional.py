@@ -1,4 +1,5 @@
-"""Functional RNN, LSTM and GRU: layers x directions x padded/packed sequences over a cells backend.
+"""Functional RNN, LSTM, GRU and the lecture's GRU (``mgru``): layers x directions x padded/packed
+sequences over a backend.
 
 The backend is chosen per call: the fused ops (:mod:`rnnext.ops`) where they run on the input's
 device and dtype, else the pure-PyTorch reference (:mod:`rnnext.reference`). ``use_backend`` forces
@@ -8,9 +9,9 @@ Whole-sequence functions take torch's flat weight list (``nn.LSTM._flat_weights`
 direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``) and return what ``torch._VF.lstm/gru/rnn_*`` return.
 Inputs are time-major ``[T, B, I]`` (``[B, T, I]`` with batch_first), or packed data ``[N, I]`` with
 ``batch_sizes``; hx ``[L*D, B, P]`` (LSTM: plus c ``[L*D, B, H]``). Each layer-direction is one input
-projection ``F.linear`` (without bias) for all steps plus one ``recurrence`` of the backend. Gradients flow through
-autograd: the reference keeps its per-step graph; the fused sequence ops save the states and the
-activated gates (see :mod:`rnnext.ops`).
+projection ``F.linear`` (without bias) for all steps plus one ``recurrence`` of the backend. Gradients
+flow through autograd: the reference keeps its per-step graph; the fused sequence ops save the outputs
+and the activated gates (see :mod:`rnnext.ops`).
 """
 import contextlib
 import functools
