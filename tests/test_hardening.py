@@ -201,6 +201,7 @@ def _ddp_worker(rank, world, init_file, kind, steps, result_file):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)  # two processes on two cores
     torch.manual_seed(0)
     rnn, _ = make(kind, 3, 5)
     model = torch.nn.parallel.DistributedDataParallel(rnn)
@@ -214,6 +215,7 @@ def _ddp_worker(rank, world, init_file, kind, steps, result_file):
         opt.step()
     if rank == 0:
         torch.save({k: v.detach() for k, v in rnn.state_dict().items()}, result_file)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
