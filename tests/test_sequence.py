@@ -188,3 +188,16 @@ def test_save_false_skips_saving_only(device, case, lengths):
     torch.library.opcheck(op, detached + (0.0, False))
     with pytest.raises(RuntimeError, match="without saving for backward"):
         light[0].sum().backward()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lstm_cell_state_carried_in_float(device, dtype):
+    """c += 0.001 per step from c = 1 (forget and input gates ~1): a cell state rounded to 16 bits each
+    step would never move (bfloat16's spacing at 1 is 0.008); carried in float it reaches 1.3."""
+    T = 300
+    xg = torch.tensor([20.0, 20.0, 0.001, 0.0], device=device).expand(T, 1, 4).to(dtype)
+    h0, c0 = torch.zeros(1, 1, device=device, dtype=dtype), torch.ones(1, 1, device=device, dtype=dtype)
+    w_hh = torch.zeros(4, 1, device=device, dtype=dtype)
+    cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, None, None, None, None)[2]
+    assert abs(cn.item() - 1.3) < 0.01
