@@ -98,7 +98,6 @@ def extension():
         "rnnext._C",
         srcs + sources("csrc/cuda/*.cu"),
         include_dirs=include_dirs,
-        define_macros=[("RNNEXT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=link,
     )

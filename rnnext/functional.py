@@ -14,6 +14,7 @@ flow through autograd: the reference keeps its per-step graph; the fused sequenc
 and the activated gates (see :mod:`rnnext.ops`).
 """
 import contextlib
+import contextvars
 import functools
 
 import torch
@@ -23,32 +24,35 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from rnnext import ops, reference
 
 BACKENDS = ("auto", "fused", "reference")
-_backend = "auto"
+# Per thread and asyncio task (a new thread starts at "auto"). torch.compile guards on its value, so
+# a compiled model switched to another backend recompiles rather than running the old one.
+_backend = contextvars.ContextVar("rnnext_backend", default="auto")
 
 
 def set_backend(name: str) -> None:
-    """Selects the cells backend for every later call: "auto" (default), "fused" or "reference"."""
-    global _backend
+    """Selects the backend for later calls in this thread (or asyncio task): "auto" (default: fused
+    where it runs, else the reference), "fused" (raise where it cannot run) or "reference"."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _backend = name
+    _backend.set(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager form of :func:`set_backend`."""
-    old = _backend
-    set_backend(name)
+    """Context manager form of :func:`set_backend`: the previous backend is back on exit."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _backend.set(name)
     try:
         yield
     finally:
-        set_backend(old)
+        _backend.reset(token)
 
 
 def backend_for(t: torch.Tensor, backend: str | None = None):
     """The implementation (``rnnext.ops`` or ``rnnext.reference``) that runs on ``t``: both provide
     the same cells and ``recurrence``."""
-    backend = backend or _backend
+    backend = backend or _backend.get()
     if backend == "reference":
         return reference
     if ops.available(t):

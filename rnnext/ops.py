@@ -26,7 +26,8 @@ import warnings
 
 import torch
 
-from rnnext.reference import flip_within
+from rnnext import _fake
+from rnnext.lengths import flip_within
 
 try:
     from rnnext import _C  # noqa: F401  (loading it registers the ops)
@@ -40,16 +41,16 @@ except ImportError as e:  # source checkout without a build
         stacklevel=2,
     )
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPES = _fake.DTYPES
+# Device types with fused kernels, decided once here: a per-call dispatcher query would be a graph
+# break under torch.compile.
+DEVICES = frozenset() if LOAD_ERROR is not None else frozenset(
+    ["cpu"] + (["cuda"] if torch._C._dispatch_has_kernel_for_dispatch_key("rnnext::lstm_cell", "CUDA") else []))
 
 
 def available(t: torch.Tensor) -> bool:
     """Whether the fused kernels run on ``t``'s device and dtype."""
-    if LOAD_ERROR is not None or t.dtype not in DTYPES:
-        return False
-    if t.device.type == "cpu":
-        return True
-    return t.device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("rnnext::lstm_cell", "CUDA")
+    return t.device.type in DEVICES and t.dtype in DTYPES
 
 
 def lstm_cell(xg, hg, cx):
@@ -99,170 +100,112 @@ def _first_order_only(name):
             "run the model under rnnext.use_backend('reference') to get higher-order gradients")
 
 
-def _state(x):  # kernels return contiguous tensors
-    return x.new_empty(x.shape)
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
 
 
-def _register():
-    lib = "rnnext::"
+def _biases(ctx, b_ih, b_hh):
+    ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
 
-    @torch.library.register_fake(lib + "lstm_cell")
-    def _(xg, hg, cx):
-        return _state(cx), _state(cx), _state(xg)
 
-    @torch.library.register_fake(lib + "lstm_cell_backward")
-    def _(dhy, dcy, cx, cy, saved):
-        return _state(saved), _state(cx)
+def _bias_grads(ctx, db_ih, db_hh):
+    return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
 
-    @torch.library.register_fake(lib + "gru_cell")
-    def _(xg, hg, hx):
-        return _state(hx), hx.new_empty(hx.shape[0], 4 * hx.shape[1])
 
-    @torch.library.register_fake(lib + "gru_cell_backward")
-    def _(dhy, hx, saved):
-        g = hx.new_empty(hx.shape[0], 3 * hx.shape[1])
-        return g, _state(g), _state(hx)
+def _options(ctx, rest):  # (clip, save) after the tensors; tracing may drop defaulted trailing ones
+    ctx.clip = rest[0] if len(rest) > 0 else 0.0
+    ctx.saved_gates = rest[1] if len(rest) > 1 else True
 
-    @torch.library.register_fake(lib + "rnn_cell")
-    def _(xg, hg, nonlinearity):
-        return _state(xg)
 
-    @torch.library.register_fake(lib + "rnn_cell_backward")
-    def _(dhy, hy, nonlinearity):
-        return _state(hy)
+def _check_saved(ctx, name):
+    if not ctx.saved_gates:
+        raise RuntimeError(f"rnnext: {name} ran without saving for backward (save=False); "
+                           "call it with save=True when a gradient is needed")
 
-    @torch.library.register_fake(lib + "lstm_seq")
-    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True):
-        T, B = xg.shape[:2]
-        H, P = c0.shape[1], h0.shape[1]
-        Ts = T if save else 0
-        return (xg.new_empty(T, B, P), _state(h0), _state(c0), xg.new_empty(Ts, B, H), xg.new_empty(Ts, B, 4 * H),
-                xg.new_empty(T if w_hr is not None else 0, B, H))
 
-    @torch.library.register_fake(lib + "lstm_seq_backward")
-    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0):
-        H4 = saved.shape[2]
-        return (_state(saved), _state(h0), _state(c0), _state(w_hh), y.new_empty(H4), y.new_empty(H4),
-                _state(w_hr) if w_hr is not None else y.new_empty(0))
-
-    def gate_seq_fakes(name, G, S):  # GRU and the lecture's GRU: G gates, S saved values per element
-        @torch.library.register_fake(lib + name)
-        def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True):
-            T, B = xg.shape[:2]
-            H = h0.shape[1]
-            return xg.new_empty(T, B, H), _state(h0), xg.new_empty(T if save else 0, B, S * H)
-
-        @torch.library.register_fake(lib + name + "_backward")
-        def _(dy, dhn, y, h0, saved, w_hh, lengths, clip=0.0):
-            T, B, H = y.shape
-            return y.new_empty(T, B, G * H), _state(h0), _state(w_hh), y.new_empty(G * H), y.new_empty(G * H)
-
-    gate_seq_fakes("gru_seq", 3, 4)
-    gate_seq_fakes("mgru_seq", 2, 2)
-
-    @torch.library.register_fake(lib + "rnn_seq")
-    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0):
-        return _state(xg), _state(h0)
-
-    @torch.library.register_fake(lib + "rnn_seq_backward")
-    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity, clip=0.0):
-        H = y.shape[2]
-        return _state(y), _state(h0), _state(w_hh), y.new_empty(H), y.new_empty(H)
-
-    def zeros_if_none(g, like):
-        return torch.zeros_like(like) if g is None else g
-
-    def biases(ctx, b_ih, b_hh):
-        ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
-
-    def options(ctx, rest):  # (clip, save) after the tensors; tracing may drop defaulted trailing ones
-        ctx.clip = rest[0] if len(rest) > 0 else 0.0
-        ctx.saved_gates = rest[1] if len(rest) > 1 else True
-
-    def check_saved(ctx, name):
-        if not ctx.saved_gates:
-            raise RuntimeError(f"rnnext: {name} ran without saving for backward (save=False); "
-                               "call it with save=True when a gradient is needed")
-
-    def bias_grads(ctx, db_ih, db_hh):
-        return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
-
-    def lstm_seq_setup(ctx, inputs, output):
+def _autograd_lstm_seq(lib):
+    def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
         xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *rest = inputs
-        options(ctx, rest)
+        _options(ctx, rest)
         y, hn, cn, c_all, saved, r = output
         ctx.mark_non_differentiable(c_all, saved, r)
-        biases(ctx, b_ih, b_hh)
+        _biases(ctx, b_ih, b_hh)
         ctx.has_proj = w_hr is not None
         ctx.save_for_backward(y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths)
 
-    def lstm_seq_bwd(ctx, dy, dhn, dcn, *_):
+    def backward(ctx, dy, dhn, dcn, *_):
         _first_order_only("lstm_seq")
-        check_saved(ctx, "lstm_seq")
+        _check_saved(ctx, "lstm_seq")
         y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
         dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
-            zeros_if_none(dy, y), zeros_if_none(dhn, h0), zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
             w_hr, lengths, ctx.clip)
-        return dxg, dh0, dc0, dw_hh, *bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None, None, None
+        return dxg, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None, None, None
 
-    def gate_seq_setup(ctx, inputs, output):
+    torch.library.register_autograd(lib + "lstm_seq", backward, setup_context=setup)
+
+
+def _autograd_gated_seq(lib, name):
+    """The GRU and the lecture's GRU: same signatures."""
+    def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
         xg, h0, w_hh, b_ih, b_hh, lengths, *rest = inputs
-        options(ctx, rest)
+        _options(ctx, rest)
         y, hn, saved = output
         ctx.mark_non_differentiable(saved)
-        biases(ctx, b_ih, b_hh)
+        _biases(ctx, b_ih, b_hh)
         ctx.save_for_backward(y, h0, saved, w_hh, lengths)
 
-    def gate_seq_bwd(name):
-        def bwd(ctx, dy, dhn, _):
-            _first_order_only(name)
-            check_saved(ctx, name)
-            y, h0, saved, w_hh, lengths = ctx.saved_tensors
-            dxg, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
-                zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths, ctx.clip)
-            return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None, None
+    def backward(ctx, dy, dhn, _):
+        _first_order_only(name)
+        _check_saved(ctx, name)
+        y, h0, saved, w_hh, lengths = ctx.saved_tensors
+        dxg, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths, ctx.clip)
+        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), None, None, None
 
-        return bwd
+    torch.library.register_autograd(lib + name, backward, setup_context=setup)
 
-    def rnn_seq_setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
+
+def _autograd_rnn_seq(lib):
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # else autograd zero-fills grads for outputs nobody used
         xg, h0, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity, *clip = inputs
         ctx.clip = clip[0] if clip else 0.0
-        biases(ctx, b_ih, b_hh)
+        _biases(ctx, b_ih, b_hh)
         ctx.save_for_backward(output[0], h0, w_hh, lengths)
 
-    def rnn_seq_bwd(ctx, dy, dhn):
+    def backward(ctx, dy, dhn):
         _first_order_only("rnn_seq")
         y, h0, w_hh, lengths = ctx.saved_tensors
         dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
-            zeros_if_none(dy, y), zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity, ctx.clip)
-        return dxg, dh0, dw_hh, *bias_grads(ctx, db_ih, db_hh), None, None, None
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity, ctx.clip)
+        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), None, None, None
 
-    torch.library.register_autograd(lib + "lstm_seq", lstm_seq_bwd, setup_context=lstm_seq_setup)
-    torch.library.register_autograd(lib + "gru_seq", gate_seq_bwd("gru_seq"), setup_context=gate_seq_setup)
-    torch.library.register_autograd(lib + "mgru_seq", gate_seq_bwd("mgru_seq"), setup_context=gate_seq_setup)
-    torch.library.register_autograd(lib + "rnn_seq", rnn_seq_bwd, setup_context=rnn_seq_setup)
+    torch.library.register_autograd(lib + "rnn_seq", backward, setup_context=setup)
 
-    def lstm_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[2])
-        ctx.save_for_backward(inputs[2], output[1], output[2])
+
+def _autograd_cells(lib):
+    """Cells whose hg gets the same gradient as xg (LSTM, lecture's GRU, RNN) and the GRU (separate)."""
+    def save_state_and_saved(ctx, inputs, output):
+        """What the *_cell_backward op takes after dhy: the previous state, (LSTM: cy,) saved."""
+        ctx.mark_non_differentiable(output[-1])
+        ctx.save_for_backward(inputs[2], *output[1:])
 
     def lstm_backward(ctx, dhy, dcy, _):
         _first_order_only("lstm_cell")
-        cx, cy, saved = ctx.saved_tensors
-        dgates, dcx = torch.ops.rnnext.lstm_cell_backward(dhy, dcy, cx, cy, saved)
+        dgates, dcx = torch.ops.rnnext.lstm_cell_backward(dhy, dcy, *ctx.saved_tensors)
         return dgates, dgates, dcx
-
-    def gru_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(inputs[2], output[1])
 
     def gru_backward(ctx, dhy, _):
         _first_order_only("gru_cell")
-        hx, saved = ctx.saved_tensors
-        return torch.ops.rnnext.gru_cell_backward(dhy, hx, saved)
+        return torch.ops.rnnext.gru_cell_backward(dhy, *ctx.saved_tensors)
+
+    def mgru_backward(ctx, dhy, _):
+        _first_order_only("mgru_cell")
+        dgates, dhx = torch.ops.rnnext.mgru_cell_backward(dhy, *ctx.saved_tensors)
+        return dgates, dgates, dhx
 
     def rnn_setup(ctx, inputs, output):
         ctx.nonlinearity = inputs[2]
@@ -270,33 +213,23 @@ def _register():
 
     def rnn_backward(ctx, dhy):
         _first_order_only("rnn_cell")
-        (hy,) = ctx.saved_tensors
-        dpre = torch.ops.rnnext.rnn_cell_backward(dhy, hy, ctx.nonlinearity)
+        dpre = torch.ops.rnnext.rnn_cell_backward(dhy, *ctx.saved_tensors, ctx.nonlinearity)
         return dpre, dpre, None
 
-    @torch.library.register_fake(lib + "mgru_cell")
-    def _(xg, hg, hx):
-        return _state(hx), _state(xg)
-
-    @torch.library.register_fake(lib + "mgru_cell_backward")
-    def _(dhy, hx, saved):
-        return _state(saved), _state(hx)
-
-    def mgru_setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(inputs[2], output[1])
-
-    def mgru_backward(ctx, dhy, _):
-        _first_order_only("mgru_cell")
-        hx, saved = ctx.saved_tensors
-        dgates, dhx = torch.ops.rnnext.mgru_cell_backward(dhy, hx, saved)
-        return dgates, dgates, dhx
-
-    torch.library.register_autograd(lib + "mgru_cell", mgru_backward, setup_context=mgru_setup)
-    torch.library.register_autograd(lib + "lstm_cell", lstm_backward, setup_context=lstm_setup)
-    torch.library.register_autograd(lib + "gru_cell", gru_backward, setup_context=gru_setup)
+    torch.library.register_autograd(lib + "lstm_cell", lstm_backward, setup_context=save_state_and_saved)
+    torch.library.register_autograd(lib + "gru_cell", gru_backward, setup_context=save_state_and_saved)
+    torch.library.register_autograd(lib + "mgru_cell", mgru_backward, setup_context=save_state_and_saved)
     torch.library.register_autograd(lib + "rnn_cell", rnn_backward, setup_context=rnn_setup)
 
 
 if LOAD_ERROR is None:
-    _register()
+    _fake.register_cells("rnnext::")
+    _fake.register_lstm_seq("rnnext::")
+    _fake.register_gated_seq("rnnext::", "gru_seq", 3, 4)
+    _fake.register_gated_seq("rnnext::", "mgru_seq", 2, 2)
+    _fake.register_rnn_seq("rnnext::")
+    _autograd_cells("rnnext::")
+    _autograd_lstm_seq("rnnext::")
+    _autograd_gated_seq("rnnext::", "gru_seq")
+    _autograd_gated_seq("rnnext::", "mgru_seq")
+    _autograd_rnn_seq("rnnext::")

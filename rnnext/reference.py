@@ -1,14 +1,17 @@
 """Pure-PyTorch RNN, LSTM and GRU: the fallback where no fused kernel runs, and the test oracle.
 
-Same formulas and gate layouts as torch.nn. Two levels:
+Same formulas and gate layouts as torch.nn. Two levels, with the fused ops' signatures (see
+:mod:`rnnext.ops`), so that :mod:`rnnext.functional` runs either:
 
-- cells with the fused ops' signatures (see :mod:`rnnext.ops`): ``lstm_cell``, ``gru_cell``, ``rnn_cell``;
-- ``recurrence``: one layer-direction over a sequence, with variable lengths;
-- ``lstm``, ``gru``, ``rnn``: whole multi-layer sequences, :mod:`rnnext.functional` forced onto
-  these cells.
+- cells: ``lstm_cell``, ``gru_cell``, ``mgru_cell``, ``rnn_cell``;
+- ``recurrence``: one layer-direction over a sequence, with variable lengths.
+
+Whole multi-layer sequences on these: ``rnnext.functional.lstm(..., backend="reference")``.
 """
 import torch
 import torch.nn.functional as F
+
+from rnnext.lengths import flip_within, step_mask
 
 
 def lstm_cell(xg, hg, cx):
@@ -44,21 +47,6 @@ def rnn_cell(xg, hg, nonlinearity):
     if nonlinearity == "relu":
         return pre.relu()
     raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
-
-
-def flip_within(x, lengths):
-    """Reverses each sequence of a time-major ``x [T, B, ...]`` within its length; padding stays put."""
-    if lengths is None:
-        return x.flip(0)
-    T = x.size(0)
-    t = torch.arange(T, device=x.device).unsqueeze(1)
-    idx = torch.where(t < lengths, lengths - 1 - t, t)  # [T, B]
-    return x.gather(0, idx.view(T, -1, *([1] * (x.dim() - 2))).expand_as(x))
-
-
-def step_mask(lengths, T):
-    """``[T, B, 1]`` bool: step t of sequence b is within its length."""
-    return (torch.arange(T, device=lengths.device).unsqueeze(1) < lengths).unsqueeze(2)
 
 
 def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
@@ -108,30 +96,3 @@ def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=
         y = flip_within(y, lengths)
     return y, h, c
 
-
-def lstm(*args, **kwargs):
-    """:func:`rnnext.functional.lstm` on the reference cells."""
-    from rnnext import functional
-
-    return functional.lstm(*args, backend="reference", **kwargs)
-
-
-def gru(*args, **kwargs):
-    """:func:`rnnext.functional.gru` on the reference cells."""
-    from rnnext import functional
-
-    return functional.gru(*args, backend="reference", **kwargs)
-
-
-def rnn(*args, **kwargs):
-    """:func:`rnnext.functional.rnn` on the reference cells."""
-    from rnnext import functional
-
-    return functional.rnn(*args, backend="reference", **kwargs)
-
-
-def mgru(*args, **kwargs):
-    """:func:`rnnext.functional.mgru` on the reference cells."""
-    from rnnext import functional
-
-    return functional.mgru(*args, backend="reference", **kwargs)

@@ -188,26 +188,6 @@ def test_gradcheck(device, kind):
     assert torch.autograd.gradcheck(f, args)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_op_errors(device):
-    x = torch.randn(2, 8, device=device)
-    with pytest.raises(RuntimeError, match="not a multiple of 3"):
-        torch.ops.rnnext.gru_cell(x, x, torch.randn(2, 2, device=device))
-    with pytest.raises(RuntimeError, match=r"expected state of shape \[2, 2\]"):
-        torch.ops.rnnext.lstm_cell(x, x, torch.randn(3, 2, device=device))
-    with pytest.raises(RuntimeError, match="hg has dtype Double but xg has dtype Float"):
-        torch.ops.rnnext.lstm_cell(x, x.double(), torch.randn(2, 2, device=device))
-    with pytest.raises(RuntimeError, match="Unknown nonlinearity: gelu"):
-        torch.ops.rnnext.rnn_cell(x, x, "gelu")
-
-
-@CUDA
-def test_op_device_mismatch():
-    x = torch.randn(2, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="state is on cpu"):
-        torch.ops.rnnext.lstm_cell(x, x, torch.randn(2, 2))
-
-
 # ---- the modules' argument checks: torch.nn's errors ----------------------------------------------
 
 @pytest.mark.parametrize("kind", list(CELLS))

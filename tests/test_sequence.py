@@ -136,21 +136,6 @@ def test_gradcheck(device, case, lengths):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-def test_op_errors(device):
-    a = make_args("lstm", 4, 3, 5, device, lengths=True)
-    a = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
-    seq = torch.ops.rnnext.lstm_seq
-    with pytest.raises(RuntimeError, match=r"expected w_hh of shape \[20, 5\]"):
-        seq(a["xg"], a["h0"], a["c0"], a["w_hh"][:, :4], None, None, None, None)
-    with pytest.raises(RuntimeError, match="expected int64 lengths"):
-        seq(a["xg"], a["h0"], a["c0"], a["w_hh"], None, None, None, a["lengths"].int())
-    with pytest.raises(RuntimeError, match=r"expected h0 of shape \[3, 5\]"):
-        seq(a["xg"], a["h0"][:2], a["c0"], a["w_hh"], None, None, None, None)
-    with pytest.raises(RuntimeError, match="not a multiple of 4"):
-        seq(a["xg"][..., :7], a["h0"], a["c0"], a["w_hh"], None, None, None, None)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lengths", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])

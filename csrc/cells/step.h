@@ -68,9 +68,10 @@ RNNEXT_HD V preact(const S* xg, const S* b_ih, const S* hg, const S* b_hh, int64
 // and h is null (the driver projects, then CarryFwd updates the state). c_out (nullable): c per step.
 // state_t: the type of the carried cell state (float for 16-bit inputs in the sequence driver).
 template <typename scalar_t, typename acc_t, typename state_t = scalar_t>
-struct LSTMFwd : Step {
+struct LSTMFwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *xg, *hg, *b_ih, *b_hh;
   const state_t* c_prev;
   const scalar_t* h_prev;
@@ -78,9 +79,10 @@ struct LSTMFwd : Step {
   scalar_t *c_out, *h, *y, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 4 * b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       L::store(c + s, L::load(c_prev + s));
       if (h) L::store(h + s, L::load(h_prev + s));
       if (c_out) L::store(c_out + s, V(0));
@@ -109,18 +111,20 @@ struct LSTMFwd : Step {
 
 // dc: [B, H] in/out, the gradient of c on entry, of c_prev on exit. c: c after this step.
 template <typename scalar_t, typename acc_t, typename state_t = scalar_t>
-struct LSTMBwd : Step {
+struct LSTMBwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *dh_next, *dy, *saved, *c_prev, *c;
   state_t* dc;
   scalar_t *dgates, *direct;
   acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 4 * b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       for (int k = 0; k < 4; ++k) L::store(dgates + g + k * H, V(0));
       if (direct) L::store(direct + s, L::load(dh_next + s));
       return;
@@ -140,16 +144,18 @@ struct LSTMBwd : Step {
 
 // saved = (r, z, n, hn)
 template <typename scalar_t, typename acc_t>
-struct GRUFwd : Step {
+struct GRUFwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
   scalar_t *h, *y, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 4 * b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       if (h) L::store(h + s, L::load(h_prev + s));
       L::store(y + s, V(0));
       if (saved)
@@ -172,17 +178,19 @@ struct GRUFwd : Step {
 };
 
 template <typename scalar_t, typename acc_t>
-struct GRUBwd : Step {
+struct GRUBwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *dh_next, *dy, *saved, *h_prev;
   scalar_t *dxg, *dhg, *direct;
   acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       for (int k = 0; k < 3; ++k) {
         L::store(dxg + x + k * H, V(0));
         L::store(dhg + x + k * H, V(0));
@@ -204,16 +212,18 @@ struct GRUBwd : Step {
 
 // Nothing saved: backward uses the output y itself.
 template <Act A, typename scalar_t, typename acc_t>
-struct RNNFwd : Step {
+struct RNNFwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
   scalar_t *h, *y;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       if (h) L::store(h + s, L::load(h_prev + s));
       L::store(y + s, V(0));
       return;
@@ -226,17 +236,19 @@ struct RNNFwd : Step {
 
 // y: the forward output of this step.
 template <Act A, typename scalar_t, typename acc_t>
-struct RNNBwd : Step {
+struct RNNBwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *dh_next, *dy, *y;
   scalar_t *dpre, *direct;
   acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    const bool on = active(b);
+    const bool on = step.active(b);
     L::store(dpre + s, on ? rnn_backward<A>(state_grad<V>(dh_next, dy, s, clip), L::load(y + s)) : V(0));
     if (direct) L::store(direct + s, on ? V(0) : L::load(dh_next + s));
   }
@@ -244,16 +256,18 @@ struct RNNBwd : Step {
 
 // saved = (u, c~)
 template <typename scalar_t, typename acc_t>
-struct MGRUFwd : Step {
+struct MGRUFwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
   scalar_t *h, *y, *saved;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 2 * b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       if (h) L::store(h + s, L::load(h_prev + s));
       L::store(y + s, V(0));
       if (saved) {
@@ -274,17 +288,19 @@ struct MGRUFwd : Step {
 };
 
 template <typename scalar_t, typename acc_t>
-struct MGRUBwd : Step {
+struct MGRUBwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *dh_next, *dy, *saved, *h_prev;
   scalar_t *dgates, *direct;
   acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 2 * b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       L::store(dgates + g, V(0));
       L::store(dgates + g + H, V(0));
       L::store(direct + s, L::load(dh_next + s));
@@ -301,16 +317,18 @@ struct MGRUBwd : Step {
 // LSTM proj_size, forward: the projected cell output hp becomes the state and the output; past a
 // sequence's end the state stays and the output is 0.
 template <typename scalar_t, typename acc_t>
-struct CarryFwd : Step {
+struct CarryFwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t* hp;
   scalar_t *h, *y;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    if (!active(b)) {
+    if (!step.active(b)) {
       L::store(y + s, V(0));
       return;
     }
@@ -323,17 +341,19 @@ struct CarryFwd : Step {
 // LSTM proj_size, backward: the gradient of the projected output (dhp) and the part carried past a
 // sequence's end (direct).
 template <typename scalar_t, typename acc_t>
-struct CarryBwd : Step {
+struct CarryBwd {
   using scalar = scalar_t;
   using acc = acc_t;
+  Step step;
   const scalar_t *dh_next, *dy;
   scalar_t *dhp, *direct;
   acc_t clip;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
+    const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j;
-    const bool on = active(b);
+    const bool on = step.active(b);
     L::store(dhp + s, on ? state_grad<V>(dh_next, dy, s, clip) : V(0));
     if (direct) L::store(direct + s, on ? V(0) : L::load(dh_next + s));
   }

@@ -30,42 +30,55 @@ struct Dims {
   int64_t T, B, H, P;
 };
 
-inline Dims check_seq(const char* op, int64_t G, const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
-                      const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& lengths) {
-  TORCH_CHECK(xg.dim() == 3, op, ": expected xg of shape [T, B, ", G, "*H], got ", xg.sizes());
+// Forward: xg [T, B, G*H] fixes T, B, H and the device and dtype of everything; w_hr fixes P.
+inline Dims check_seq(const char* op, int64_t G, const Tensor& xg, const Tensor& h0, const Tensor* c0,
+                      const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                      const OptTensor& lengths, double clip) {
+  const Checks c{op, "xg", xg};
+  c.dims(xg, 3, G == 1 ? "[T, B, H]" : G == 2 ? "[T, B, 2*H]" : G == 3 ? "[T, B, 3*H]" : "[T, B, 4*H]");
   TORCH_CHECK(xg.size(0) > 0, op, ": expected a sequence length larger than 0");
-  TORCH_CHECK(at::isFloatingType(xg.scalar_type()), op, ": expected a floating point xg, got ", xg.scalar_type());
   TORCH_CHECK(xg.size(2) % G == 0, op, ": xg.size(2) = ", xg.size(2), " is not a multiple of ", G);
   const int64_t T = xg.size(0), B = xg.size(1), H = xg.size(2) / G;
-  TORCH_CHECK(!w_hr || (w_hr->dim() == 2 && w_hr->size(1) == H), op, ": expected w_hr of shape [P, ", H, "]");
-  const int64_t P = w_hr ? w_hr->size(0) : H;
-  if (w_hr) check_like(op, "w_hr", *w_hr, xg);
-  check_shape(op, "h0", h0, {B, P}, xg);
-  check_shape(op, "w_hh", w_hh, {G * H, P}, xg);
-  if (b_ih) check_shape(op, "b_ih", *b_ih, {G * H}, xg);
-  if (b_hh) check_shape(op, "b_hh", *b_hh, {G * H}, xg);
-  if (lengths) {
-    TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && lengths->scalar_type() == at::kLong, op,
-                ": expected int64 lengths of shape [", B, "], got ", lengths->scalar_type(), " ", lengths->sizes());
-    TORCH_CHECK(lengths->device() == xg.device(), op, ": lengths is on ", lengths->device(), " but xg is on ",
-                xg.device());
+  if (w_hr) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(1) == H, op, ": expected w_hr of shape [P, ", H,
+                "] with P > 0, got ", w_hr->sizes());
+    c.like("w_hr", *w_hr);
   }
+  const int64_t P = w_hr ? w_hr->size(0) : H;
+  c.shape("h0", h0, {B, P});
+  if (c0) c.shape("c0", *c0, {B, H});
+  c.shape("w_hh", w_hh, {G * H, P});
+  if (b_ih) c.shape("b_ih", *b_ih, {G * H});
+  if (b_hh) c.shape("b_hh", *b_hh, {G * H});
+  c.lengths(lengths, B);
+  c.clip(clip);
   return {T, B, H, P};
 }
 
-// Backward's view of what forward returned: saved [T, B, S*H] fixes T, B, H; y fixes P.
-inline Dims check_saved(const char* op, const Tensor& saved, int64_t S, const Tensor& dy, const Tensor& dhn,
-                        const Tensor& y, const Tensor& h0, const Tensor& w_hh, int64_t G) {
-  TORCH_CHECK(saved.dim() == 3 && saved.size(2) % S == 0, op, ": saved must be [T, B, ", S, "*H], got ",
-              saved.sizes());
-  TORCH_CHECK(y.dim() == 3, op, ": y must be [T, B, P], got ", y.sizes());
-  const Dims d{saved.size(0), saved.size(1), saved.size(2) / S, y.size(2)};
-  check_shape(op, "y", y, {d.T, d.B, d.P}, y);
-  check_shape(op, "dy", dy, {d.T, d.B, d.P}, y);
-  check_shape(op, "dhn", dhn, {d.B, d.P}, y);
-  check_shape(op, "h0", h0, {d.B, d.P}, y);
-  check_shape(op, "w_hh", w_hh, {G * d.H, d.P}, y);
+// Backward: y [T, B, P] (what forward returned) fixes T, B, P and the device and dtype; H = P, or
+// for an LSTM with projection (w_hr [P, H], checked by the caller) w_hh [4*H, P] gives H. dy, dhn,
+// h0 and w_hh are checked here, the cell's other tensors by the caller.
+inline Dims check_seq_backward(const Checks& c, int64_t G, bool projected, const Tensor& dy, const Tensor& dhn,
+                               const Tensor& y, const Tensor& h0, const Tensor& w_hh, const OptTensor& lengths,
+                               double clip) {
+  c.dims(y, 3, "[T, B, P]");
+  TORCH_CHECK(y.size(0) > 0, c.op, ": expected a sequence length larger than 0");
+  const int64_t P = y.size(2), H = projected && w_hh.dim() == 2 ? w_hh.size(0) / G : P;
+  const Dims d{y.size(0), y.size(1), H, P};
+  c.shape("w_hh", w_hh, {G * H, P});
+  c.shape("dy", dy, {d.T, d.B, P});
+  c.shape("dhn", dhn, {d.B, P});
+  c.shape("h0", h0, {d.B, P});
+  c.lengths(lengths, d.B);
+  c.clip(clip);
   return d;
+}
+
+// What forward saved [T, B, S*H]; empty when forward ran with save=False.
+inline void check_saved(const Checks& c, const Tensor& saved, int64_t S, const Dims& d) {
+  TORCH_CHECK(!(saved.dim() == 3 && saved.size(0) == 0 && d.T > 0), c.op,
+              ": saved is empty: the forward ran with save=False, which saves nothing for backward");
+  c.shape("saved", saved, {d.T, d.B, S * d.H});
 }
 
 inline Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
@@ -99,10 +112,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
                                                                     const Tensor& c0, const Tensor& w_hh,
                                                                     const OptTensor& b_ih, const OptTensor& b_hh,
                                                                     const OptTensor& w_hr, const OptTensor& lengths_,
-                                                                    double /*clip: for backward*/, bool save) {
-  const Dims d = check_seq("lstm_seq", 4, xg_, h0, w_hh, b_ih, b_hh, w_hr, lengths_);
+                                                                    double clip, bool save) {
+  const Dims d = check_seq("lstm_seq", 4, xg_, h0, &c0, w_hh, b_ih, b_hh, w_hr, lengths_, clip);
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
-  check_shape("lstm_seq", "c0", c0, {B, H}, xg_);
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
   auto lengths = contiguous_or_undefined(lengths_);
   auto opts = xg.options();
@@ -120,15 +132,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
     const int64_t* len = cptr<int64_t>(lengths);
     for (int64_t t = 0; t < T; ++t) {
       at::mm_out(hg, h, w_t);
-      S* out = w_hr ? mptr<S>(r) + t * B * H : mptr<S>(y) + t * B * P;
       L::run(xg.device(), B, H,
-             cells::LSTMFwd<S, acc_t, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * 4 * H, cptr<S>(hg), cptr<S>(xb),
-                                      cptr<S>(hb), cptr<acc_t>(c), w_hr ? nullptr : cptr<S>(h), mptr<acc_t>(c),
-                                      save ? mptr<S>(c_all) + t * B * H : nullptr, w_hr ? nullptr : mptr<S>(h), out,
-                                      save ? mptr<S>(saved) + t * B * 4 * H : nullptr});
+             cells::LSTMFwd<S, acc_t, acc_t>{
+                 .step = {len, t, H}, .xg = cptr<S>(xg) + t * B * 4 * H, .hg = cptr<S>(hg), .b_ih = cptr<S>(xb),
+                 .b_hh = cptr<S>(hb), .c_prev = cptr<acc_t>(c), .h_prev = w_hr ? nullptr : cptr<S>(h),
+                 .c = mptr<acc_t>(c), .c_out = save ? mptr<S>(c_all) + t * B * H : nullptr,
+                 .h = w_hr ? nullptr : mptr<S>(h), .y = w_hr ? mptr<S>(r) + t * B * H : mptr<S>(y) + t * B * P,
+                 .saved = save ? mptr<S>(saved) + t * B * 4 * H : nullptr});
       if (!w_hr) continue;
       at::mm_out(hp, r[t], wr_t);
-      L::run(xg.device(), B, P, cells::CarryFwd<S, acc_t>{{len, t, P}, cptr<S>(hp), mptr<S>(h), mptr<S>(y) + t * B * P});
+      L::run(xg.device(), B, P,
+             cells::CarryFwd<S, acc_t>{
+                 .step = {len, t, P}, .hp = cptr<S>(hp), .h = mptr<S>(h), .y = mptr<S>(y) + t * B * P});
     }
   });
   return {y, h, c.to(xg.scalar_type()), c_all, saved, r};
@@ -136,20 +151,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
-    const Tensor& dy_, const Tensor& dhn, const Tensor& dcn, const Tensor& y, const Tensor& h0, const Tensor& c0_,
-    const Tensor& c_all, const Tensor& saved_, const Tensor& r, const Tensor& w_hh, const OptTensor& w_hr,
+    const Tensor& dy_, const Tensor& dhn, const Tensor& dcn, const Tensor& y_, const Tensor& h0, const Tensor& c0_,
+    const Tensor& c_all, const Tensor& saved_, const Tensor& r_, const Tensor& w_hh, const OptTensor& w_hr,
     const OptTensor& lengths_, double clip) {
-  const char* op = "lstm_seq_backward";
-  const Dims d = check_saved(op, saved_, 4, dy_, dhn, y, h0, w_hh, 4);
+  const Checks ck{"lstm_seq_backward", "y", y_};
+  const Dims d = check_seq_backward(ck, 4, w_hr.has_value(), dy_, dhn, y_, h0, w_hh, lengths_, clip);
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
-  for (auto [name, t] : {std::pair{"dcn", &dcn}, {"c0", &c0_}}) check_shape(op, name, *t, {B, H}, y);
-  check_shape(op, "c_all", c_all, {T, B, H}, y);
-  if (w_hr) {
-    check_shape(op, "w_hr", *w_hr, {P, H}, y);
-    check_shape(op, "r", r, {T, B, H}, y);
-  }
-  auto dy = dy_.contiguous(), saved = saved_.contiguous(), cs = c_all.contiguous(), c0 = c0_.contiguous(),
-       w = w_hh.contiguous(), wr = w_hr ? w_hr->contiguous() : Tensor();
+  if (w_hr) ck.shape("w_hr", *w_hr, {P, H});
+  ck.shape("dcn", dcn, {B, H});
+  ck.shape("c0", c0_, {B, H});
+  ck.shape("c_all", c_all, {T, B, H});
+  check_saved(ck, saved_, 4, d);
+  if (w_hr) ck.shape("r", r_, {T, B, H});
+  auto dy = dy_.contiguous(), y = y_.contiguous(), saved = saved_.contiguous(), cs = c_all.contiguous(),
+       c0 = c0_.contiguous(), r = r_.contiguous(), w = w_hh.contiguous(), wr = w_hr ? w_hr->contiguous() : Tensor();
   auto lengths = contiguous_or_undefined(lengths_);
   auto opts = y.options();
   auto dxg = at::empty({T, B, 4 * H}, opts);
@@ -168,17 +183,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
       S* dir = mptr<S>(direct);
       if (w_hr) {
         L::run(y.device(), B, P,
-               cells::CarryBwd<S, acc_t>{{len, t, P}, dh_cell, dy_t, mptr<S>(dhp) + t * B * P, dir, acc_t(clip)});
+               cells::CarryBwd<S, acc_t>{.step = {len, t, P}, .dh_next = dh_cell, .dy = dy_t,
+                                         .dhp = mptr<S>(dhp) + t * B * P, .direct = dir, .clip = acc_t(clip)});
         at::mm_out(dr, dhp[t], wr);
         dh_cell = cptr<S>(dr);
         dy_t = nullptr;
         dir = nullptr;
       }
-      const S* c_prev = t ? cptr<S>(cs) + (t - 1) * B * H : cptr<S>(c0);
       L::run(y.device(), B, H,
-             cells::LSTMBwd<S, acc_t, acc_t>{{len, t, H}, dh_cell, dy_t, cptr<S>(saved) + t * B * 4 * H, c_prev,
-                                      cptr<S>(cs) + t * B * H, mptr<acc_t>(dc), mptr<S>(dxg) + t * B * 4 * H, dir,
-                                      acc_t(w_hr ? 0 : clip)});
+             cells::LSTMBwd<S, acc_t, acc_t>{
+                 .step = {len, t, H}, .dh_next = dh_cell, .dy = dy_t, .saved = cptr<S>(saved) + t * B * 4 * H,
+                 .c_prev = t ? cptr<S>(cs) + (t - 1) * B * H : cptr<S>(c0), .c = cptr<S>(cs) + t * B * H,
+                 .dc = mptr<acc_t>(dc), .dgates = mptr<S>(dxg) + t * B * 4 * H, .direct = dir,
+                 .clip = acc_t(w_hr ? 0 : clip)});
       step_gemm_backward(dh, direct, dxg[t], w);
     }
   });
@@ -192,8 +209,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
 template <typename L, template <typename, typename> class Fwd, int G, int S_>
 std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
                                              const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_,
-                                             bool save) {
-  const Dims d = check_seq(op, G, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
+                                             double clip, bool save) {
+  const Dims d = check_seq(op, G, xg_, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths_, clip);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
   auto lengths = contiguous_or_undefined(lengths_);
@@ -209,8 +226,9 @@ std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, 
     for (int64_t t = 0; t < T; ++t) {
       at::mm_out(hg, h, w_t);
       L::run(xg.device(), B, H,
-             Fwd<S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * G * H, cptr<S>(hg), cptr<S>(xb), cptr<S>(hb), cptr<S>(h),
-                           mptr<S>(h), mptr<S>(y) + t * B * H, save ? mptr<S>(saved) + t * B * S_ * H : nullptr});
+             Fwd<S, acc_t>{.step = {len, t, H}, .xg = cptr<S>(xg) + t * B * G * H, .hg = cptr<S>(hg),
+                           .b_ih = cptr<S>(xb), .b_hh = cptr<S>(hb), .h_prev = cptr<S>(h), .h = mptr<S>(h),
+                           .y = mptr<S>(y) + t * B * H, .saved = save ? mptr<S>(saved) + t * B * S_ * H : nullptr});
     }
   });
   return {y, h, saved};
@@ -219,43 +237,84 @@ std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                           double /*clip: for backward*/, bool save) {
-  return gated_seq<L, cells::GRUFwd, 3, 4>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, save);
+                                           double clip, bool save) {
+  return gated_seq<L, cells::GRUFwd, 3, 4>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save);
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(const Tensor& dy_, const Tensor& dhn,
-                                                                    const Tensor& y, const Tensor& h0_,
-                                                                    const Tensor& saved_, const Tensor& w_hh,
-                                                                    const OptTensor& lengths_, double clip) {
-  const Dims d = check_saved("gru_seq_backward", saved_, 4, dy_, dhn, y, h0_, w_hh, 3);
+std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
+                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
+                                            double clip, bool save) {
+  return gated_seq<L, cells::MGRUFwd, 2, 2>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save);
+}
+
+// Backward of gated_seq; Bwd is its cells/step.h functor. The GRU writes the gradients of xg and hg
+// separately (b_hn sits inside r*(.)); the lecture's GRU sums them before the cell: one gradient.
+template <typename L, template <typename, typename> class Bwd, int G, int S_>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(const char* op, const Tensor& dy_,
+                                                                      const Tensor& dhn, const Tensor& y_,
+                                                                      const Tensor& h0_, const Tensor& saved_,
+                                                                      const Tensor& w_hh, const OptTensor& lengths_,
+                                                                      double clip) {
+  constexpr bool gru = std::is_same_v<Bwd<float, float>, cells::GRUBwd<float, float>>;
+  const Checks ck{op, "y", y_};
+  const Dims d = check_seq_backward(ck, G, false, dy_, dhn, y_, h0_, w_hh, lengths_, clip);
+  check_saved(ck, saved_, S_, d);
   const int64_t T = d.T, B = d.B, H = d.H;
-  auto dy = dy_.contiguous(), saved = saved_.contiguous(), h0 = h0_.contiguous(), w = w_hh.contiguous();
+  auto dy = dy_.contiguous(), y = y_.contiguous(), saved = saved_.contiguous(), h0 = h0_.contiguous(),
+       w = w_hh.contiguous();
   auto lengths = contiguous_or_undefined(lengths_);
   auto opts = y.options();
-  auto dxg = at::empty({T, B, 3 * H}, opts), dhg = at::empty({T, B, 3 * H}, opts), direct = at::empty({B, H}, opts);
+  auto dxg = at::empty({T, B, G * H}, opts), direct = at::empty({B, H}, opts);
+  auto dhg = gru ? at::empty({T, B, G * H}, opts) : dxg;
   auto dh = dhn.clone(at::MemoryFormat::Contiguous);
-  RNNEXT_DISPATCH(y.scalar_type(), "gru_seq_backward", [&] {
+  RNNEXT_DISPATCH(y.scalar_type(), "gated_seq_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using S = scalar_t;
     const int64_t* len = cptr<int64_t>(lengths);
     for (int64_t t = T - 1; t >= 0; --t) {
-      const S* h_prev = t ? cptr<S>(y) + (t - 1) * B * H : cptr<S>(h0);
-      L::run(y.device(), B, H,
-             cells::GRUBwd<S, acc_t>{{len, t, H}, cptr<S>(dh), cptr<S>(dy) + t * B * H, cptr<S>(saved) + t * B * 4 * H,
-                                     h_prev, mptr<S>(dxg) + t * B * 3 * H, mptr<S>(dhg) + t * B * 3 * H,
-                                     mptr<S>(direct), acc_t(clip)});
+      const cells::Step step{len, t, H};
+      const S *dh_t = cptr<S>(dh), *dy_t = cptr<S>(dy) + t * B * H, *saved_t = cptr<S>(saved) + t * B * S_ * H,
+              *h_prev = t ? cptr<S>(y) + (t - 1) * B * H : cptr<S>(h0);
+      S* dxg_t = mptr<S>(dxg) + t * B * G * H;
+      if constexpr (gru)
+        L::run(y.device(), B, H,
+               Bwd<S, acc_t>{.step = step, .dh_next = dh_t, .dy = dy_t, .saved = saved_t, .h_prev = h_prev,
+                             .dxg = dxg_t, .dhg = mptr<S>(dhg) + t * B * G * H, .direct = mptr<S>(direct),
+                             .clip = acc_t(clip)});
+      else
+        L::run(y.device(), B, H,
+               Bwd<S, acc_t>{.step = step, .dh_next = dh_t, .dy = dy_t, .saved = saved_t, .h_prev = h_prev,
+                             .dgates = dxg_t, .direct = mptr<S>(direct), .clip = acc_t(clip)});
       step_gemm_backward(dh, direct, dhg[t], w);
     }
   });
-  return {dxg, dh, hh_weight_grad(dhg, h0, y, d), bias_grad(dxg), bias_grad(dhg)};
+  auto db_ih = bias_grad(dxg);
+  return {dxg, dh, hh_weight_grad(dhg, h0, y, d), db_ih, gru ? bias_grad(dhg) : db_ih.clone()};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(const Tensor& dy, const Tensor& dhn,
+                                                                    const Tensor& y, const Tensor& h0,
+                                                                    const Tensor& saved, const Tensor& w_hh,
+                                                                    const OptTensor& lengths, double clip) {
+  return gated_seq_backward<L, cells::GRUBwd, 3, 4>("gru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths, clip);
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(const Tensor& dy, const Tensor& dhn,
+                                                                     const Tensor& y, const Tensor& h0,
+                                                                     const Tensor& saved, const Tensor& w_hh,
+                                                                     const OptTensor& lengths, double clip) {
+  return gated_seq_backward<L, cells::MGRUBwd, 2, 2>("mgru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths,
+                                                     clip);
 }
 
 template <typename L>
 std::tuple<Tensor, Tensor> rnn_seq(const Tensor& xg_, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_ih,
                                    const OptTensor& b_hh, const OptTensor& lengths_, std::string_view nonlinearity,
-                                   double /*clip: for backward*/) {
-  const Dims d = check_seq("rnn_seq", 1, xg_, h0, w_hh, b_ih, b_hh, std::nullopt, lengths_);
+                                   double clip) {
+  const Dims d = check_seq("rnn_seq", 1, xg_, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths_, clip);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
   auto lengths = contiguous_or_undefined(lengths_);
@@ -271,9 +330,9 @@ std::tuple<Tensor, Tensor> rnn_seq(const Tensor& xg_, const Tensor& h0, const Te
       for (int64_t t = 0; t < T; ++t) {
         at::mm_out(hg, h, w_t);
         L::run(xg.device(), B, H,
-               cells::RNNFwd<decltype(act)::value, S, acc_t>{{len, t, H}, cptr<S>(xg) + t * B * H, cptr<S>(hg),
-                                                            cptr<S>(xb), cptr<S>(hb), cptr<S>(h), mptr<S>(h),
-                                                            mptr<S>(y) + t * B * H});
+               cells::RNNFwd<decltype(act)::value, S, acc_t>{
+                   .step = {len, t, H}, .xg = cptr<S>(xg) + t * B * H, .hg = cptr<S>(hg), .b_ih = cptr<S>(xb),
+                   .b_hh = cptr<S>(hb), .h_prev = cptr<S>(h), .h = mptr<S>(h), .y = mptr<S>(y) + t * B * H});
       }
     });
   });
@@ -285,8 +344,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor
                                                                     const Tensor& y_, const Tensor& h0,
                                                                     const Tensor& w_hh, const OptTensor& lengths_,
                                                                     std::string_view nonlinearity, double clip) {
-  // RNN saves nothing but y: y itself stands in for "saved" in the shape checks.
-  const Dims d = check_saved("rnn_seq_backward", y_, 1, dy_, dhn, y_, h0, w_hh, 1);
+  const Checks ck{"rnn_seq_backward", "y", y_};
+  const Dims d = check_seq_backward(ck, 1, false, dy_, dhn, y_, h0, w_hh, lengths_, clip);
   const int64_t T = d.T, B = d.B, H = d.H;
   auto dy = dy_.contiguous(), y = y_.contiguous(), w = w_hh.contiguous();
   auto lengths = contiguous_or_undefined(lengths_);
@@ -301,47 +360,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor
       const int64_t* len = cptr<int64_t>(lengths);
       for (int64_t t = T - 1; t >= 0; --t) {
         L::run(y.device(), B, H,
-               cells::RNNBwd<decltype(act)::value, S, acc_t>{{len, t, H}, cptr<S>(dh), cptr<S>(dy) + t * B * H,
-                                                            cptr<S>(y) + t * B * H, mptr<S>(dxg) + t * B * H,
-                                                            mptr<S>(direct), acc_t(clip)});
+               cells::RNNBwd<decltype(act)::value, S, acc_t>{
+                   .step = {len, t, H}, .dh_next = cptr<S>(dh), .dy = cptr<S>(dy) + t * B * H,
+                   .y = cptr<S>(y) + t * B * H, .dpre = mptr<S>(dxg) + t * B * H, .direct = mptr<S>(direct),
+                   .clip = acc_t(clip)});
         step_gemm_backward(dh, direct, dxg[t], w);
       }
     });
-  });
-  auto db = bias_grad(dxg);
-  return {dxg, dh, hh_weight_grad(dxg, h0, y, d), db.clone(), db};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
-                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                            double /*clip: for backward*/, bool save) {
-  return gated_seq<L, cells::MGRUFwd, 2, 2>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, save);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(const Tensor& dy_, const Tensor& dhn,
-                                                                     const Tensor& y, const Tensor& h0_,
-                                                                     const Tensor& saved_, const Tensor& w_hh,
-                                                                     const OptTensor& lengths_, double clip) {
-  const Dims d = check_saved("mgru_seq_backward", saved_, 2, dy_, dhn, y, h0_, w_hh, 2);
-  const int64_t T = d.T, B = d.B, H = d.H;
-  auto dy = dy_.contiguous(), saved = saved_.contiguous(), h0 = h0_.contiguous(), w = w_hh.contiguous();
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = y.options();
-  auto dxg = at::empty({T, B, 2 * H}, opts), direct = at::empty({B, H}, opts);
-  auto dh = dhn.clone(at::MemoryFormat::Contiguous);
-  RNNEXT_DISPATCH(y.scalar_type(), "mgru_seq_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using S = scalar_t;
-    const int64_t* len = cptr<int64_t>(lengths);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const S* h_prev = t ? cptr<S>(y) + (t - 1) * B * H : cptr<S>(h0);
-      L::run(y.device(), B, H,
-             cells::MGRUBwd<S, acc_t>{{len, t, H}, cptr<S>(dh), cptr<S>(dy) + t * B * H, cptr<S>(saved) + t * B * 2 * H,
-                                      h_prev, mptr<S>(dxg) + t * B * 2 * H, mptr<S>(direct), acc_t(clip)});
-      step_gemm_backward(dh, direct, dxg[t], w);
-    }
   });
   auto db = bias_grad(dxg);
   return {dxg, dh, hh_weight_grad(dxg, h0, y, d), db.clone(), db};

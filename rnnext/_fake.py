@@ -1,0 +1,221 @@
+"""Fake (meta) kernels of the ``torch.ops.rnnext`` ops: output shapes for FakeTensor, torch.compile and
+meta tensors, after the same argument checks as the C++ kernels, in the same order and with the same
+messages (``csrc/driver/common.h``, ``cell_ops.h``, ``sequence.h``), so a bad call fails alike in eager
+and under compile. ``tests/test_checks.py`` compares the two message by message.
+"""
+import torch
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check(cond, msg):
+    torch._check(cond, lambda: msg() if callable(msg) else msg)
+
+
+class Checks:
+    """Every tensor of an op is checked against one reference tensor (xg in forward, y in backward)."""
+
+    def __init__(self, op, ref_name, ref):
+        self.op, self.ref_name, self.ref = op, ref_name, ref
+
+    def dims(self, t, n, shape):
+        _check(t.dim() == n, lambda: f"{self.op}: expected {self.ref_name} of shape {shape}, got {list(t.shape)}")
+        _check(t.dtype in DTYPES, lambda: f"{self.op}: expected {self.ref_name} of dtype torch.float32, torch.float64, "
+                                          f"torch.float16 or torch.bfloat16, got {t.dtype}")
+
+    def like(self, name, t):
+        _check(t.device == self.ref.device,
+               lambda: f"{self.op}: {name} is on {t.device} but {self.ref_name} is on {self.ref.device}")
+        _check(t.dtype == self.ref.dtype,
+               lambda: f"{self.op}: {name} has dtype {t.dtype} but {self.ref_name} has dtype {self.ref.dtype}")
+
+    def shape(self, name, t, shape):
+        _check(list(t.shape) == list(shape), lambda: f"{self.op}: expected {name} of shape {list(shape)}, "
+                                                     f"got {list(t.shape)}")
+        self.like(name, t)
+
+    def lengths(self, lengths, B):
+        if lengths is None:
+            return
+        _check(lengths.dim() == 1 and lengths.shape[0] == B and lengths.dtype == torch.int64,
+               lambda: f"{self.op}: expected lengths of dtype torch.int64 and shape [{B}], got {lengths.dtype} "
+                       f"{list(lengths.shape)}")
+        _check(lengths.device == self.ref.device,
+               lambda: f"{self.op}: lengths is on {lengths.device} but {self.ref_name} is on {self.ref.device}")
+
+    def clip(self, v):
+        _check(v >= 0, lambda: f"{self.op}: expected clip >= 0 (0 = off), got {v:g}")
+
+
+def _gates_shape(G, time):
+    return ("[T, B, " if time else "[B, ") + ("H]" if G == 1 else f"{G}*H]")
+
+
+def _check_act(nonlinearity):
+    _check(nonlinearity in ("tanh", "relu"), lambda: f"Unknown nonlinearity: {nonlinearity}")
+
+
+# ---- single-step cells (cell_ops.h) ---------------------------------------------------------------
+
+def check_cell(op, ref_name, ref, G, same=(), states=()):
+    """ref [B, G*H]; `same` (name, tensor) pairs of ref's shape, `states` of [B, H]. Returns H."""
+    c = Checks(op, ref_name, ref)
+    c.dims(ref, 2, _gates_shape(G, False))
+    _check(ref.shape[1] % G == 0, lambda: f"{op}: {ref_name}.size(1) = {ref.shape[1]} is not a multiple of {G}")
+    H = ref.shape[1] // G
+    for name, t in same:
+        c.shape(name, t, ref.shape)
+    for name, t in states:
+        c.shape(name, t, (ref.shape[0], H))
+    return H
+
+
+def _new(t, *shape):
+    return t.new_empty(shape)
+
+
+def register_cells(lib):
+    @torch.library.register_fake(lib + "lstm_cell")
+    def _(xg, hg, cx):
+        check_cell("lstm_cell", "xg", xg, 4, [("hg", hg)], [("cx", cx)])
+        return _new(cx, *cx.shape), _new(cx, *cx.shape), _new(xg, *xg.shape)
+
+    @torch.library.register_fake(lib + "lstm_cell_backward")
+    def _(dhy, dcy, cx, cy, saved):
+        check_cell("lstm_cell_backward", "saved", saved, 4, [], [("dhy", dhy), ("dcy", dcy), ("cx", cx), ("cy", cy)])
+        return _new(saved, *saved.shape), _new(cx, *cx.shape)
+
+    @torch.library.register_fake(lib + "gru_cell")
+    def _(xg, hg, hx):
+        H = check_cell("gru_cell", "xg", xg, 3, [("hg", hg)], [("hx", hx)])
+        return _new(hx, *hx.shape), _new(hx, hx.shape[0], 4 * H)
+
+    @torch.library.register_fake(lib + "gru_cell_backward")
+    def _(dhy, hx, saved):
+        H = check_cell("gru_cell_backward", "saved", saved, 4, [], [("dhy", dhy), ("hx", hx)])
+        B = hx.shape[0]
+        return _new(hx, B, 3 * H), _new(hx, B, 3 * H), _new(hx, *hx.shape)
+
+    @torch.library.register_fake(lib + "mgru_cell")
+    def _(xg, hg, hx):
+        check_cell("mgru_cell", "xg", xg, 2, [("hg", hg)], [("hx", hx)])
+        return _new(hx, *hx.shape), _new(xg, *xg.shape)
+
+    @torch.library.register_fake(lib + "mgru_cell_backward")
+    def _(dhy, hx, saved):
+        check_cell("mgru_cell_backward", "saved", saved, 2, [], [("dhy", dhy), ("hx", hx)])
+        return _new(saved, *saved.shape), _new(hx, *hx.shape)
+
+    @torch.library.register_fake(lib + "rnn_cell")
+    def _(xg, hg, nonlinearity):
+        check_cell("rnn_cell", "xg", xg, 1, [("hg", hg)])
+        _check_act(nonlinearity)
+        return _new(xg, *xg.shape)
+
+    @torch.library.register_fake(lib + "rnn_cell_backward")
+    def _(dhy, hy, nonlinearity):
+        check_cell("rnn_cell_backward", "hy", hy, 1, [("dhy", dhy)])
+        _check_act(nonlinearity)
+        return _new(hy, *hy.shape)
+
+
+# ---- sequences (sequence.h) -----------------------------------------------------------------------
+
+def check_seq(op, G, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip):
+    """Forward: returns (T, B, H, P)."""
+    c = Checks(op, "xg", xg)
+    c.dims(xg, 3, _gates_shape(G, True))
+    _check(xg.shape[0] > 0, f"{op}: expected a sequence length larger than 0")
+    _check(xg.shape[2] % G == 0, lambda: f"{op}: xg.size(2) = {xg.shape[2]} is not a multiple of {G}")
+    T, B, H = xg.shape[0], xg.shape[1], xg.shape[2] // G
+    if w_hr is not None:
+        _check(w_hr.dim() == 2 and w_hr.shape[0] > 0 and w_hr.shape[1] == H,
+               lambda: f"{op}: expected w_hr of shape [P, {H}] with P > 0, got {list(w_hr.shape)}")
+        c.like("w_hr", w_hr)
+    P = H if w_hr is None else w_hr.shape[0]
+    c.shape("h0", h0, (B, P))
+    if c0 is not None:
+        c.shape("c0", c0, (B, H))
+    c.shape("w_hh", w_hh, (G * H, P))
+    if b_ih is not None:
+        c.shape("b_ih", b_ih, (G * H,))
+    if b_hh is not None:
+        c.shape("b_hh", b_hh, (G * H,))
+    c.lengths(lengths, B)
+    c.clip(clip)
+    return T, B, H, P
+
+
+def check_seq_backward(c, G, projected, dy, dhn, y, h0, w_hh, lengths, clip):
+    """Backward: y fixes T, B, P; H = P, or w_hh's rows / G with an LSTM projection. Returns (T, B, H, P)."""
+    c.dims(y, 3, "[T, B, P]")
+    _check(y.shape[0] > 0, f"{c.op}: expected a sequence length larger than 0")
+    T, B, P = y.shape
+    H = w_hh.shape[0] // G if projected and w_hh.dim() == 2 else P
+    c.shape("w_hh", w_hh, (G * H, P))
+    c.shape("dy", dy, (T, B, P))
+    c.shape("dhn", dhn, (B, P))
+    c.shape("h0", h0, (B, P))
+    c.lengths(lengths, B)
+    c.clip(clip)
+    return T, B, H, P
+
+
+def check_saved(c, saved, S, T, B, H):
+    _check(not (saved.dim() == 3 and saved.shape[0] == 0 and T > 0),
+           f"{c.op}: saved is empty: the forward ran with save=False, which saves nothing for backward")
+    c.shape("saved", saved, (T, B, S * H))
+
+
+def register_lstm_seq(lib):
+    @torch.library.register_fake(lib + "lstm_seq")
+    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True):
+        T, B, H, P = check_seq("lstm_seq", 4, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)
+        Ts = T if save else 0
+        return (_new(xg, T, B, P), _new(xg, B, P), _new(xg, B, H), _new(xg, Ts, B, H), _new(xg, Ts, B, 4 * H),
+                _new(xg, T if w_hr is not None else 0, B, H))
+
+    @torch.library.register_fake(lib + "lstm_seq_backward")
+    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0):
+        c = Checks("lstm_seq_backward", "y", y)
+        T, B, H, P = check_seq_backward(c, 4, w_hr is not None, dy, dhn, y, h0, w_hh, lengths, clip)
+        if w_hr is not None:
+            c.shape("w_hr", w_hr, (P, H))
+        c.shape("dcn", dcn, (B, H))
+        c.shape("c0", c0, (B, H))
+        c.shape("c_all", c_all, (T, B, H))
+        check_saved(c, saved, 4, T, B, H)
+        if w_hr is not None:
+            c.shape("r", r, (T, B, H))
+        return (_new(y, T, B, 4 * H), _new(y, B, P), _new(y, B, H), _new(y, 4 * H, P), _new(y, 4 * H),
+                _new(y, 4 * H), _new(y, P, H) if w_hr is not None else _new(y, 0))
+
+
+def register_gated_seq(lib, name, G, S):
+    """The GRU (G=3 gates, S=4 saved values per element) and the lecture's GRU (2, 2)."""
+    @torch.library.register_fake(lib + name)
+    def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True):
+        T, B, H, _ = check_seq(name, G, xg, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
+        return _new(xg, T, B, H), _new(xg, B, H), _new(xg, T if save else 0, B, S * H)
+
+    @torch.library.register_fake(lib + name + "_backward")
+    def _(dy, dhn, y, h0, saved, w_hh, lengths, clip=0.0):
+        c = Checks(name + "_backward", "y", y)
+        T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, y, h0, w_hh, lengths, clip)
+        check_saved(c, saved, S, T, B, H)
+        return _new(y, T, B, G * H), _new(y, B, H), _new(y, G * H, H), _new(y, G * H), _new(y, G * H)
+
+
+def register_rnn_seq(lib):
+    @torch.library.register_fake(lib + "rnn_seq")
+    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0):
+        T, B, H, _ = check_seq("rnn_seq", 1, xg, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
+        _check_act(nonlinearity)
+        return _new(xg, T, B, H), _new(xg, B, H)
+
+    @torch.library.register_fake(lib + "rnn_seq_backward")
+    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity, clip=0.0):
+        c = Checks("rnn_seq_backward", "y", y)
+        T, B, H, _ = check_seq_backward(c, 1, False, dy, dhn, y, h0, w_hh, lengths, clip)
+        _check_act(nonlinearity)
+        return _new(y, T, B, H), _new(y, B, H), _new(y, H, H), _new(y, H), _new(y, H)
