@@ -8,6 +8,7 @@ CUDA_HOME defaults to /usr/local/cuda when that exists; MAX_JOBS limits parallel
 import glob
 import os
 import shutil
+import sys
 import sysconfig
 
 from setuptools import find_packages, setup
@@ -23,10 +24,36 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "tools"))
+import toolchain  # noqa: E402
 
 
 def log(msg):
     print(f"rnnext setup: {msg}", flush=True)
+
+
+def pick_compiler():
+    """A C++ compiler whose libstdc++ is the one torch loads, and a link without -Bsymbolic-functions
+    (tools/toolchain.py says why). Sets CXX, CC (nvcc's -ccbin) and LDSHARED for this build.
+    RNNEXT_TRUST_CXX=1 keeps $CXX whatever its runtime."""
+    loaded = toolchain.loaded_runtime()
+    if os.environ.get("RNNEXT_TRUST_CXX") == "1" and os.environ.get("CXX"):
+        cxx, rt, why = os.environ["CXX"], toolchain.compiler_runtime(os.environ["CXX"]), "RNNEXT_TRUST_CXX=1"
+    else:
+        cxx, rt, why = toolchain.choose(toolchain.candidates(), loaded)
+    if cxx is None:
+        log("no C++ compiler found")
+        return
+    if os.environ.get("CXX") and os.path.realpath(shutil.which(os.environ["CXX"]) or "") != os.path.realpath(cxx):
+        log(f"ignoring CXX={os.environ['CXX']}: its libstdc++ ({toolchain.compiler_runtime(os.environ['CXX'])}) is "
+            f"newer than torch's; set RNNEXT_TRUST_CXX=1 to use it anyway")
+    cc = toolchain.c_compiler(cxx)
+    os.environ["CXX"], os.environ["CC"] = cxx, cc
+    ldshared = sysconfig.get_config_var("LDSHARED") or ""
+    if ldshared and "LDSHARED" not in os.environ:
+        os.environ["LDSHARED"] = toolchain.without_symbolic_functions(cc + " " + " ".join(ldshared.split()[1:]))
+    log(f"C++ compiler {cxx}: {why} ({rt}; torch loads {loaded}); C compiler and nvcc -ccbin: {cc}; "
+        f"link: {os.environ.get('LDSHARED', ldshared)}")
 
 
 def want_cuda():
@@ -77,6 +104,7 @@ def sources(pattern):
 
 
 def extension():
+    pick_compiler()
     use_cuda, why = want_cuda()
     capability = cpu_capability()
     log(f"CPU kernels: {capability} SIMD")

@@ -30,7 +30,8 @@ CELLS = {"lstm": (rnnext.LSTM, torch.nn.LSTM, 4), "gru": (rnnext.GRU, torch.nn.G
          "rnn": (rnnext.RNN, torch.nn.RNN, 1)}
 CANDIDATES = ("rnnext", "torch.nn", "reference")
 DEFAULT = {"cpu": [(100, 32, 256, 256), (100, 8, 128, 128), (50, 64, 512, 512)],
-           "cuda": [(100, 64, 512, 512), (1024, 16, 768, 768)]}
+           "cuda": [(100, 1, 256, 256), (100, 16, 512, 512), (100, 64, 512, 512), (1024, 16, 768, 768),
+                    (100, 256, 1024, 1024)]}
 SMOKE = [(3, 2, 4, 5)]
 # (cell, (T, B, I, H)) whose fwd+bwd peak memory is reported on its own: long sequences
 MEMORY = {"cpu": [("lstm", (1000, 32, 256, 256))], "cuda": [("lstm", (1000, 64, 512, 512))]}

@@ -64,7 +64,8 @@ def backend_for(t: torch.Tensor, backend: str | None = None):
 
 
 # What torch.nn's RNNs do under torch.autocast, per device: "lower" runs in the autocast dtype, "fp32"
-# in float32 (measured with torch 2.14 on CPU; CUDA autocasts every RNN op to the lower precision).
+# in float32 (measured with torch 2.14 on CPU). CUDA: everything in the autocast dtype requested, a
+# decision: torch 2.11's nn.LSTM ran in float16 under a bfloat16 autocast (measured on an H100).
 AUTOCAST = {"cpu": {"lstm": "lower", "rnn": "lower", "rnn_cell": "lower", "gru": "fp32", "lstm_cell": "fp32",
                     "gru_cell": "fp32"}}
 

@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
 from rnnext import ops
-from conftest import close, cpu_and_cuda, same_error
+from conftest import CUDA, close, cpu_and_cuda, same_error
 
 MODES = {"lstm": (rnnext.LSTM, nn.LSTM, {}), "gru": (rnnext.GRU, nn.GRU, {}),
          "rnn_tanh": (rnnext.RNN, nn.RNN, {"nonlinearity": "tanh"}),
@@ -280,6 +280,18 @@ def test_autocast_like_torch(device, kind):
     ref = exact(x.double())[0]
     err, base = (got.double() - ref).abs().max().item(), (want.double() - ref).abs().max().item()
     assert err <= 2 * base + 1e-3, (err, base)
+
+
+@CUDA
+@pytest.mark.parametrize("kind", list(MODES))
+def test_autocast_cuda_keeps_the_requested_dtype(kind):
+    """README: on CUDA the layers run in the autocast dtype asked for (torch 2.11's nn.LSTM gave float16
+    under a bfloat16 autocast)."""
+    ours, _ = pair(kind, 16, 24, "cuda", dtype=torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, hidden = ours(torch.randn(5, 3, 16, device="cuda"))
+    assert y.dtype == torch.bfloat16
+    assert all(h.dtype == torch.bfloat16 for h in (hidden if isinstance(hidden, tuple) else (hidden,)))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

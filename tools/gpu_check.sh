@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check, one command for a lent GPU machine (no network; python3 with torch+CUDA, pytest, ninja):
-# build for sm_90 with all cores, run the whole test suite (the CUDA cases run here), a short GPU
-# benchmark, and print a summary last. Logs and result tables (8 files) go to $OUT when it is set. Sized for
-# < 8 minutes on an H100.
+# GPU check, one command for a lent GPU machine (no network; python3 with torch+CUDA, pytest,
+# pytest-xdist, pytest-timeout, ninja): build for sm_90 with a compiler whose C++ runtime is torch's
+# (setup.py picks it and says which), smoke-check the build in a subprocess (an error message with a
+# number must raise, not crash), run every test, CPU and CUDA, with pytest-xdist (a crash fails one
+# test, the rest still run), benchmark fp32/bf16/fp16 against torch.nn, and print one summary line
+# last. At most 8 files in $OUT. Sized for < 6 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -10,35 +12,57 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 PY="${PYTHON:-python3}"
-MACHINE=$(mktemp)  # not in $OUT: at most 8 files come back from a lent machine
-summary=()
+WORKERS="${WORKERS:-8}"
+BENCH=$(mktemp -d)  # the benchmark's csv/png stay here: only its .md tables go to $OUT
+rcs=()
 failed=0
 
-step() {  # name, timeout seconds, command...
-  local name=$1 limit=$2; shift 2
+step() {  # name, timeout seconds, log file, command...
+  local name=$1 limit=$2 log=$3; shift 3
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >> "$log" 2>&1
   local rc=$?
-  summary+=("$(printf '%-10s rc=%-3s %4ss  (%s)' "$name" "$rc" "$((SECONDS - t0))" "$OUT/$name.log")")
-  tail -n 25 "$OUT/$name.log"
+  rcs+=("$name rc=$rc $((SECONDS - t0))s")
+  tail -n 15 "$log"
   [ "$rc" -eq 0 ] || failed=1
   return $rc
 }
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+{ echo "commit $commit"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  git rev-parse HEAD 2>/dev/null; } > "$MACHINE" 2>&1
-cat "$MACHINE"
+  echo "CXX=${CXX:-} CC=${CC:-}"; } > "$OUT/build.log" 2>&1
+cat "$OUT/build.log"
 
-if step build 300 "$PY" setup.py build_ext --inplace; then
-  step tests 240 "$PY" -m pytest -q -x -p no:cacheprovider tests
-  # rnnext vs cuDNN vs reference at (100,64,512,512) and (1024,16,768,768); tables land in $OUT
-  step bench_fp32 150 "$PY" benchmarks/bench.py --device cuda --dtype float32 --quick --out "$OUT"
-  step bench_bf16 150 "$PY" benchmarks/bench.py --device cuda --dtype bfloat16 --quick --out "$OUT"
+if step build 300 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
+  compiler=$(grep -o "C++ compiler [^:]*" "$OUT/build.log" | tail -n 1 | cut -d' ' -f3)
+  {
+    "$PY" tools/toolchain.py
+    so=$(ls rnnext/_C*.so | head -n 1)
+    echo "libstdc++ code defined inside $so (a private copy of the stream code crashed once):"
+    nm -DC --defined-only "$so" 2>/dev/null | grep -E " (W|T) std::" | grep -E "basic_ostream|_M_insert|locale" | head -n 20
+  } > "$OUT/smoke.log" 2>&1
+  step smoke 120 "$OUT/smoke.log" "$PY" tools/smoke.py
+  step tests 300 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --timeout 240 -ra tests
+  for dtype in float32 bfloat16 float16; do
+    step "bench_$dtype" 100 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --dtype "$dtype" --quick \
+      --no-reference --out "$BENCH"
+    cp "$BENCH/cuda-$dtype.md" "$OUT/" 2>/dev/null
+  done
 fi
 
-echo; echo "== gpu_check summary =="; cat "$MACHINE"
-printf '%s\n' "${summary[@]}"
-grep -E "passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1
-grep -h "geometric-mean\|peak memory" "$OUT"/cuda-*.md 2>/dev/null
+# pytest-xdist reports a worker killed by a signal as "worker 'gwN' crashed while running 'test'"
+passed=$(grep -Eo "[0-9]+ passed" "$OUT/tests.log" 2>/dev/null | tail -n 1 | cut -d' ' -f1)
+nfailed=$(grep -Eo "[0-9]+ failed" "$OUT/tests.log" 2>/dev/null | tail -n 1 | cut -d' ' -f1)
+crashed=$(grep -o "crashed while running '[^']*'" "$OUT/tests.log" 2>/dev/null | sort -u | wc -l)
+smoke=$(grep -Eo "smoke [a-z]+: [A-Za-z]+( \([A-Z]+\))?" "$OUT/smoke.log" 2>/dev/null | tr '\n' ' ')
+{
+  echo; echo "== gpu_check summary =="
+  head -n 4 "$OUT/build.log"
+  printf '%s\n' "${rcs[@]}"
+  grep -E "(passed|failed).* in [0-9.]+s" "$OUT/tests.log" 2>/dev/null | tail -n 1
+  grep -o "crashed while running '[^']*'" "$OUT/tests.log" 2>/dev/null | sort -u
+  grep -h "geometric-mean\|peak memory" "$OUT"/cuda-*.md 2>/dev/null
+  echo "gpu_check: passed=${passed:-0} failed=${nfailed:-0} crashed=${crashed:-0} ${smoke}compiler=${compiler:-none} commit=$commit"
+} | tee "$OUT/summary.txt"
 exit $failed
