@@ -3,13 +3,36 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "persistent/plan.h"
+
 // `import rnnext._C` loads this library, which registers the ops below with the dispatcher.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 
+namespace {
+
+// The planner of the persistent kernels (persistent/plan.h), for tests and for users who want to know
+// what would run: [fits, ctas, units, Bp, Np, Kp, kc, smem bytes].
+std::vector<int64_t> persistent_plan(bool backward, int64_t G, int64_t B, int64_t H, int64_t elem, int64_t acc,
+                                     bool mma, int64_t sms, int64_t smem_per_block, int64_t threads, int64_t min_rows,
+                                     bool align_units) {
+  using namespace rnnext::persistent;
+  const Plan pl = make_plan(backward ? Dir::Backward : Dir::Forward, G, B, H, elem, acc, mma,
+                            Capacity{sms, smem_per_block, threads, min_rows, align_units});
+  return {pl.fits, pl.ctas, pl.units, pl.Bp, pl.Np, pl.Kp, pl.kc, pl.smem};
+}
+
+}  // namespace
+
 TORCH_LIBRARY(rnnext, m) {
+  m.def("persistent_plan(bool backward, int G, int B, int H, int elem, int acc, bool mma, int sms, "
+        "int smem_per_block, int threads, int min_rows, bool align_units) -> int[]",
+        &persistent_plan);
+
   // Single-step cells. xg, hg: [B, G*H] input and hidden projections (biases included);
   // cx/hx: [B, H] previous state; saved: [B, 4*H] what backward needs (activated gates).
   m.def("lstm_cell(Tensor xg, Tensor hg, Tensor cx) -> (Tensor hy, Tensor cy, Tensor saved)");
@@ -26,27 +49,31 @@ TORCH_LIBRARY(rnnext, m) {
   // hn, cn: final states; c_all, saved, r: what backward needs. clip: BPTT gradient clipping of the
   // state at every step (0 = off; cells/step.h), taken by the forward ops too so autograd can pass it on.
   // save=False (no backward will follow): c_all and saved come back empty and are not computed.
+  // path: 0 auto (the device's default), 1 per-step, 2 persistent where the device has it and the plan
+  // fits (else per-step): see driver/loops.h.
   m.def("lstm_seq(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
-        "Tensor? lengths, float clip=0., bool save=True) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, Tensor saved, "
+        "Tensor? lengths, float clip=0., bool save=True, int path=0) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, "
+        "Tensor saved, "
         "Tensor r)");
   m.def("lstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor y, Tensor h0, Tensor c0, Tensor c_all, "
-        "Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths, float clip=0.) -> (Tensor dxg, Tensor dh0, "
+        "Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths, float clip=0., int path=0) -> (Tensor dxg, "
+        "Tensor dh0, "
         "Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
   m.def("gru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0., "
-        "bool save=True) "
+        "bool save=True, int path=0) "
         "-> (Tensor y, Tensor hn, Tensor saved)");
   m.def("gru_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor saved, Tensor w_hh, Tensor? lengths, "
-        "float clip=0.) "
+        "float clip=0., int path=0) "
         "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
   m.def("rnn_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, str nonlinearity, "
-        "float clip=0.) "
+        "float clip=0., int path=0) "
         "-> (Tensor y, Tensor hn)");
   m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor w_hh, Tensor? lengths, "
-        "str nonlinearity, float clip=0.) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+        "str nonlinearity, float clip=0., int path=0) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
   // The lecture's GRU (update gate only; cells/mgru.h): gates (u, c), saved (u, c~) [T, B, 2H].
   m.def("mgru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0., "
-        "bool save=True) "
+        "bool save=True, int path=0) "
         "-> (Tensor y, Tensor hn, Tensor saved)");
   m.def("mgru_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor saved, Tensor w_hh, Tensor? lengths, "
-        "float clip=0.) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+        "float clip=0., int path=0) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
 }

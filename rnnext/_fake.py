@@ -51,6 +51,10 @@ def _gates_shape(G, time):
     return ("[T, B, " if time else "[B, ") + ("H]" if G == 1 else f"{G}*H]")
 
 
+def _check_path(op, path):
+    _check(0 <= path <= 2, lambda: f"{op}: expected path 0 (auto), 1 (per-step) or 2 (persistent), got {path}")
+
+
 def _check_act(nonlinearity):
     _check(nonlinearity in ("tanh", "relu"), lambda: f"Unknown nonlinearity: {nonlinearity}")
 
@@ -169,14 +173,15 @@ def check_saved(c, saved, S, T, B, H):
 
 def register_lstm_seq(lib):
     @torch.library.register_fake(lib + "lstm_seq")
-    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True):
+    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True, path=0):
         T, B, H, P = check_seq("lstm_seq", 4, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)
+        _check_path("lstm_seq", path)
         Ts = T if save else 0
         return (_new(xg, T, B, P), _new(xg, B, P), _new(xg, B, H), _new(xg, Ts, B, H), _new(xg, Ts, B, 4 * H),
                 _new(xg, T if w_hr is not None else 0, B, H))
 
     @torch.library.register_fake(lib + "lstm_seq_backward")
-    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0):
+    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0, path=0):
         c = Checks("lstm_seq_backward", "y", y)
         T, B, H, P = check_seq_backward(c, 4, w_hr is not None, dy, dhn, y, h0, w_hh, lengths, clip)
         if w_hr is not None:
@@ -187,6 +192,7 @@ def register_lstm_seq(lib):
         check_saved(c, saved, 4, T, B, H)
         if w_hr is not None:
             c.shape("r", r, (T, B, H))
+        _check_path(c.op, path)
         return (_new(y, T, B, 4 * H), _new(y, B, P), _new(y, B, H), _new(y, 4 * H, P), _new(y, 4 * H),
                 _new(y, 4 * H), _new(y, P, H) if w_hr is not None else _new(y, 0))
 
@@ -194,28 +200,32 @@ def register_lstm_seq(lib):
 def register_gated_seq(lib, name, G, S):
     """The GRU (G=3 gates, S=4 saved values per element) and the lecture's GRU (2, 2)."""
     @torch.library.register_fake(lib + name)
-    def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True):
+    def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True, path=0):
         T, B, H, _ = check_seq(name, G, xg, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
+        _check_path(name, path)
         return _new(xg, T, B, H), _new(xg, B, H), _new(xg, T if save else 0, B, S * H)
 
     @torch.library.register_fake(lib + name + "_backward")
-    def _(dy, dhn, y, h0, saved, w_hh, lengths, clip=0.0):
+    def _(dy, dhn, y, h0, saved, w_hh, lengths, clip=0.0, path=0):
         c = Checks(name + "_backward", "y", y)
         T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, y, h0, w_hh, lengths, clip)
         check_saved(c, saved, S, T, B, H)
+        _check_path(c.op, path)
         return _new(y, T, B, G * H), _new(y, B, H), _new(y, G * H, H), _new(y, G * H), _new(y, G * H)
 
 
 def register_rnn_seq(lib):
     @torch.library.register_fake(lib + "rnn_seq")
-    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0):
+    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0, path=0):
         T, B, H, _ = check_seq("rnn_seq", 1, xg, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
+        _check_path("rnn_seq", path)
         _check_act(nonlinearity)
         return _new(xg, T, B, H), _new(xg, B, H)
 
     @torch.library.register_fake(lib + "rnn_seq_backward")
-    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity, clip=0.0):
+    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity, clip=0.0, path=0):
         c = Checks("rnn_seq_backward", "y", y)
         T, B, H, _ = check_seq_backward(c, 1, False, dy, dhn, y, h0, w_hh, lengths, clip)
+        _check_path(c.op, path)
         _check_act(nonlinearity)
         return _new(y, T, B, H), _new(y, B, H), _new(y, H, H), _new(y, H), _new(y, H)

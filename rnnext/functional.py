@@ -23,7 +23,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnnext import ops, reference
 
-BACKENDS = ("auto", "fused", "reference")
+BACKENDS = ("auto", "fused", "step", "persistent", "reference")
+# The fused ops' kernel per backend (see ops.recurrence): "step" and "persistent" force one.
+PATHS = {"step": 1, "persistent": 2}
 # Per thread and asyncio task (a new thread starts at "auto"). torch.compile guards on its value, so
 # a compiled model switched to another backend recompiles rather than running the old one.
 _backend = contextvars.ContextVar("rnnext_backend", default="auto")
@@ -31,7 +33,9 @@ _backend = contextvars.ContextVar("rnnext_backend", default="auto")
 
 def set_backend(name: str) -> None:
     """Selects the backend for later calls in this thread (or asyncio task): "auto" (default: fused
-    where it runs, else the reference), "fused" (raise where it cannot run) or "reference"."""
+    where it runs, else the reference), "fused" (raise where it cannot run), "step" or "persistent"
+    (fused, forcing the per-step kernels or the persistent one where it fits; see
+    :func:`rnnext.ops.recurrence`) or "reference"."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     _backend.set(name)
@@ -57,7 +61,7 @@ def backend_for(t: torch.Tensor, backend: str | None = None):
         return reference
     if ops.available(t):
         return ops
-    if backend == "fused":
+    if backend != "auto":
         reason = ops.LOAD_ERROR or f"no fused kernel for {t.dtype} on {t.device.type}"
         raise RuntimeError(f"rnnext: the fused backend was requested but cannot run: {reason}")
     return reference
@@ -161,6 +165,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
         x = input.transpose(0, 1) if batch_first else input
     if x.size(0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    backend = backend or _backend.get()
     impl = backend_for(x, backend)
     hs, cs = [], []
     for layer in range(num_layers):
@@ -171,7 +176,8 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             y, h, c = impl.recurrence(
                 mode, F.linear(x, p[0]), h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
-                p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip)
+                p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip,
+                path=PATHS.get(backend, 0))
             ys.append(y)
             hs.append(h)
             cs.append(c)

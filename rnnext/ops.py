@@ -70,8 +70,10 @@ def mgru_cell(xg, hg, hx):
 
 
 def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh", clip=0.0):
-    """One layer-direction on the fused sequence ops; see :func:`rnnext.reference.recurrence`."""
+               nonlinearity="tanh", clip=0.0, path=0):
+    """One layer-direction on the fused sequence ops; see :func:`rnnext.reference.recurrence`. path: 0 the
+    device's default, 1 per step (a GEMM and a cell kernel per step), 2 the persistent kernel where it runs
+    and fits (one launch, weights on chip; on CPU an emulation for tests), else per step."""
     if reverse:
         xg = flip_within(xg, lengths)
     # Without a backward to follow (no_grad, or nothing requires grad), skip saving the gates.
@@ -79,13 +81,13 @@ def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=
         t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_ih, b_hh, w_hr))
     cn = None
     if mode == "LSTM":
-        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save)[:3]
+        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save, path)[:3]
     elif mode == "GRU":
-        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save)
+        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
     elif mode == "MGRU":
-        y, hn, _ = torch.ops.rnnext.mgru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save)
+        y, hn, _ = torch.ops.rnnext.mgru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
     else:
-        y, hn = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip)
+        y, hn = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip, path)
     if reverse:
         y = flip_within(y, lengths)
     return y, hn, cn
@@ -112,9 +114,10 @@ def _bias_grads(ctx, db_ih, db_hh):
     return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
 
 
-def _options(ctx, rest):  # (clip, save) after the tensors; tracing may drop defaulted trailing ones
+def _options(ctx, rest):  # (clip, save, path) after the tensors; tracing may drop defaulted trailing ones
     ctx.clip = rest[0] if len(rest) > 0 else 0.0
     ctx.saved_gates = rest[1] if len(rest) > 1 else True
+    ctx.path = rest[2] if len(rest) > 2 else 0
 
 
 def _check_saved(ctx, name):
@@ -140,8 +143,8 @@ def _autograd_lstm_seq(lib):
         y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
         dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
             _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
-            w_hr, lengths, ctx.clip)
-        return dxg, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, None, None, None
+            w_hr, lengths, ctx.clip, ctx.path)
+        return dxg, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, *[None] * 4
 
     torch.library.register_autograd(lib + "lstm_seq", backward, setup_context=setup)
 
@@ -162,8 +165,8 @@ def _autograd_gated_seq(lib, name):
         _check_saved(ctx, name)
         y, h0, saved, w_hh, lengths = ctx.saved_tensors
         dxg, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths, ctx.clip)
-        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), None, None, None
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths, ctx.clip, ctx.path)
+        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
 
     torch.library.register_autograd(lib + name, backward, setup_context=setup)
 
@@ -171,8 +174,9 @@ def _autograd_gated_seq(lib, name):
 def _autograd_rnn_seq(lib):
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills grads for outputs nobody used
-        xg, h0, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity, *clip = inputs
-        ctx.clip = clip[0] if clip else 0.0
+        xg, h0, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity, *rest = inputs
+        ctx.clip = rest[0] if len(rest) > 0 else 0.0
+        ctx.path = rest[1] if len(rest) > 1 else 0
         _biases(ctx, b_ih, b_hh)
         ctx.save_for_backward(output[0], h0, w_hh, lengths)
 
@@ -180,8 +184,9 @@ def _autograd_rnn_seq(lib):
         _first_order_only("rnn_seq")
         y, h0, w_hh, lengths = ctx.saved_tensors
         dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity, ctx.clip)
-        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), None, None, None
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity, ctx.clip,
+            ctx.path)
+        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
 
     torch.library.register_autograd(lib + "rnn_seq", backward, setup_context=setup)
 

@@ -50,7 +50,7 @@ def rnn_cell(xg, hg, nonlinearity):
 
 
 def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh", clip=0.0):
+               nonlinearity="tanh", clip=0.0, path=0):
     """One layer-direction over a sequence: a Python loop over this module's cells.
 
     mode "LSTM", "GRU", "MGRU" (the lecture's GRU) or "RNN"; xg ``[T, B, G*H]`` input projection ``x @ w_ih^T`` (b_ih is added here:
@@ -59,7 +59,8 @@ def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=
     lengths ``[B]`` int64 on xg's device or None: steps t >= lengths[b] keep the state and output 0;
     reverse: run each sequence backwards within its length. clip > 0: BPTT gradient clipping, the
     gradient of the state each step produces (summed over its uses: the output and the next step) is
-    clamped to [-clip, clip] (a hook on it; the fused kernels clamp the same quantity). Returns
+    clamped to [-clip, clip] (a hook on it; the fused kernels clamp the same quantity). path: the fused
+    ops' choice of kernel, ignored here. Returns
     ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
     """
     if b_ih is not None:

@@ -49,21 +49,21 @@ def good_calls(device):
         h0, c0, w_hh = t(B, p), t(B, H), t(4 * H, p)
         y, hn, cn, c_all, saved, r = add(
             "lstm_seq" + ("[proj]" if proj else ""), rn.lstm_seq, xg=t(T, B, 4 * H), h0=h0, c0=c0, w_hh=w_hh,
-            b_ih=t(4 * H), b_hh=t(4 * H), w_hr=w_hr, lengths=lengths, clip=0.5, save=True)
+            b_ih=t(4 * H), b_hh=t(4 * H), w_hr=w_hr, lengths=lengths, clip=0.5, save=True, path=0)
         add("lstm_seq_backward" + ("[proj]" if proj else ""), rn.lstm_seq_backward, dy=t(T, B, p), dhn=t(B, p),
             dcn=t(B, H), y=y, h0=h0, c0=c0, c_all=c_all, saved=saved, r=r, w_hh=w_hh, w_hr=w_hr, lengths=lengths,
-            clip=0.5)
+            clip=0.5, path=0)
     for name, G in (("gru_seq", 3), ("mgru_seq", 2)):
         h0, w_hh = t(B, H), t(G * H, H)
         y, hn, saved = add(name, getattr(rn, name), xg=t(T, B, G * H), h0=h0, w_hh=w_hh, b_ih=t(G * H),
-                           b_hh=t(G * H), lengths=lengths, clip=0.5, save=True)
+                           b_hh=t(G * H), lengths=lengths, clip=0.5, save=True, path=0)
         add(name + "_backward", getattr(rn, name + "_backward"), dy=t(T, B, H), dhn=t(B, H), y=y, h0=h0, saved=saved,
-            w_hh=w_hh, lengths=lengths, clip=0.5)
+            w_hh=w_hh, lengths=lengths, clip=0.5, path=0)
     h0, w_hh = t(B, H), t(H, H)
     y, hn = add("rnn_seq", rn.rnn_seq, xg=t(T, B, H), h0=h0, w_hh=w_hh, b_ih=t(H), b_hh=t(H), lengths=lengths,
-                nonlinearity="tanh", clip=0.5)
+                nonlinearity="tanh", clip=0.5, path=0)
     add("rnn_seq_backward", rn.rnn_seq_backward, dy=t(T, B, H), dhn=t(B, H), y=y, h0=h0, w_hh=w_hh, lengths=lengths,
-        nonlinearity="tanh", clip=0.5)
+        nonlinearity="tanh", clip=0.5, path=0)
     return calls
 
 
@@ -78,6 +78,8 @@ def bad_values(name, arg, value, device):
         return [("unknown nonlinearity", "gelu")]
     if isinstance(value, float):
         return [("negative clip", -0.5)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [("path 3", 3), ("path -1", -1)]
     if not isinstance(value, torch.Tensor):
         return []
     if unused(arg, value):

@@ -17,6 +17,15 @@ __global__ void elementwise_kernel(int64_t n, int64_t H, F f) {
 }
 
 struct CudaLauncher {
+  template <typename Cell, typename S, typename A>
+  static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor&, Tensor&) {
+    return false;
+  }
+  template <typename Cell, typename S, typename A>
+  static bool persistent_backward(Path, const cells::SeqBwd<S, A>&, const Tensor&, Tensor&) {
+    return false;
+  }
+
   template <typename F>
   static void run(c10::Device device, int64_t B, int64_t H, const F& f) {
     const int64_t n = B * H;

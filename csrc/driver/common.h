@@ -92,7 +92,7 @@ const T* cptr(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 template <typename T>
-T* mptr(Tensor& t) {
+T* mptr(const Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 

@@ -15,20 +15,25 @@
 //   saved    [T, B, 4*H]  activated gates for backward (LSTM i,f,g,o; GRU r,z,n,hn)
 //   save     false: no backward will follow (no_grad); c_all and saved are then [0, B, .] and not written
 //   r        [T, B, H]    LSTM with w_hr: cell outputs o*tanh(c) before the projection; else [0]
+//   path     0 auto, 1 per-step, 2 persistent (where the device has it and the plan fits; else per-step)
 // Backward needs the state before each step only where the step is within its sequence, and there it
 // equals the previous output: h_prev[t] = y[t-1] (h0 at t = 0), so the states are not saved.
 #pragma once
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 
-#include "driver/common.h"
+#include "driver/loops.h"
 
 namespace rnnext {
 
 struct Dims {
   int64_t T, B, H, P;
 };
+
+inline Path check_path(const char* op, int64_t path) {
+  TORCH_CHECK(path >= 0 && path <= 2, op, ": expected path 0 (auto), 1 (per-step) or 2 (persistent), got ", path);
+  return static_cast<Path>(path);
+}
 
 // Forward: xg [T, B, G*H] fixes T, B, H and the device and dtype of everything; w_hr fixes P.
 inline Dims check_seq(const char* op, int64_t G, const Tensor& xg, const Tensor& h0, const Tensor* c0,
@@ -83,18 +88,6 @@ inline void check_saved(const Checks& c, const Tensor& saved, int64_t S, const D
 
 inline Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
 
-// MKL packs a transposed right operand on every call; a contiguous [K, N] one it reads as is
-// (measured: [32,256]x[256,1024] 85 us vs 120 us). Transposed once per sequence, used every step.
-inline Tensor right_operand(const Tensor& w) { return w.t().contiguous(); }
-
-// dh_prev = direct + dgates @ w_hh, where direct is defined
-inline void step_gemm_backward(Tensor& dh_prev, const Tensor& direct, const Tensor& dgates, const Tensor& w_hh) {
-  if (direct.defined())
-    at::addmm_out(dh_prev, direct, dgates, w_hh);
-  else
-    at::mm_out(dh_prev, dgates, w_hh);
-}
-
 // dw_hh = sum over steps of dgates[t]^T @ h_prev[t] (h0, then y[t-1]): one GEMM for all steps
 inline Tensor hh_weight_grad(const Tensor& dgates, const Tensor& h0, const Tensor& y, const Dims& d) {
   auto dw = at::mm(dgates[0].t(), h0);
@@ -107,269 +100,214 @@ inline Tensor hh_weight_grad(const Tensor& dgates, const Tensor& h0, const Tenso
 
 inline Tensor bias_grad(const Tensor& dgates) { return dgates.sum(at::IntArrayRef{0, 1}); }
 
+// What every forward allocates and points at; h is the carried state (h0 on entry, h_n on exit).
+struct FwdTensors {
+  Tensor xg, b_ih, b_hh, w_hh, w_hr, lengths, y, h, c_all, saved, r;
+};
+
+inline FwdTensors fwd_tensors(const Dims& d, int64_t G, int64_t S, const Tensor& xg, const Tensor& h0,
+                              const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                              const OptTensor& lengths, bool save, bool lstm) {
+  auto opts = xg.options();
+  const int64_t Ts = save ? d.T : 0;
+  return {.xg = xg.contiguous(), .b_ih = contiguous_or_undefined(b_ih), .b_hh = contiguous_or_undefined(b_hh),
+          .w_hh = w_hh.contiguous(), .w_hr = contiguous_or_undefined(w_hr), .lengths = contiguous_or_undefined(lengths),
+          .y = at::empty({d.T, d.B, d.P}, opts), .h = h0.clone(at::MemoryFormat::Contiguous),
+          .c_all = at::empty({lstm ? Ts : 0, d.B, d.H}, opts), .saved = at::empty({S ? Ts : 0, d.B, S * d.H}, opts),
+          .r = at::empty({w_hr ? d.T : 0, d.B, d.H}, opts)};
+}
+
+template <typename S, typename A>
+cells::SeqFwd<S, A> fwd_pointers(const Dims& d, FwdTensors& f, Tensor& c, bool save) {
+  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .lengths = cptr<int64_t>(f.lengths), .xg = cptr<S>(f.xg),
+          .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .c = mptr<A>(c), .y = mptr<S>(f.y),
+          .c_all = save && f.c_all.numel() ? mptr<S>(f.c_all) : nullptr,
+          .saved = save && f.saved.numel() ? mptr<S>(f.saved) : nullptr, .r = f.w_hr.defined() ? mptr<S>(f.r) : nullptr};
+}
+
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor& xg_, const Tensor& h0,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor& xg, const Tensor& h0,
                                                                     const Tensor& c0, const Tensor& w_hh,
                                                                     const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                    const OptTensor& w_hr, const OptTensor& lengths_,
-                                                                    double clip, bool save) {
-  const Dims d = check_seq("lstm_seq", 4, xg_, h0, &c0, w_hh, b_ih, b_hh, w_hr, lengths_, clip);
-  const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
-  auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = xg.options();
-  auto y = at::empty({T, B, P}, opts), c_all = at::empty({save ? T : 0, B, H}, opts),
-       saved = at::empty({save ? T : 0, B, 4 * H}, opts), r = at::empty({w_hr ? T : 0, B, H}, opts),
-       hg = at::empty({B, 4 * H}, opts);
-  auto h = h0.clone(at::MemoryFormat::Contiguous);
-  auto hp = w_hr ? at::empty({B, P}, opts) : Tensor();
-  auto w_t = right_operand(w_hh), wr_t = w_hr ? right_operand(*w_hr) : Tensor();
+                                                                    const OptTensor& w_hr, const OptTensor& lengths,
+                                                                    double clip, bool save, int64_t path) {
+  const Dims d = check_seq("lstm_seq", 4, xg, h0, &c0, w_hh, b_ih, b_hh, w_hr, lengths, clip);
+  const Path how = check_path("lstm_seq", path);
+  auto f = fwd_tensors(d, 4, 4, xg, h0, w_hh, b_ih, b_hh, w_hr, lengths, save, true);
   Tensor c;  // the carried cell state, in acc_t: 16-bit types would round it at every step
   RNNEXT_DISPATCH(xg.scalar_type(), "lstm_seq", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using S = scalar_t;
-    c = c0.to(c10::CppTypeToScalarType<acc_t>::value, false, true, at::MemoryFormat::Contiguous);
-    const int64_t* len = cptr<int64_t>(lengths);
-    for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(hg, h, w_t);
-      L::run(xg.device(), B, H,
-             cells::LSTMFwd<S, acc_t, acc_t>{
-                 .step = {len, t, H}, .xg = cptr<S>(xg) + t * B * 4 * H, .hg = cptr<S>(hg), .b_ih = cptr<S>(xb),
-                 .b_hh = cptr<S>(hb), .c_prev = cptr<acc_t>(c), .h_prev = w_hr ? nullptr : cptr<S>(h),
-                 .c = mptr<acc_t>(c), .c_out = save ? mptr<S>(c_all) + t * B * H : nullptr,
-                 .h = w_hr ? nullptr : mptr<S>(h), .y = w_hr ? mptr<S>(r) + t * B * H : mptr<S>(y) + t * B * P,
-                 .saved = save ? mptr<S>(saved) + t * B * 4 * H : nullptr});
-      if (!w_hr) continue;
-      at::mm_out(hp, r[t], wr_t);
-      L::run(xg.device(), B, P,
-             cells::CarryFwd<S, acc_t>{
-                 .step = {len, t, P}, .hp = cptr<S>(hp), .h = mptr<S>(h), .y = mptr<S>(y) + t * B * P});
-    }
+    using A = at::opmath_type<scalar_t>;
+    c = c0.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
+    forward<L, cells::LSTM>(how, fwd_pointers<scalar_t, A>(d, f, c, save), f.h, f.w_hh, f.w_hr, f.r);
   });
-  return {y, h, c.to(xg.scalar_type()), c_all, saved, r};
+  return {f.y, f.h, c.to(xg.scalar_type()), f.c_all, f.saved, f.r};
 }
 
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
-    const Tensor& dy_, const Tensor& dhn, const Tensor& dcn, const Tensor& y_, const Tensor& h0, const Tensor& c0_,
-    const Tensor& c_all, const Tensor& saved_, const Tensor& r_, const Tensor& w_hh, const OptTensor& w_hr,
-    const OptTensor& lengths_, double clip) {
-  const Checks ck{"lstm_seq_backward", "y", y_};
-  const Dims d = check_seq_backward(ck, 4, w_hr.has_value(), dy_, dhn, y_, h0, w_hh, lengths_, clip);
-  const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
-  if (w_hr) ck.shape("w_hr", *w_hr, {P, H});
-  ck.shape("dcn", dcn, {B, H});
-  ck.shape("c0", c0_, {B, H});
-  ck.shape("c_all", c_all, {T, B, H});
-  check_saved(ck, saved_, 4, d);
-  if (w_hr) ck.shape("r", r_, {T, B, H});
-  auto dy = dy_.contiguous(), y = y_.contiguous(), saved = saved_.contiguous(), cs = c_all.contiguous(),
-       c0 = c0_.contiguous(), r = r_.contiguous(), w = w_hh.contiguous(), wr = w_hr ? w_hr->contiguous() : Tensor();
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = y.options();
-  auto dxg = at::empty({T, B, 4 * H}, opts);
-  auto dh = dhn.clone(at::MemoryFormat::Contiguous);
-  auto direct = lengths.defined() ? at::empty({B, P}, opts) : Tensor();
-  auto dhp = w_hr ? at::empty({T, B, P}, opts) : Tensor(), dr = w_hr ? at::empty({B, H}, opts) : Tensor();
-  Tensor dc;  // carried across steps like c: in acc_t
-  RNNEXT_DISPATCH(y.scalar_type(), "lstm_seq_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using S = scalar_t;
-    dc = dcn.to(c10::CppTypeToScalarType<acc_t>::value, false, true, at::MemoryFormat::Contiguous);
-    const int64_t* len = cptr<int64_t>(lengths);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const S* dh_cell = cptr<S>(dh);
-      const S* dy_t = cptr<S>(dy) + t * B * P;
-      S* dir = mptr<S>(direct);
-      if (w_hr) {
-        L::run(y.device(), B, P,
-               cells::CarryBwd<S, acc_t>{.step = {len, t, P}, .dh_next = dh_cell, .dy = dy_t,
-                                         .dhp = mptr<S>(dhp) + t * B * P, .direct = dir, .clip = acc_t(clip)});
-        at::mm_out(dr, dhp[t], wr);
-        dh_cell = cptr<S>(dr);
-        dy_t = nullptr;
-        dir = nullptr;
-      }
-      L::run(y.device(), B, H,
-             cells::LSTMBwd<S, acc_t, acc_t>{
-                 .step = {len, t, H}, .dh_next = dh_cell, .dy = dy_t, .saved = cptr<S>(saved) + t * B * 4 * H,
-                 .c_prev = t ? cptr<S>(cs) + (t - 1) * B * H : cptr<S>(c0), .c = cptr<S>(cs) + t * B * H,
-                 .dc = mptr<acc_t>(dc), .dgates = mptr<S>(dxg) + t * B * 4 * H, .direct = dir,
-                 .clip = acc_t(w_hr ? 0 : clip)});
-      step_gemm_backward(dh, direct, dxg[t], w);
-    }
-  });
-  auto db = bias_grad(dxg);
-  auto dw_hr = w_hr ? at::mm(dhp.reshape({T * B, P}).t(), r.reshape({T * B, H})) : at::empty({0}, opts);
-  return {dxg, dh, dc.to(y.scalar_type()), hh_weight_grad(dxg, h0, y, d), db.clone(), db, dw_hr};
-}
-
-// Forward of a single-state cell with G gate rows that saves S values per element (GRU: 3, 4;
-// the lecture's GRU: 2, 2); Fwd is its cells/step.h functor.
-template <typename L, template <typename, typename> class Fwd, int G, int S_>
-std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg_, const Tensor& h0, const Tensor& w_hh,
-                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths_,
-                                             double clip, bool save) {
-  const Dims d = check_seq(op, G, xg_, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths_, clip);
-  const int64_t T = d.T, B = d.B, H = d.H;
-  auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = xg.options();
-  auto y = at::empty({T, B, H}, opts), saved = at::empty({save ? T : 0, B, S_ * H}, opts),
-       hg = at::empty({B, G * H}, opts);
-  auto h = h0.clone(at::MemoryFormat::Contiguous);
-  auto w_t = right_operand(w_hh);
+// Forward of the GRU and the lecture's GRU.
+template <typename L, typename Cell>
+std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
+                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
+                                             double clip, bool save, int64_t path) {
+  const Dims d = check_seq(op, Cell::G, xg, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
+  const Path how = check_path(op, path);
+  auto f = fwd_tensors(d, Cell::G, Cell::SAVED, xg, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, false);
+  Tensor none;
   RNNEXT_DISPATCH(xg.scalar_type(), "gated_seq", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using S = scalar_t;
-    const int64_t* len = cptr<int64_t>(lengths);
-    for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(hg, h, w_t);
-      L::run(xg.device(), B, H,
-             Fwd<S, acc_t>{.step = {len, t, H}, .xg = cptr<S>(xg) + t * B * G * H, .hg = cptr<S>(hg),
-                           .b_ih = cptr<S>(xb), .b_hh = cptr<S>(hb), .h_prev = cptr<S>(h), .h = mptr<S>(h),
-                           .y = mptr<S>(y) + t * B * H, .saved = save ? mptr<S>(saved) + t * B * S_ * H : nullptr});
-    }
+    using A = at::opmath_type<scalar_t>;
+    forward<L, Cell>(how, fwd_pointers<scalar_t, A>(d, f, none, save), f.h, f.w_hh, f.w_hr, f.r);
   });
-  return {y, h, saved};
+  return {f.y, f.h, f.saved};
 }
 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                           double clip, bool save) {
-  return gated_seq<L, cells::GRUFwd, 3, 4>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save);
+                                           double clip, bool save, int64_t path) {
+  return gated_seq<L, cells::GRU>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
 }
 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                            double clip, bool save) {
-  return gated_seq<L, cells::MGRUFwd, 2, 2>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save);
+                                            double clip, bool save, int64_t path) {
+  return gated_seq<L, cells::MGRU>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
 }
 
-// Backward of gated_seq; Bwd is its cells/step.h functor. The GRU writes the gradients of xg and hg
-// separately (b_hn sits inside r*(.)); the lecture's GRU sums them before the cell: one gradient.
-template <typename L, template <typename, typename> class Bwd, int G, int S_>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(const char* op, const Tensor& dy_,
-                                                                      const Tensor& dhn, const Tensor& y_,
-                                                                      const Tensor& h0_, const Tensor& saved_,
-                                                                      const Tensor& w_hh, const OptTensor& lengths_,
-                                                                      double clip) {
-  constexpr bool gru = std::is_same_v<Bwd<float, float>, cells::GRUBwd<float, float>>;
-  const Checks ck{op, "y", y_};
-  const Dims d = check_seq_backward(ck, G, false, dy_, dhn, y_, h0_, w_hh, lengths_, clip);
-  check_saved(ck, saved_, S_, d);
-  const int64_t T = d.T, B = d.B, H = d.H;
-  auto dy = dy_.contiguous(), y = y_.contiguous(), saved = saved_.contiguous(), h0 = h0_.contiguous(),
-       w = w_hh.contiguous();
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = y.options();
-  auto dxg = at::empty({T, B, G * H}, opts), direct = at::empty({B, H}, opts);
-  auto dhg = gru ? at::empty({T, B, G * H}, opts) : dxg;
-  auto dh = dhn.clone(at::MemoryFormat::Contiguous);
-  RNNEXT_DISPATCH(y.scalar_type(), "gated_seq_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using S = scalar_t;
-    const int64_t* len = cptr<int64_t>(lengths);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const cells::Step step{len, t, H};
-      const S *dh_t = cptr<S>(dh), *dy_t = cptr<S>(dy) + t * B * H, *saved_t = cptr<S>(saved) + t * B * S_ * H,
-              *h_prev = t ? cptr<S>(y) + (t - 1) * B * H : cptr<S>(h0);
-      S* dxg_t = mptr<S>(dxg) + t * B * G * H;
-      if constexpr (gru)
-        L::run(y.device(), B, H,
-               Bwd<S, acc_t>{.step = step, .dh_next = dh_t, .dy = dy_t, .saved = saved_t, .h_prev = h_prev,
-                             .dxg = dxg_t, .dhg = mptr<S>(dhg) + t * B * G * H, .direct = mptr<S>(direct),
-                             .clip = acc_t(clip)});
-      else
-        L::run(y.device(), B, H,
-               Bwd<S, acc_t>{.step = step, .dh_next = dh_t, .dy = dy_t, .saved = saved_t, .h_prev = h_prev,
-                             .dgates = dxg_t, .direct = mptr<S>(direct), .clip = acc_t(clip)});
-      step_gemm_backward(dh, direct, dhg[t], w);
-    }
+template <typename L>
+std::tuple<Tensor, Tensor> rnn_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_ih,
+                                   const OptTensor& b_hh, const OptTensor& lengths, std::string_view nonlinearity,
+                                   double clip, int64_t path) {
+  const Dims d = check_seq("rnn_seq", 1, xg, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
+  const Path how = check_path("rnn_seq", path);
+  auto f = fwd_tensors(d, 1, 0, xg, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, false, false);
+  Tensor none;
+  with_act(nonlinearity, [&](auto act) {
+    RNNEXT_DISPATCH(xg.scalar_type(), "rnn_seq", [&] {
+      using A = at::opmath_type<scalar_t>;
+      forward<L, cells::RNN<decltype(act)::value>>(how, fwd_pointers<scalar_t, A>(d, f, none, false), f.h, f.w_hh,
+                                                   f.w_hr, f.r);
+    });
   });
-  auto db_ih = bias_grad(dxg);
-  return {dxg, dh, hh_weight_grad(dhg, h0, y, d), db_ih, gru ? bias_grad(dhg) : db_ih.clone()};
+  return {f.y, f.h};
+}
+
+// What every backward allocates; dh is the carried gradient of the state (dhn on entry, dh0 on exit).
+struct BwdTensors {
+  Tensor dy, y, h0, saved, w_hh, lengths, dxg, dhg, dh, direct;
+};
+
+inline BwdTensors bwd_tensors(const Dims& d, int64_t G, bool separate_dhg, bool need_direct, const Tensor& dy,
+                              const Tensor& dhn, const Tensor& y, const Tensor& h0, const Tensor& saved,
+                              const Tensor& w_hh, const OptTensor& lengths) {
+  auto opts = y.options();
+  auto dxg = at::empty({d.T, d.B, G * d.H}, opts);
+  return {.dy = dy.contiguous(), .y = y.contiguous(), .h0 = h0.contiguous(), .saved = saved.contiguous(),
+          .w_hh = w_hh.contiguous(), .lengths = contiguous_or_undefined(lengths), .dxg = dxg,
+          .dhg = separate_dhg ? at::empty({d.T, d.B, G * d.H}, opts) : dxg,
+          .dh = dhn.clone(at::MemoryFormat::Contiguous),
+          .direct = need_direct ? at::empty({d.B, d.P}, opts) : Tensor()};
+}
+
+template <typename S, typename A>
+cells::SeqBwd<S, A> bwd_pointers(const Dims& d, BwdTensors& b, const Tensor& c_all, const Tensor& c0, Tensor& dc,
+                                 double clip) {
+  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .lengths = cptr<int64_t>(b.lengths), .dy = cptr<S>(b.dy),
+          .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved), .c_all = cptr<S>(c_all),
+          .c0 = cptr<S>(c0), .dc = mptr<A>(dc), .dxg = mptr<S>(b.dxg), .dhg = mptr<S>(b.dhg),
+          .direct = mptr<S>(b.direct), .clip = A(clip)};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& y, const Tensor& h0, const Tensor& c0_,
+    const Tensor& c_all_, const Tensor& saved, const Tensor& r_, const Tensor& w_hh, const OptTensor& w_hr_,
+    const OptTensor& lengths, double clip, int64_t path) {
+  const Checks ck{"lstm_seq_backward", "y", y};
+  const Dims d = check_seq_backward(ck, 4, w_hr_.has_value(), dy, dhn, y, h0, w_hh, lengths, clip);
+  const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
+  if (w_hr_) ck.shape("w_hr", *w_hr_, {P, H});
+  ck.shape("dcn", dcn, {B, H});
+  ck.shape("c0", c0_, {B, H});
+  ck.shape("c_all", c_all_, {T, B, H});
+  check_saved(ck, saved, 4, d);
+  if (w_hr_) ck.shape("r", r_, {T, B, H});
+  const Path how = check_path(ck.op, path);
+  const bool proj = w_hr_.has_value();
+  auto b = bwd_tensors(d, 4, false, lengths.has_value(), dy, dhn, y, h0, saved, w_hh, lengths);
+  auto c_all = c_all_.contiguous(), c0 = c0_.contiguous(), r = r_.contiguous();
+  auto w_hr = contiguous_or_undefined(w_hr_);
+  auto dhp = proj ? at::empty({T, B, P}, y.options()) : Tensor();
+  Tensor dc;  // carried across steps like c: in acc_t
+  RNNEXT_DISPATCH(y.scalar_type(), "lstm_seq_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    dc = dcn.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
+    backward<L, cells::LSTM>(how, bwd_pointers<scalar_t, A>(d, b, c_all, c0, dc, clip), b, w_hr, dhp);
+  });
+  auto db = bias_grad(b.dxg);
+  auto dw_hr = proj ? at::mm(dhp.reshape({T * B, P}).t(), r.reshape({T * B, H})) : at::empty({0}, y.options());
+  return {b.dxg, b.dh, dc.to(y.scalar_type()), hh_weight_grad(b.dxg, b.h0, b.y, d), db.clone(), db, dw_hr};
+}
+
+// Backward of gated_seq.
+template <typename L, typename Cell>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(const char* op, const Tensor& dy,
+                                                                      const Tensor& dhn, const Tensor& y,
+                                                                      const Tensor& h0, const Tensor& saved,
+                                                                      const Tensor& w_hh, const OptTensor& lengths,
+                                                                      double clip, int64_t path) {
+  const Checks ck{op, "y", y};
+  const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, y, h0, w_hh, lengths, clip);
+  check_saved(ck, saved, Cell::SAVED, d);
+  const Path how = check_path(op, path);
+  auto b = bwd_tensors(d, Cell::G, Cell::separate_dhg, true, dy, dhn, y, h0, saved, w_hh, lengths);
+  Tensor none;
+  RNNEXT_DISPATCH(y.scalar_type(), "gated_seq_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip), b, none, none);
+  });
+  auto db_ih = bias_grad(b.dxg);
+  return {b.dxg, b.dh, hh_weight_grad(b.dhg, b.h0, b.y, d), db_ih,
+          Cell::separate_dhg ? bias_grad(b.dhg) : db_ih.clone()};
 }
 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(const Tensor& dy, const Tensor& dhn,
                                                                     const Tensor& y, const Tensor& h0,
                                                                     const Tensor& saved, const Tensor& w_hh,
-                                                                    const OptTensor& lengths, double clip) {
-  return gated_seq_backward<L, cells::GRUBwd, 3, 4>("gru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths, clip);
+                                                                    const OptTensor& lengths, double clip,
+                                                                    int64_t path) {
+  return gated_seq_backward<L, cells::GRU>("gru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths, clip, path);
 }
 
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(const Tensor& dy, const Tensor& dhn,
                                                                      const Tensor& y, const Tensor& h0,
                                                                      const Tensor& saved, const Tensor& w_hh,
-                                                                     const OptTensor& lengths, double clip) {
-  return gated_seq_backward<L, cells::MGRUBwd, 2, 2>("mgru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths,
-                                                     clip);
+                                                                     const OptTensor& lengths, double clip,
+                                                                     int64_t path) {
+  return gated_seq_backward<L, cells::MGRU>("mgru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths, clip, path);
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor> rnn_seq(const Tensor& xg_, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_ih,
-                                   const OptTensor& b_hh, const OptTensor& lengths_, std::string_view nonlinearity,
-                                   double clip) {
-  const Dims d = check_seq("rnn_seq", 1, xg_, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths_, clip);
-  const int64_t T = d.T, B = d.B, H = d.H;
-  auto xg = xg_.contiguous(), xb = contiguous_or_undefined(b_ih), hb = contiguous_or_undefined(b_hh);
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = xg.options();
-  auto y = at::empty({T, B, H}, opts), hg = at::empty({B, H}, opts);
-  auto h = h0.clone(at::MemoryFormat::Contiguous);
-  auto w_t = right_operand(w_hh);
-  with_act(nonlinearity, [&](auto act) {
-    RNNEXT_DISPATCH(xg.scalar_type(), "rnn_seq", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      using S = scalar_t;
-      const int64_t* len = cptr<int64_t>(lengths);
-      for (int64_t t = 0; t < T; ++t) {
-        at::mm_out(hg, h, w_t);
-        L::run(xg.device(), B, H,
-               cells::RNNFwd<decltype(act)::value, S, acc_t>{
-                   .step = {len, t, H}, .xg = cptr<S>(xg) + t * B * H, .hg = cptr<S>(hg), .b_ih = cptr<S>(xb),
-                   .b_hh = cptr<S>(hb), .h_prev = cptr<S>(h), .h = mptr<S>(h), .y = mptr<S>(y) + t * B * H});
-      }
-    });
-  });
-  return {y, h};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor& dy_, const Tensor& dhn,
-                                                                    const Tensor& y_, const Tensor& h0,
-                                                                    const Tensor& w_hh, const OptTensor& lengths_,
-                                                                    std::string_view nonlinearity, double clip) {
-  const Checks ck{"rnn_seq_backward", "y", y_};
-  const Dims d = check_seq_backward(ck, 1, false, dy_, dhn, y_, h0, w_hh, lengths_, clip);
-  const int64_t T = d.T, B = d.B, H = d.H;
-  auto dy = dy_.contiguous(), y = y_.contiguous(), w = w_hh.contiguous();
-  auto lengths = contiguous_or_undefined(lengths_);
-  auto opts = y.options();
-  auto dxg = at::empty({T, B, H}, opts);
-  auto dh = dhn.clone(at::MemoryFormat::Contiguous);
-  auto direct = lengths.defined() ? at::empty({B, H}, opts) : Tensor();
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor& dy, const Tensor& dhn,
+                                                                    const Tensor& y, const Tensor& h0,
+                                                                    const Tensor& w_hh, const OptTensor& lengths,
+                                                                    std::string_view nonlinearity, double clip,
+                                                                    int64_t path) {
+  const Checks ck{"rnn_seq_backward", "y", y};
+  const Dims d = check_seq_backward(ck, 1, false, dy, dhn, y, h0, w_hh, lengths, clip);
+  const Path how = check_path(ck.op, path);
+  auto b = bwd_tensors(d, 1, false, lengths.has_value(), dy, dhn, y, h0, y, w_hh, lengths);
+  Tensor none;
   with_act(nonlinearity, [&](auto act) {
     RNNEXT_DISPATCH(y.scalar_type(), "rnn_seq_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      using S = scalar_t;
-      const int64_t* len = cptr<int64_t>(lengths);
-      for (int64_t t = T - 1; t >= 0; --t) {
-        L::run(y.device(), B, H,
-               cells::RNNBwd<decltype(act)::value, S, acc_t>{
-                   .step = {len, t, H}, .dh_next = cptr<S>(dh), .dy = cptr<S>(dy) + t * B * H,
-                   .y = cptr<S>(y) + t * B * H, .dpre = mptr<S>(dxg) + t * B * H, .direct = mptr<S>(direct),
-                   .clip = acc_t(clip)});
-        step_gemm_backward(dh, direct, dxg[t], w);
-      }
+      using A = at::opmath_type<scalar_t>;
+      backward<L, cells::RNN<decltype(act)::value>>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip), b,
+                                                    none, none);
     });
   });
-  auto db = bias_grad(dxg);
-  return {dxg, dh, hh_weight_grad(dxg, h0, y, d), db.clone(), db};
+  auto db = bias_grad(b.dxg);
+  return {b.dxg, b.dh, hh_weight_grad(b.dxg, b.h0, b.y, d), db.clone(), db};
 }
 
 }  // namespace rnnext

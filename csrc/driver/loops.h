@@ -1,0 +1,87 @@
+// The time loops of one layer-direction. Each launcher (cpu/kernels.cpp, cuda/kernels.cu) may run a
+// whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests):
+//   template <typename Cell, typename S, typename A>
+//   static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor& w_hh, Tensor& h);
+//   static bool persistent_backward(Path, const cells::SeqBwd<S, A>&, const Tensor& w_hh, Tensor& dh);
+// returning false where it did not; then the per-step loop below runs: per step one GEMM (ATen:
+// MKL/oneDNN on CPU, cuBLAS on CUDA) into a preallocated buffer and one pointwise launch of the cell.
+#pragma once
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+
+#include "cells/seq.h"
+#include "driver/common.h"
+
+namespace rnnext {
+
+enum class Path : int64_t { Auto = 0, Step = 1, Persistent = 2 };
+
+// MKL packs a transposed right operand on every call; a contiguous [K, N] one it reads as is
+// (measured: [32,256]x[256,1024] 85 us vs 120 us). Transposed once per sequence, used every step.
+inline Tensor right_operand(const Tensor& w) { return w.t().contiguous(); }
+
+// dh_prev = direct + dgates @ w_hh, where direct is defined
+inline void step_gemm_backward(Tensor& dh_prev, const Tensor& direct, const Tensor& dgates, const Tensor& w_hh) {
+  if (direct.defined())
+    at::addmm_out(dh_prev, direct, dgates, w_hh);
+  else
+    at::mm_out(dh_prev, dgates, w_hh);
+}
+
+// h: the carried state [B, P], h0 on entry. w_hr, r: the LSTM projection (undefined without).
+template <typename L, typename Cell, typename S, typename A>
+void step_forward(const cells::SeqFwd<S, A>& p, Tensor& h, const Tensor& w_hh, const Tensor& w_hr, const Tensor& r) {
+  const auto device = h.device();
+  auto hg = at::empty({p.B, Cell::G * p.H}, h.options());
+  auto w_t = right_operand(w_hh);
+  auto hp = w_hr.defined() ? at::empty({p.B, p.P}, h.options()) : Tensor();
+  auto wr_t = w_hr.defined() ? right_operand(w_hr) : Tensor();
+  for (int64_t t = 0; t < p.T; ++t) {
+    at::mm_out(hg, h, w_t);
+    L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(h), mptr<S>(h)));
+    if (!w_hr.defined()) continue;
+    at::mm_out(hp, r[t], wr_t);
+    L::run(device, p.B, p.P,
+           cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(h),
+                                 .y = p.y + t * p.B * p.P});
+  }
+}
+
+// dh: the carried gradient of the state [B, P], dhn on entry; direct: p.direct's tensor (or undefined);
+// dhg: p.dhg's; w_hr, dhp [T, B, P]: the LSTM projection (undefined without).
+template <typename L, typename Cell, typename S, typename A>
+void step_backward(const cells::SeqBwd<S, A>& p, Tensor& dh, const Tensor& direct, const Tensor& dhg,
+                   const Tensor& w_hh, const Tensor& w_hr, const Tensor& dhp) {
+  const auto device = dh.device();
+  const bool proj = w_hr.defined();
+  auto dr = proj ? at::empty({p.B, p.H}, dh.options()) : Tensor();
+  for (int64_t t = p.T - 1; t >= 0; --t) {
+    const S* dh_cell = cptr<S>(dh);
+    if (proj) {
+      L::run(device, p.B, p.P,
+             cells::CarryBwd<S, A>{.step = {p.lengths, t, p.P}, .dh_next = cptr<S>(dh), .dy = p.dy + t * p.B * p.P,
+                                   .dhp = mptr<S>(dhp) + t * p.B * p.P, .direct = p.direct, .clip = p.clip});
+      at::mm_out(dr, dhp[t], w_hr);
+      dh_cell = cptr<S>(dr);
+    }
+    L::run(device, p.B, p.H, Cell::bwd(p, t, dh_cell, proj));
+    step_gemm_backward(dh, direct, dhg[t], w_hh);
+  }
+}
+
+// The forward of one layer-direction: the launcher's persistent kernel where it runs, else per step.
+// Tensors contiguous; w_hr, r undefined without a projection.
+template <typename L, typename Cell, typename S, typename A>
+void forward(Path path, const cells::SeqFwd<S, A>& p, Tensor& h, const Tensor& w_hh, const Tensor& w_hr,
+             const Tensor& r) {
+  if (path != Path::Step && !w_hr.defined() && L::template persistent_forward<Cell>(path, p, w_hh, h)) return;
+  step_forward<L, Cell>(p, h, w_hh, w_hr, r);
+}
+
+template <typename L, typename Cell, typename S, typename A, typename BwdTensors>
+void backward(Path path, const cells::SeqBwd<S, A>& p, BwdTensors& b, const Tensor& w_hr, const Tensor& dhp) {
+  if (path != Path::Step && !w_hr.defined() && L::template persistent_backward<Cell>(path, p, b.w_hh, b.dh)) return;
+  step_backward<L, Cell>(p, b.dh, b.direct, b.dhg, b.w_hh, w_hr, dhp);
+}
+
+}  // namespace rnnext
