@@ -16,6 +16,7 @@ and the activated gates (see :mod:`rnnext.ops`).
 import contextlib
 import contextvars
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,13 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from rnnext import ops, reference
 
 BACKENDS = ("auto", "fused", "step", "persistent", "reference")
-# The fused ops' kernel per backend (see ops.recurrence): "step" and "persistent" force one.
+# The fused ops' kernel per backend (see ops.recurrence): "step" and "persistent" force one. Else the
+# device's default, which RNNEXT_CUDA_PATH=persistent (or =step) overrides on CUDA: a way to opt in to
+# the persistent kernels (not yet the default) for a whole program, or a whole test run.
 PATHS = {"step": 1, "persistent": 2}
+CUDA_PATH = os.environ.get("RNNEXT_CUDA_PATH", "")
+if CUDA_PATH not in ("",) + tuple(PATHS):
+    raise ValueError(f"RNNEXT_CUDA_PATH must be one of {tuple(PATHS)} or unset, got {CUDA_PATH!r}")
 # Per thread and asyncio task (a new thread starts at "auto"). torch.compile guards on its value, so
 # a compiled model switched to another backend recompiles rather than running the old one.
 _backend = contextvars.ContextVar("rnnext_backend", default="auto")
@@ -65,6 +71,12 @@ def backend_for(t: torch.Tensor, backend: str | None = None):
         reason = ops.LOAD_ERROR or f"no fused kernel for {t.dtype} on {t.device.type}"
         raise RuntimeError(f"rnnext: the fused backend was requested but cannot run: {reason}")
     return reference
+
+
+def _path(backend, x):
+    if backend in PATHS:
+        return PATHS[backend]
+    return PATHS.get(CUDA_PATH, 0) if x.device.type == "cuda" else 0
 
 
 # What torch.nn's RNNs do under torch.autocast, per device: "lower" runs in the autocast dtype, "fp32"
@@ -177,7 +189,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             y, h, c = impl.recurrence(
                 mode, F.linear(x, p[0]), h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
                 p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip,
-                path=PATHS.get(backend, 0))
+                path=_path(backend, x))
             ys.append(y)
             hs.append(h)
             cs.append(c)

@@ -1,4 +1,5 @@
-"""rnnext.LSTM/GRU/RNN vs torch.nn with identical weights, over the option grid, on both backends."""
+"""rnnext.LSTM/GRU/RNN vs torch.nn with identical weights, over the option grid, on every backend
+("persistent": the persistent kernels on CUDA, their emulation on CPU)."""
 import itertools
 
 import pytest
@@ -13,8 +14,8 @@ from conftest import CUDA, close, cpu_and_cuda, same_error
 MODES = {"lstm": (rnnext.LSTM, nn.LSTM, {}), "gru": (rnnext.GRU, nn.GRU, {}),
          "rnn_tanh": (rnnext.RNN, nn.RNN, {"nonlinearity": "tanh"}),
          "rnn_relu": (rnnext.RNN, nn.RNN, {"nonlinearity": "relu"})}
-BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(ops.LOAD_ERROR is not None,
-                                                                          reason="extension not built"))]
+BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
+BACKENDS = ["reference", pytest.param("fused", marks=BUILT), pytest.param("persistent", marks=BUILT)]
 
 
 def pair(kind, I, H, device="cpu", dtype=torch.float64, **kw):
@@ -295,22 +296,24 @@ def test_autocast_cuda_keeps_the_requested_dtype(kind):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("backend", BACKENDS[1:])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", list(MODES))
-def test_low_precision_rule(device, dtype, kind):
+def test_low_precision_rule(device, backend, dtype, kind):
     """DESIGN.md: error of the fused layers vs an fp64 reference <= 2x torch.nn's error at the same
     precision (outputs, final states and all gradients). Error = RMS: relu's kink makes the max error
     of either side hinge on a few elements whose sign flips in low precision."""
     torch.manual_seed(19)
     ours, theirs = pair(kind, 16, 24, device, num_layers=2, bidirectional=True)
-    assert_low_precision_rule(ours, theirs, torch.randn(12, 4, 16, device=device, dtype=torch.float64), dtype)
+    assert_low_precision_rule(ours, theirs, torch.randn(12, 4, 16, device=device, dtype=torch.float64), dtype,
+                              backend)
 
 
-def assert_low_precision_rule(ours, theirs, x, dtype):
+def assert_low_precision_rule(ours, theirs, x, dtype, backend="fused"):
     """float64 models in; RMS error of ours at dtype vs float64 <= 2x torch.nn's, for every output and grad."""
     exact = forward_and_grads(theirs, leaf(x), None)
     ours, theirs = ours.to(dtype), theirs.to(dtype)
-    got = forward_and_grads(ours, leaf(x.to(dtype)), None, "fused")
+    got = forward_and_grads(ours, leaf(x.to(dtype)), None, backend)
     base = forward_and_grads(theirs, leaf(x.to(dtype)), None)
     rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
     for g, b, e in zip(got, base, exact, strict=True):
@@ -372,10 +375,12 @@ def test_torch_nn_graph_breaks_where_rnnext_does_not():
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("backend", BACKENDS[1:])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_lstm_long_sequence_low_precision(device, dtype):
+def test_lstm_long_sequence_low_precision(device, backend, dtype):
     """Over 300 steps the 16-bit LSTM stays within the rule of DESIGN.md (<= 2x torch.nn's error at the
     same precision, vs float64). That the state is carried in float: test_sequence.py."""
     torch.manual_seed(22)
     ours, theirs = pair("lstm", 8, 16, device)
-    assert_low_precision_rule(ours, theirs, torch.randn(300, 4, 8, device=device, dtype=torch.float64), dtype)
+    assert_low_precision_rule(ours, theirs, torch.randn(300, 4, 8, device=device, dtype=torch.float64), dtype,
+                              backend)

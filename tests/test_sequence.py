@@ -1,4 +1,7 @@
-"""The fused sequence ops (one layer-direction) vs rnnext.reference.recurrence; op registration checks."""
+"""The fused sequence ops (one layer-direction) vs rnnext.reference.recurrence, on both paths (1: per step;
+2: persistent, emulated on CPU); op registration checks."""
+import functools
+
 import pytest
 import torch
 
@@ -28,6 +31,13 @@ def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=Fal
                 nonlinearity=CASES[case][3])
 
 
+PATHS = [1, 2]
+
+
+def fused(path):
+    return functools.partial(ops.recurrence, path=path)
+
+
 def outputs_and_grads(fn, args, reverse, clip=0.0):
     y, h, c = fn(**args, reverse=reverse, clip=clip)
     outs = [y, h] + ([c] if c is not None else [])
@@ -43,9 +53,10 @@ def outputs_and_grads(fn, args, reverse, clip=0.0):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("T,B,H", [(1, 1, 1), (7, 5, 9), (12, 3, 20)])
-def test_matches_reference(device, case, lengths, reverse, bias, T, B, H):
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_reference(device, case, lengths, reverse, bias, T, B, H, path):
     args = make_args(case, T, B, H, device, bias=bias, lengths=lengths, seed=T + B + H)
-    got = outputs_and_grads(ops.recurrence, args, reverse)
+    got = outputs_and_grads(fused(path), args, reverse)
     want = outputs_and_grads(reference.recurrence, args, reverse)
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -54,9 +65,10 @@ def test_matches_reference(device, case, lengths, reverse, bias, T, B, H):
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", list(CASES))
-def test_padding_is_zero_and_state_carries(device, case):
+@pytest.mark.parametrize("path", PATHS)
+def test_padding_is_zero_and_state_carries(device, case, path):
     args = make_args(case, 6, 4, 5, device, lengths=True, seed=3)
-    y, h, _ = ops.recurrence(**args)
+    y, h, _ = fused(path)(**args)
     lens = args["lengths"].tolist()
     for b, n in enumerate(lens):
         assert torch.all(y[n:, b] == 0)
@@ -65,42 +77,45 @@ def test_padding_is_zero_and_state_carries(device, case):
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", list(CASES))
-def test_deterministic(device, case):
+@pytest.mark.parametrize("path", PATHS)
+def test_deterministic(device, case, path):
     args = make_args(case, 9, 6, 33, device, dtype=torch.float32, lengths=True, seed=4)
-    first = outputs_and_grads(ops.recurrence, args, False)
-    second = outputs_and_grads(ops.recurrence, args, False)
+    first = outputs_and_grads(fused(path), args, False)
+    second = outputs_and_grads(fused(path), args, False)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
-def op_call(case, args):
-    """The forward op and its positional arguments."""
+def op_call(case, args, path, clip=0.25, save=True):
+    """The forward op and all its positional arguments."""
     a = args
     if a["mode"] == "LSTM":
         return torch.ops.rnnext.lstm_seq, (a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
-                                           a["lengths"])
+                                           a["lengths"], clip, save, path)
     if a["mode"] in ("GRU", "MGRU"):
         op = torch.ops.rnnext.gru_seq if a["mode"] == "GRU" else torch.ops.rnnext.mgru_seq
-        return op, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], 0.25)
+        return op, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], clip, save, path)
     return torch.ops.rnnext.rnn_seq, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"],
-                                      a["nonlinearity"])
+                                      a["nonlinearity"], clip, path)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lengths", [False, True])
-def test_opcheck(device, case, lengths):
+@pytest.mark.parametrize("path", PATHS)
+def test_opcheck(device, case, lengths, path):
     args = make_args(case, 4, 3, 5, device, lengths=lengths, seed=5)
-    op, inputs = op_call(case, args)
+    op, inputs = op_call(case, args, path)
     torch.library.opcheck(op, inputs)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lengths", [False, True])
-def test_opcheck_backward(device, case, lengths):
+@pytest.mark.parametrize("path", PATHS)
+def test_opcheck_backward(device, case, lengths, path):
     args = make_args(case, 4, 3, 5, device, lengths=lengths, seed=6)
-    op, inputs = op_call(case, args)
+    op, inputs = op_call(case, args, path)
     with torch.no_grad():
         out = op(*inputs)
     a = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
@@ -109,27 +124,28 @@ def test_opcheck_backward(device, case, lengths):
         y, hn, cn, c_all, saved, r = out
         torch.library.opcheck(torch.ops.rnnext.lstm_seq_backward,
                               (d(y), d(hn), d(cn), y, a["h0"], a["c0"], c_all, saved, r, a["w_hh"], a["w_hr"],
-                               a["lengths"]))
+                               a["lengths"], 0.25, path))
     elif a["mode"] in ("GRU", "MGRU"):
         y, hn, saved = out
         torch.library.opcheck(getattr(torch.ops.rnnext, a["mode"].lower() + "_seq_backward"),
-                              (d(y), d(hn), y, a["h0"], saved, a["w_hh"], a["lengths"], 0.25))
+                              (d(y), d(hn), y, a["h0"], saved, a["w_hh"], a["lengths"], 0.25, path))
     else:
         y, hn = out
         torch.library.opcheck(torch.ops.rnnext.rnn_seq_backward,
-                              (d(y), d(hn), y, a["h0"], a["w_hh"], a["lengths"], a["nonlinearity"]))
+                              (d(y), d(hn), y, a["h0"], a["w_hh"], a["lengths"], a["nonlinearity"], 0.25, path))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lengths", [False, True])
-def test_gradcheck(device, case, lengths):
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck(device, case, lengths, path):
     args = make_args(case, 3, 2, 2, device, lengths=lengths, seed=7)
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def f(*tensors):
         kw = dict(args, **dict(zip(names, tensors)))
-        y, h, c = ops.recurrence(**kw)
+        y, h, c = fused(path)(**kw)
         return (y, h) if c is None else (y, h, c)
 
     assert torch.autograd.gradcheck(f, [args[k] for k in names])
@@ -139,14 +155,15 @@ def test_gradcheck(device, case, lengths):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lengths", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_state_grad_clip_matches_reference(device, case, lengths, reverse):
+@pytest.mark.parametrize("path", PATHS)
+def test_state_grad_clip_matches_reference(device, case, lengths, reverse, path):
     """In-kernel BPTT clipping clamps the same quantity as the reference's hook on each step's state."""
     args = make_args(case, 9, 4, 6, device, lengths=lengths, seed=11)
     args["xg"] = (args["xg"] * 6).detach().requires_grad_()  # saturate some gates: large gradients
     clip = 0.05
-    got = outputs_and_grads(ops.recurrence, args, reverse, clip)
+    got = outputs_and_grads(fused(path), args, reverse, clip)
     want = outputs_and_grads(reference.recurrence, args, reverse, clip)
-    unclipped = outputs_and_grads(ops.recurrence, args, reverse)
+    unclipped = outputs_and_grads(fused(path), args, reverse)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     n_out = 3 if CASES[case][0] == "LSTM" else 2
@@ -158,31 +175,32 @@ def test_state_grad_clip_matches_reference(device, case, lengths, reverse):
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", ["lstm", "lstm_proj", "gru", "mgru"])
 @pytest.mark.parametrize("lengths", [False, True])
-def test_save_false_skips_saving_only(device, case, lengths):
+@pytest.mark.parametrize("path", PATHS)
+def test_save_false_skips_saving_only(device, case, lengths, path):
     """save=False (what a no_grad forward uses): same outputs, nothing saved; backward refuses."""
     args = make_args(case, 5, 3, 4, device, lengths=lengths, seed=12)
-    op, inputs = op_call(case, args)
-    inputs = inputs if CASES[case][0] == "LSTM" else inputs[:-1]  # drop the clip of op_call
-    full = op(*inputs, 0.0, True)
-    light = op(*inputs, 0.0, False)
+    op, full_call = op_call(case, args, path, 0.0, True)
+    op, light_call = op_call(case, args, path, 0.0, False)
+    full = op(*full_call)
+    light = op(*light_call)
     n_out = 3 if CASES[case][0] == "LSTM" else 2
     for a, b in zip(full[:n_out], light[:n_out]):
         assert torch.equal(a, b)
     assert all(t.size(0) == 0 for t in light[n_out:n_out + (2 if CASES[case][0] == "LSTM" else 1)])
-    detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
-    torch.library.opcheck(op, detached + (0.0, False))
+    torch.library.opcheck(op, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in light_call))
     with pytest.raises(RuntimeError, match="without saving for backward"):
         light[0].sum().backward()
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_lstm_cell_state_carried_in_float(device, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_lstm_cell_state_carried_in_float(device, dtype, path):
     """c += 0.001 per step from c = 1 (forget and input gates ~1): a cell state rounded to 16 bits each
     step would never move (bfloat16's spacing at 1 is 0.008); carried in float it reaches 1.3."""
     T = 300
     xg = torch.tensor([20.0, 20.0, 0.001, 0.0], device=device).expand(T, 1, 4).to(dtype)
     h0, c0 = torch.zeros(1, 1, device=device, dtype=dtype), torch.ones(1, 1, device=device, dtype=dtype)
     w_hh = torch.zeros(4, 1, device=device, dtype=dtype)
-    cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, None, None, None, None)[2]
+    cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, None, None, None, None, 0.0, True, path)[2]
     assert abs(cn.item() - 1.3) < 0.01

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "cuda/persistent.cuh"
 #include "driver/register.h"
 
 namespace rnnext {
@@ -18,12 +19,12 @@ __global__ void elementwise_kernel(int64_t n, int64_t H, F f) {
 
 struct CudaLauncher {
   template <typename Cell, typename S, typename A>
-  static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor&, Tensor&) {
-    return false;
+  static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
+    return persistent::forward<Cell>(path, p, w_hh, h);
   }
   template <typename Cell, typename S, typename A>
-  static bool persistent_backward(Path, const cells::SeqBwd<S, A>&, const Tensor&, Tensor&) {
-    return false;
+  static bool persistent_backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
+    return persistent::backward<Cell>(path, p, w_hh, dh);
   }
 
   template <typename F>

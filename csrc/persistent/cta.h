@@ -92,7 +92,8 @@ RNNEXT_HD void fma_chunk(const Plan& pl, const S* a, const S* bt, int64_t k0, in
   }
 }
 
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define RNNEXT_WMMA 1
 template <typename S>
 struct Wmma;
 template <>
@@ -106,11 +107,12 @@ struct Wmma<c10::BFloat16> {
 #endif
 
 // c[16, 16] (+)= a[16, k] x b[16, k]^T, k a multiple of 16; a, b, c 32-byte aligned, lda/ldb multiples
-// of 8, ldc of 4. On the device: one warp, all 32 lanes; on the host: plain loops.
+// of 8, ldc of 4. On the device (sm_80+, bf16 and fp16 tensor cores): one warp, all 32 lanes; on
+// the host: plain loops.
 template <typename S>
 RNNEXT_HD void mma_tile(const S* a, int64_t lda, const S* b, int64_t ldb, float* c, int64_t ldc, int64_t k,
                         bool first) {
-#if defined(__CUDA_ARCH__)
+#if defined(RNNEXT_WMMA)
   using namespace nvcuda;
   using T = typename Wmma<S>::T;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;

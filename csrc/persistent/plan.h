@@ -16,7 +16,7 @@ struct Capacity {
   int64_t sms;             // CTAs that can be resident at once
   int64_t smem_per_block;  // dynamic shared memory bytes one CTA may have
   int64_t threads;         // per CTA
-  int64_t min_rows;        // fewest weight rows per CTA worth a CTA (fewer CTAs: cheaper grid barrier)
+  int64_t min_rows;        // fewest rows of W_hh per CTA worth a CTA (fewer CTAs: cheaper grid barrier)
   bool align_units;        // round units per CTA so that a CTA's rows fill whole 16-row tiles
 };
 
@@ -36,10 +36,11 @@ inline Plan make_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, in
   pl.mma = mma;
   pl.threads = int32_t(cap.threads);
   if (B <= 0 || H <= 0 || cap.sms <= 0) return pl;
-  // Rows per CTA: forward G per unit, backward 1; whole tiles when aligning.
+  // A unit is G rows of W_hh (forward) or one column of all G*H rows (backward): the same weights.
+  // Its GEMM rows: G per unit forward, 1 backward; whole 16-row tiles when aligning.
   const int64_t rows_per_unit = fwd ? G : 1;
   const int64_t align = mma && cap.align_units ? 16 / std::gcd<int64_t>(rows_per_unit, 16) : 1;
-  int64_t units = std::max(ceil_div(H, cap.sms), ceil_div(cap.min_rows, rows_per_unit));
+  int64_t units = std::max(ceil_div(H, cap.sms), ceil_div(cap.min_rows, G));
   units = std::min(round_up(units, align), round_up(H, align));
   pl.units = units;
   pl.ctas = int32_t(ceil_div(H, units));
