@@ -28,7 +28,9 @@ import rnnext  # noqa: E402
 
 CELLS = {"lstm": (rnnext.LSTM, torch.nn.LSTM, 4), "gru": (rnnext.GRU, torch.nn.GRU, 3),
          "rnn": (rnnext.RNN, torch.nn.RNN, 1)}
-CANDIDATES = ("rnnext", "torch.nn", "reference")
+CANDIDATES = ("rnnext", "rnnext-persistent", "torch.nn", "reference")
+# rnnext's backend per candidate; the persistent kernels exist on CUDA only (on CPU an emulation for tests)
+BACKEND = {"rnnext": "auto", "rnnext-persistent": "persistent", "reference": "reference"}
 DEFAULT = {"cpu": [(100, 32, 256, 256), (100, 8, 128, 128), (50, 64, 512, 512)],
            "cuda": [(100, 1, 256, 256), (100, 16, 512, 512), (100, 64, 512, 512), (1024, 16, 768, 768),
                     (100, 256, 1024, 1024)]}
@@ -56,7 +58,7 @@ def build(cell, cand, T, B, I, H, device, dtype):
     torch.manual_seed(0)
     model = (nn_cls if cand == "torch.nn" else ours_cls)(I, H).to(device, dtype)
     x = torch.randn(T, B, I, device=device, dtype=dtype)
-    backend = "reference" if cand == "reference" else "auto"
+    backend = BACKEND.get(cand, "auto")
 
     def fwd():
         with torch.no_grad(), rnnext.use_backend(backend):
@@ -163,9 +165,11 @@ def main(argv=None):
         if c not in CELLS:
             p.error(f"unknown cell {c!r}; choose from {sorted(CELLS)}")
     configs = SMOKE if args.smoke else full_sweep() if args.full else DEFAULT[args.device]
-    cands = [c for c in CANDIDATES if not (args.no_reference and c == "reference")]
+    cands = [c for c in CANDIDATES if not (args.no_reference and c == "reference")
+             and not (c == "rnnext-persistent" and args.device != "cuda")]
     rounds = 3 if (args.quick or args.smoke) else 5
     dtype = getattr(torch, args.dtype)
+    mem_cands = [c for c in cands if c != "reference"]
     rows = []
     work = [(cell, cfg) for cfg in configs for cell in cells]
     for cell, (T, B, I, H) in tqdm(work, desc="benchmark", unit="config"):
@@ -178,7 +182,7 @@ def main(argv=None):
                        **{f"{c}/torch.nn": round(t[c] / t["torch.nn"], 3) for c in cands if c != "torch.nn"},
                        **{"rnnext GFLOP/s": round(gf, 1)})
             if mode == "fwd+bwd" and args.full and not args.no_memory:
-                for c in ("rnnext", "torch.nn"):
+                for c in mem_cands:
                     row[f"{c} peak MB"] = round(peak_memory(cell, c, T, B, I, H, args.device, args.dtype) / 2**20, 1)
             rows.append(row)
 
@@ -187,9 +191,10 @@ def main(argv=None):
         for cell, (T, B, I, H) in MEMORY[args.device]:
             if cell not in cells:
                 continue
-            mb = {c: peak_memory(cell, c, T, B, I, H, args.device, args.dtype) / 2**20 for c in ("rnnext", "torch.nn")}
-            memory_lines.append(f"{cell} T={T} B={B} I={I} H={H} fwd+bwd peak memory growth: rnnext {mb['rnnext']:.0f} MB,"
-                                f" torch.nn {mb['torch.nn']:.0f} MB, ratio {mb['rnnext'] / mb['torch.nn']:.2f}")
+            mb = {c: peak_memory(cell, c, T, B, I, H, args.device, args.dtype) / 2**20 for c in mem_cands}
+            memory_lines.append(f"{cell} T={T} B={B} I={I} H={H} fwd+bwd peak memory growth: " + ", ".join(
+                f"{c} {mb[c]:.0f} MB" + ("" if c == "torch.nn" else f" ({mb[c] / mb['torch.nn']:.2f})")
+                for c in mem_cands))
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{args.device}-{args.dtype}" + ("-smoke" if args.smoke else "-full" if args.full
@@ -205,11 +210,12 @@ def main(argv=None):
     table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     table += "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows)
     summary = []
-    for mode in ("fwd", "fwd+bwd"):
-        for cell in cells:
-            ratios = [r["rnnext/torch.nn"] for r in rows if r["cell"] == cell and r["mode"] == mode]
-            summary.append(f"{cell} {mode}: geometric-mean rnnext/torch.nn = "
-                           f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} over {len(ratios)} configs")
+    for c in (c for c in cands if c.startswith("rnnext")):
+        for mode in ("fwd", "fwd+bwd"):
+            for cell in cells:
+                ratios = [r[f"{c}/torch.nn"] for r in rows if r["cell"] == cell and r["mode"] == mode]
+                summary.append(f"{cell} {mode}: geometric-mean {c}/torch.nn = "
+                               f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} over {len(ratios)} configs")
     text = f"{header}\n\n{table}\n" + "\n".join(f"- {s}" for s in summary + memory_lines) + "\n"
     with open(stem + ".md", "w") as f:
         f.write(text)

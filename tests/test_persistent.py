@@ -2,6 +2,9 @@
 Its results are tested with the other paths' tests (test_sequence.py, test_layers.py: path 2 and the
 "persistent" backend), on CUDA by the kernels, on CPU by their emulation."""
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from conftest import cpu_and_cuda
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 
 # (sms, smem_per_block, threads, min_rows, align_units)
-H100 = (132, 232448, 256, 32, True)
+H100 = (132, 232448, 256, 32, True)  # cuda/persistent.cuh device_capacity() on an H100
 EMULATED = (8, 48 * 1024, 1, 1, False)  # cpu/kernels.cpp: emulated::kDevice
 FIELDS = ("fits", "ctas", "units", "Bp", "Np", "Kp", "kc", "smem")
 DTYPES = {"bf16": (2, 4, True), "fp16": (2, 4, True), "fp32": (4, 4, False), "fp64": (8, 8, False)}
@@ -115,3 +118,25 @@ def test_emulated_tiles_bf16(T, B, H):
     fwd, bwd, err = persistent_ran(4, T, B, H, torch.bfloat16, path=2)
     assert fwd and bwd
     assert err < 0.1  # bf16 has 8 bits of mantissa; the low-precision rule is tested in test_layers.py
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_barrier_timeout_raises_instead_of_hanging():
+    """A CTA that never arrives (simulated: each barrier expects one CTA too many) makes the kernel stop
+    after the timeout and the host raise, naming the kernel; the GPU stays usable."""
+    code = """
+import torch, rnnext
+xg = torch.randn(4, 2, 32, device="cuda")
+h0, c0, w = torch.zeros(2, 8, device="cuda"), torch.zeros(2, 8, device="cuda"), torch.randn(32, 8, device="cuda")
+try:
+    torch.ops.rnnext.lstm_seq(xg, h0, c0, w, None, None, None, None, 0.0, True, 2)
+except RuntimeError as e:
+    assert "persistent_forward timed out in its grid barrier" in str(e), str(e)
+    print("raised")
+torch.cuda.synchronize()
+print(torch.ones(3, device="cuda").sum().item())
+"""
+    env = dict(os.environ, RNNEXT_TEST_BARRIER_TIMEOUT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["raised", "3.0"]

@@ -3,8 +3,9 @@
 # pytest-xdist, pytest-timeout, ninja): build for sm_90 with a compiler whose C++ runtime is torch's
 # (setup.py picks it and says which), smoke-check the build in a subprocess (an error message with a
 # number must raise, not crash), run every test, CPU and CUDA, with pytest-xdist (a crash fails one
-# test, the rest still run), benchmark fp32/bf16/fp16 against torch.nn, and print one summary line
-# last. At most 8 files in $OUT. Sized for < 6 minutes on an H100.
+# test, the rest still run), the CUDA tests again with the persistent kernels forced
+# (RNNEXT_CUDA_PATH=persistent), benchmark fp32/bf16/fp16 against torch.nn (per-step and persistent),
+# and print one summary line last. At most 8 files in $OUT. Sized for < 8 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -20,8 +21,10 @@ failed=0
 step() {  # name, timeout seconds, log file, command...
   local name=$1 limit=$2 log=$3; shift 3
   local t0=$SECONDS
-  timeout "$limit" "$@" >> "$log" 2>&1
+  echo "== $name: $*" >> "$log"
+  timeout -k 10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
+  pkill -9 -f "execnet|xdist" 2>/dev/null  # workers left by a timed-out run would hold the GPU
   rcs+=("$name rc=$rc $((SECONDS - t0))s")
   tail -n 15 "$log"
   [ "$rc" -eq 0 ] || failed=1
@@ -43,24 +46,28 @@ if step build 300 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
     nm -DC --defined-only "$so" 2>/dev/null | grep -E " (W|T) std::" | grep -E "basic_ostream|_M_insert|locale" | head -n 20
   } > "$OUT/smoke.log" 2>&1
   step smoke 120 "$OUT/smoke.log" "$PY" tools/smoke.py
-  step tests 300 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --timeout 240 -ra tests
+  PYTEST=("$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" --timeout 240 -o timeout_method=thread -ra)
+  step tests 300 "$OUT/tests.log" "${PYTEST[@]}" tests
+  step tests_persistent 200 "$OUT/tests.log" env RNNEXT_CUDA_PATH=persistent "${PYTEST[@]}" -k "cuda or CUDA" tests
   for dtype in float32 bfloat16 float16; do
-    step "bench_$dtype" 100 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --dtype "$dtype" --quick \
+    step "bench_$dtype" 120 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --dtype "$dtype" --quick \
       --no-reference --out "$BENCH"
     cp "$BENCH/cuda-$dtype.md" "$OUT/" 2>/dev/null
   done
 fi
 
-# pytest-xdist reports a worker killed by a signal as "worker 'gwN' crashed while running 'test'"
-passed=$(grep -Eo "[0-9]+ passed" "$OUT/tests.log" 2>/dev/null | tail -n 1 | cut -d' ' -f1)
-nfailed=$(grep -Eo "[0-9]+ failed" "$OUT/tests.log" 2>/dev/null | tail -n 1 | cut -d' ' -f1)
+# Totals over both test runs (pytest's last line of each). pytest-xdist reports a worker killed by a
+# signal as "worker 'gwN' crashed while running 'test'".
+total() { grep -E " in [0-9.]+s" "$OUT/tests.log" 2>/dev/null | grep -Eo "[0-9]+ $1" | awk '{s+=$1} END {print s+0}'; }
+passed=$(total passed)
+nfailed=$(total failed)
 crashed=$(grep -o "crashed while running '[^']*'" "$OUT/tests.log" 2>/dev/null | sort -u | wc -l)
 smoke=$(grep -Eo "smoke [a-z]+: [A-Za-z]+( \([A-Z]+\))?" "$OUT/smoke.log" 2>/dev/null | tr '\n' ' ')
 {
   echo; echo "== gpu_check summary =="
   head -n 4 "$OUT/build.log"
   printf '%s\n' "${rcs[@]}"
-  grep -E "(passed|failed).* in [0-9.]+s" "$OUT/tests.log" 2>/dev/null | tail -n 1
+  grep -E "(passed|failed).* in [0-9.]+s" "$OUT/tests.log" 2>/dev/null
   grep -o "crashed while running '[^']*'" "$OUT/tests.log" 2>/dev/null | sort -u
   grep -h "geometric-mean\|peak memory" "$OUT"/cuda-*.md 2>/dev/null
   echo "gpu_check: passed=${passed:-0} failed=${nfailed:-0} crashed=${crashed:-0} ${smoke}compiler=${compiler:-none} commit=$commit"

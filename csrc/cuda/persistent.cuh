@@ -14,7 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include <string>
+#include <cstdlib>
 
 #include "driver/loops.h"
 #include "persistent/plan.h"
@@ -36,12 +36,14 @@ __device__ __forceinline__ long long now_ns() {
 struct GridSync {
   unsigned* arrivals;
   int* error;
-  unsigned ctas;
+  unsigned ctas;      // arrivals per barrier
+  long long timeout;  // ns
 
   __device__ void block() const { __syncthreads(); }
 
-  // false: some CTA gave up waiting; the caller returns.
+  // false: some CTA gave up waiting; every thread of the block returns (thread 0 decides for all).
   __device__ bool grid(unsigned s) const {
+    int ok = 0;
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence();  // this CTA's writes of the step, before its arrival is seen
@@ -50,16 +52,16 @@ struct GridSync {
       const long long start = now_ns();
       while (*reinterpret_cast<volatile unsigned*>(arrivals) < target) {
         if (*reinterpret_cast<volatile int*>(error)) break;
-        if (now_ns() - start > kTimeoutNs) {
+        if (now_ns() - start > timeout) {
           atomicExch(error, 1);
           break;
         }
         __nanosleep(32);
       }
       __threadfence();  // the others' writes, before this CTA reads them
+      ok = *reinterpret_cast<volatile int*>(error) == 0;
     }
-    __syncthreads();
-    return *reinterpret_cast<volatile int*>(error) == 0;
+    return __syncthreads_or(ok);  // thread 0's verdict, to every thread (no shared memory: see the plan)
   }
 };
 
@@ -98,6 +100,7 @@ inline Capacity device_capacity(int device) {
   int sms = 0, smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // The kernels have no static shared memory: the dynamic block starts at 0, aligned for wmma.
   return {.sms = sms, .smem_per_block = smem, .threads = kThreads, .min_rows = 32, .align_units = true};
 }
 
@@ -117,11 +120,13 @@ Plan device_plan(Kernel kernel, Dir dir, int64_t G, int64_t B, int64_t H, int64_
 
 // Launches kernel(pl, args...) cooperatively on the current stream, then turns a barrier timeout into
 // an error naming it. The check reads the flag back (a sync), except while a CUDA graph is captured.
+// RNNEXT_TEST_BARRIER_TIMEOUT=1 (tests only) makes every barrier wait for one CTA too many, 0.2 s.
 template <typename Kernel, typename... Args>
 void launch(const char* name, Kernel kernel, const Plan& pl, const Tensor& flags, Args... args) {
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool hang = std::getenv("RNNEXT_TEST_BARRIER_TIMEOUT") != nullptr;
   GridSync sync{reinterpret_cast<unsigned*>(flags.mutable_data_ptr<int>()), flags.mutable_data_ptr<int>() + 1,
-                unsigned(pl.ctas)};
+                unsigned(pl.ctas + hang), hang ? 200'000'000LL : kTimeoutNs};
   Plan plan = pl;
   void* ptrs[] = {&plan, &args..., &sync};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(pl.ctas)),
