@@ -33,6 +33,10 @@ TORCH_LIBRARY(rnnext, m) {
         "int smem_per_block, int threads, int min_rows, bool align_units) -> int[]",
         &persistent_plan);
 
+  // self @ mat2, 2-D: the input projection x @ w_ih^T of every layer-direction (rnnext.ops.project),
+  // through the launcher's GEMM (CPU: oneDNN's brgemm, faster than at::mm where MKL is slow).
+  m.def("mm(Tensor self, Tensor mat2) -> Tensor");
+
   // Single-step cells. xg, hg: [B, G*H] input and hidden projections (biases included);
   // cx/hx: [B, H] previous state; saved: [B, 4*H] what backward needs (activated gates).
   m.def("lstm_cell(Tensor xg, Tensor hg, Tensor cx) -> (Tensor hy, Tensor cy, Tensor saved)");

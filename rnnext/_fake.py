@@ -59,6 +59,17 @@ def _check_act(nonlinearity):
     _check(nonlinearity in ("tanh", "relu"), lambda: f"Unknown nonlinearity: {nonlinearity}")
 
 
+def register_mm(lib):
+    @torch.library.register_fake(lib + "mm")
+    def _(a, b):
+        c = Checks("mm", "self", a)
+        c.dims(a, 2, "[M, K]")
+        _check(b.dim() == 2 and b.shape[0] == a.shape[1],
+               lambda: f"mm: expected mat2 of shape [{a.shape[1]}, N], got {list(b.shape)}")
+        c.like("mat2", b)
+        return a.new_empty(a.shape[0], b.shape[1])
+
+
 # ---- single-step cells (cell_ops.h) ---------------------------------------------------------------
 
 def check_cell(op, ref_name, ref, G, same=(), states=()):

@@ -187,7 +187,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             p = params[k * stride:(k + 1) * stride]
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             y, h, c = impl.recurrence(
-                mode, F.linear(x, p[0]), h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
+                mode, impl.project(x, p[0]), h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
                 p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip,
                 path=_path(backend, x))
             ys.append(y)

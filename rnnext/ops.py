@@ -69,6 +69,12 @@ def mgru_cell(xg, hg, hx):
     return torch.ops.rnnext.mgru_cell(xg, hg, hx)
 
 
+def project(x, w):
+    """The input projection ``x @ w.T`` over the last dimension of x, as ``F.linear(x, w)`` without bias,
+    through ``torch.ops.rnnext.mm`` (on CPU oneDNN's brgemm: at::mm's MKL is slow on some CPUs)."""
+    return torch.ops.rnnext.mm(x.reshape(-1, x.size(-1)), w.t()).view(*x.shape[:-1], w.size(0))
+
+
 def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
                nonlinearity="tanh", clip=0.0, path=0):
     """One layer-direction on the fused sequence ops; see :func:`rnnext.reference.recurrence`. path: 0 the
@@ -191,6 +197,19 @@ def _autograd_rnn_seq(lib):
     torch.library.register_autograd(lib + "rnn_seq", backward, setup_context=setup)
 
 
+def _autograd_mm(lib):
+    def setup(ctx, inputs, output):
+        a, b = inputs
+        ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None)
+
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return (torch.ops.rnnext.mm(g, b.t()) if ctx.needs_input_grad[0] else None,
+                torch.ops.rnnext.mm(a.t(), g) if ctx.needs_input_grad[1] else None)
+
+    torch.library.register_autograd(lib + "mm", backward, setup_context=setup)
+
+
 def _autograd_cells(lib):
     """Cells whose hg gets the same gradient as xg (LSTM, lecture's GRU, RNN) and the GRU (separate)."""
     def save_state_and_saved(ctx, inputs, output):
@@ -228,11 +247,13 @@ def _autograd_cells(lib):
 
 
 if LOAD_ERROR is None:
+    _fake.register_mm("rnnext::")
     _fake.register_cells("rnnext::")
     _fake.register_lstm_seq("rnnext::")
     _fake.register_gated_seq("rnnext::", "gru_seq", 3, 4)
     _fake.register_gated_seq("rnnext::", "mgru_seq", 2, 2)
     _fake.register_rnn_seq("rnnext::")
+    _autograd_mm("rnnext::")
     _autograd_cells("rnnext::")
     _autograd_lstm_seq("rnnext::")
     _autograd_gated_seq("rnnext::", "gru_seq")

@@ -49,6 +49,11 @@ def rnn_cell(xg, hg, nonlinearity):
     raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
 
 
+def project(x, w):
+    """The input projection ``x @ w.T`` (no bias: recurrence adds b_ih)."""
+    return F.linear(x, w)
+
+
 def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
                nonlinearity="tanh", clip=0.0, path=0):
     """One layer-direction over a sequence: a Python loop over this module's cells.

@@ -33,6 +33,7 @@ def good_calls(device):
         calls[name] = (op, list(args.items()))
         return op(*args.values())
 
+    add("mm", rn.mm, self=t(B, H), mat2=t(H, 4))
     # cells
     hy, cy, saved = add("lstm_cell", rn.lstm_cell, xg=t(B, 4 * H), hg=t(B, 4 * H), cx=t(B, H))
     add("lstm_cell_backward", rn.lstm_cell_backward, dhy=t(B, H), dcy=t(B, H), cx=t(B, H), cy=cy, saved=saved)
@@ -85,7 +86,7 @@ def bad_values(name, arg, value, device):
     if unused(arg, value):
         return []
     bigger = list(value.shape)
-    bigger[-1] += 1
+    bigger[0 if (name, arg) == ("mm", "mat2") else -1] += 1  # mm's mat2 may have any number of columns
     bad = [("one more column", torch.zeros(bigger, dtype=value.dtype, device=device)),
            ("one more dimension", value.unsqueeze(0))]
     if arg == "lengths":

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include <ATen/native/CPUBlas.h>
 #include <ATen/record_function.h>
 
 #include "driver/register.h"
@@ -55,7 +56,54 @@ template <typename Cell, typename S, typename A>
 bool backward(const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh);
 }  // namespace emulated
 
+// float GEMMs through oneDNN's brgemm micro-kernel (ATen's cpublas), tiled and threaded here. Measured
+// on an AMD EPYC (AVX-512, 2 threads), where MKL (at::mm) is slow: the step GEMM [32,256]x[256,1024]
+// 87 us single-threaded vs 182 us for at::mm; [3200,256]x[256,1024] 2 threads: see the closing note of
+// the CPU LSTM issue. float only (16-bit needs a packed B; double has no brgemm). Whether this torch and
+// CPU have it is probed once.
+inline bool have_brgemm() {
+  static const bool ok = [] {
+    try {
+      float a[1] = {1.f}, b[1] = {2.f}, c[1] = {0.f};
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, a, b, c, false);
+      return c[0] == 2.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// out = add + a @ b (add may be out itself): tiles of kTileM x kTileN over the threads, K in blocks
+// accumulated in place. brgemm wants row-major operands: a transposed view is copied first.
+inline void brgemm_gemm(Tensor& out, const Tensor& a_, const Tensor& b_, const Tensor& add) {
+  constexpr int64_t kTileM = 64, kTileN = 256, kBlockK = 512;
+  const auto a = a_.stride(1) == 1 ? a_ : a_.contiguous(), b = b_.stride(1) == 1 ? b_ : b_.contiguous();
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1), lda = a.stride(0), ldb = b.stride(0),
+                ldc = out.stride(0);
+  if (add.defined() && !add.is_same(out)) out.copy_(add);
+  const float *A = a.const_data_ptr<float>(), *Bm = b.const_data_ptr<float>();
+  float* C = out.mutable_data_ptr<float>();
+  const int64_t tiles_n = (N + kTileN - 1) / kTileN, tiles = (M + kTileM - 1) / kTileM * tiles_n;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t / tiles_n * kTileM, n0 = t % tiles_n * kTileN;
+      const int64_t mb = std::min(kTileM, M - m0), nb = std::min(kTileN, N - n0);
+      for (int64_t k0 = 0; k0 < K; k0 += kBlockK)
+        at::native::cpublas::brgemm(mb, nb, std::min(kBlockK, K - k0), lda, ldb, ldc, add.defined() || k0 > 0,
+                                    A + m0 * lda + k0, Bm + k0 * ldb + n0, C + m0 * ldc + n0, false);
+    }
+  });
+}
+
 struct CpuLauncher {
+  static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
+    if (out.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 && a.size(1) > 0 && have_brgemm())
+      brgemm_gemm(out, a, b, add);
+    else
+      aten_gemm(out, a, b, add);
+  }
+
   template <typename Cell, typename S, typename A>
   static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
     return path == Path::Persistent && emulated::forward<Cell>(p, w_hh, h);

@@ -18,6 +18,8 @@ __global__ void elementwise_kernel(int64_t n, int64_t H, F f) {
 }
 
 struct CudaLauncher {
+  static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) { aten_gemm(out, a, b, add); }
+
   template <typename Cell, typename S, typename A>
   static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
     return persistent::forward<Cell>(path, p, w_hh, h);

@@ -1,5 +1,7 @@
-// The time loops of one layer-direction. Each launcher (cpu/kernels.cpp, cuda/kernels.cu) may run a
-// whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests):
+// The time loops of one layer-direction. Each launcher (cpu/kernels.cpp, cuda/kernels.cu) provides the
+// per-step GEMM, out = add + a @ b (add undefined: 0; all contiguous, row-major):
+//   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
+// and may run a whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests):
 //   template <typename Cell, typename S, typename A>
 //   static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor& w_hh, Tensor& h);
 //   static bool persistent_backward(Path, const cells::SeqBwd<S, A>&, const Tensor& w_hh, Tensor& dh);
@@ -20,12 +22,12 @@ enum class Path : int64_t { Auto = 0, Step = 1, Persistent = 2 };
 // (measured: [32,256]x[256,1024] 85 us vs 120 us). Transposed once per sequence, used every step.
 inline Tensor right_operand(const Tensor& w) { return w.t().contiguous(); }
 
-// dh_prev = direct + dgates @ w_hh, where direct is defined
-inline void step_gemm_backward(Tensor& dh_prev, const Tensor& direct, const Tensor& dgates, const Tensor& w_hh) {
-  if (direct.defined())
-    at::addmm_out(dh_prev, direct, dgates, w_hh);
+// out = add + a @ b through ATen (cuBLAS, MKL): what a launcher's gemm does where it has nothing better.
+inline void aten_gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
+  if (add.defined())
+    at::addmm_out(out, add, a, b);
   else
-    at::mm_out(dh_prev, dgates, w_hh);
+    at::mm_out(out, a, b);
 }
 
 // h: the carried state [B, P], h0 on entry. w_hr, r: the LSTM projection (undefined without).
@@ -37,10 +39,10 @@ void step_forward(const cells::SeqFwd<S, A>& p, Tensor& h, const Tensor& w_hh, c
   auto hp = w_hr.defined() ? at::empty({p.B, p.P}, h.options()) : Tensor();
   auto wr_t = w_hr.defined() ? right_operand(w_hr) : Tensor();
   for (int64_t t = 0; t < p.T; ++t) {
-    at::mm_out(hg, h, w_t);
+    L::gemm(hg, h, w_t, Tensor());
     L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(h), mptr<S>(h)));
     if (!w_hr.defined()) continue;
-    at::mm_out(hp, r[t], wr_t);
+    L::gemm(hp, r[t], wr_t, Tensor());
     L::run(device, p.B, p.P,
            cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(h),
                                  .y = p.y + t * p.B * p.P});
@@ -61,11 +63,11 @@ void step_backward(const cells::SeqBwd<S, A>& p, Tensor& dh, const Tensor& direc
       L::run(device, p.B, p.P,
              cells::CarryBwd<S, A>{.step = {p.lengths, t, p.P}, .dh_next = cptr<S>(dh), .dy = p.dy + t * p.B * p.P,
                                    .dhp = mptr<S>(dhp) + t * p.B * p.P, .direct = p.direct, .clip = p.clip});
-      at::mm_out(dr, dhp[t], w_hr);
+      L::gemm(dr, dhp[t], w_hr, Tensor());
       dh_cell = cptr<S>(dr);
     }
     L::run(device, p.B, p.H, Cell::bwd(p, t, dh_cell, proj));
-    step_gemm_backward(dh, direct, dhg[t], w_hh);
+    L::gemm(dh, dhg[t], w_hh, direct);  // dh_prev = direct + dgates @ w_hh
   }
 }
 

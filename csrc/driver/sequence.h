@@ -88,14 +88,32 @@ inline void check_saved(const Checks& c, const Tensor& saved, int64_t S, const D
 
 inline Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
 
-// dw_hh = sum over steps of dgates[t]^T @ h_prev[t] (h0, then y[t-1]): one GEMM for all steps
-inline Tensor hh_weight_grad(const Tensor& dgates, const Tensor& h0, const Tensor& y, const Dims& d) {
-  auto dw = at::mm(dgates[0].t(), h0);
+// dw_hh = sum over steps of dgates[t]^T @ h_prev[t] (h0, then y[t-1]): one GEMM for all steps, as
+// dw_hh^T = h_prev^T @ dgates, so that the operand a row-major GEMM must transpose is h_prev ([T*B, P],
+// G times smaller than dgates).
+template <typename L>
+Tensor hh_weight_grad(const Tensor& dgates, const Tensor& h0, const Tensor& y, const Dims& d) {
+  const int64_t GH = dgates.size(2);
+  auto dwt = at::empty({d.P, GH}, dgates.options());
+  L::gemm(dwt, h0.t(), dgates[0], Tensor());
   if (d.T > 1) {
     const int64_t n = (d.T - 1) * d.B;
-    dw.addmm_(dgates.narrow(0, 1, d.T - 1).reshape({n, dgates.size(2)}).t(), y.narrow(0, 0, d.T - 1).reshape({n, d.P}));
+    L::gemm(dwt, y.narrow(0, 0, d.T - 1).reshape({n, d.P}).t(), dgates.narrow(0, 1, d.T - 1).reshape({n, GH}), dwt);
   }
-  return dw;
+  return dwt.t().contiguous();
+}
+
+// The input projection's GEMM (rnnext.ops.project): the launcher's, which on CPU beats at::mm.
+template <typename L>
+Tensor mm(const Tensor& a, const Tensor& b) {
+  const Checks c{"mm", "self", a};
+  c.dims(a, 2, "[M, K]");
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == a.size(1), "mm: expected mat2 of shape [", a.size(1), ", N], got ",
+              b.sizes());
+  c.like("mat2", b);
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  L::gemm(out, a, b, Tensor());
+  return out;
 }
 
 inline Tensor bias_grad(const Tensor& dgates) { return dgates.sum(at::IntArrayRef{0, 1}); }
@@ -244,8 +262,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
     backward<L, cells::LSTM>(how, bwd_pointers<scalar_t, A>(d, b, c_all, c0, dc, clip), b, w_hr, dhp);
   });
   auto db = bias_grad(b.dxg);
-  auto dw_hr = proj ? at::mm(dhp.reshape({T * B, P}).t(), r.reshape({T * B, H})) : at::empty({0}, y.options());
-  return {b.dxg, b.dh, dc.to(y.scalar_type()), hh_weight_grad(b.dxg, b.h0, b.y, d), db.clone(), db, dw_hr};
+  auto dw_hr = proj ? at::empty({P, H}, y.options()) : at::empty({0}, y.options());
+  if (proj) L::gemm(dw_hr, dhp.reshape({T * B, P}).t(), r.reshape({T * B, H}), Tensor());  // over all steps
+  return {b.dxg, b.dh, dc.to(y.scalar_type()), hh_weight_grad<L>(b.dxg, b.h0, b.y, d), db.clone(), db, dw_hr};
 }
 
 // Backward of gated_seq.
@@ -266,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(const char
     backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip), b, none, none);
   });
   auto db_ih = bias_grad(b.dxg);
-  return {b.dxg, b.dh, hh_weight_grad(b.dhg, b.h0, b.y, d), db_ih,
+  return {b.dxg, b.dh, hh_weight_grad<L>(b.dhg, b.h0, b.y, d), db_ih,
           Cell::separate_dhg ? bias_grad(b.dhg) : db_ih.clone()};
 }
 
@@ -307,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor
     });
   });
   auto db = bias_grad(b.dxg);
-  return {b.dxg, b.dh, hh_weight_grad(b.dxg, b.h0, b.y, d), db.clone(), db};
+  return {b.dxg, b.dh, hh_weight_grad<L>(b.dxg, b.h0, b.y, d), db.clone(), db};
 }
 
 }  // namespace rnnext
