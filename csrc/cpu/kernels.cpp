@@ -77,10 +77,15 @@ inline bool have_brgemm() {
 // out = add + a @ b (add may be out itself): tiles of kTileM x kTileN over the threads, K in blocks
 // accumulated in place. brgemm wants row-major operands: a transposed view is copied first.
 inline void brgemm_gemm(Tensor& out, const Tensor& a_, const Tensor& b_, const Tensor& add) {
-  constexpr int64_t kTileM = 64, kTileN = 256, kBlockK = 512;
+  constexpr int64_t kTileM = 128, kBlockK = 512;  // tuned here: 64-128 x 128-256 x 256-1024 within 5%
   const auto a = a_.stride(1) == 1 ? a_ : a_.contiguous(), b = b_.stride(1) == 1 ? b_ : b_.contiguous();
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1), lda = a.stride(0), ldb = b.stride(0),
                 ldc = out.stride(0);
+  // Columns per tile: 256, fewer (down to 64) where too few row tiles keep every thread busy (the step
+  // GEMMs have M = batch).
+  const int64_t row_tiles = (M + kTileM - 1) / kTileM, threads = at::get_num_threads();
+  const int64_t split = row_tiles >= threads ? 1 : (threads + row_tiles - 1) / row_tiles;
+  const int64_t kTileN = std::clamp<int64_t>((N + split - 1) / split + 15 & ~int64_t(15), 64, 256);
   if (add.defined() && !add.is_same(out)) out.copy_(add);
   const float *A = a.const_data_ptr<float>(), *Bm = b.const_data_ptr<float>();
   float* C = out.mutable_data_ptr<float>();
@@ -113,20 +118,48 @@ struct CpuLauncher {
     return path == Path::Persistent && emulated::backward<Cell>(p, w_hh, dh);
   }
 
+  // f over row b, columns [j0, j1): vectors, then scalars.
+  template <typename F>
+  static void apply_row(const F& f, int64_t b, int64_t j0, int64_t j1) {
+    using S = typename F::scalar;
+    int64_t j = j0;
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+      using V = at::vec::Vectorized<S>;
+      for (; j + V::size() <= j1; j += V::size()) f.template apply<V>(b, j);
+    }
+    for (; j < j1; ++j) f.template apply<typename F::acc>(b, j);
+  }
+
   template <typename F>
   static void run(c10::Device, int64_t B, int64_t H, const F& f) {
-    using S = typename F::scalar;
-    using A = typename F::acc;
     // Rows per task: enough work to pay for waking a thread (the cells cost ~1-4 ns per element).
     const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1));
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        int64_t j = 0;
-        if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
-          using V = at::vec::Vectorized<S>;
-          for (; j + V::size() <= H; j += V::size()) f.template apply<V>(b, j);
-        }
-        for (; j < H; ++j) f.template apply<A>(b, j);
+      for (int64_t b = b0; b < b1; ++b) apply_row(f, b, 0, H);
+    });
+  }
+
+  // out = a @ b, b's columns G gate blocks of H, then f over [B, H]. float: one parallel region, each
+  // thread the GEMM of its hidden units' gate columns then the cell on them while they are in cache.
+  template <typename F>
+  static void gemm_cell(Tensor& out, const Tensor& a, const Tensor& b, int64_t G, int64_t H, const F& f) {
+    const int64_t B = a.size(0), K = a.size(1), N = b.size(1);
+    if (!(std::is_same_v<typename F::scalar, float> && B > 0 && K > 0 && H > 0 && have_brgemm())) {
+      gemm(out, a, b, Tensor());
+      run(out.device(), B, H, f);
+      return;
+    }
+    const int64_t threads = at::get_num_threads();
+    const int64_t units = ((H + threads - 1) / threads + 15) / 16 * 16, blocks = (H + units - 1) / units;
+    const float *A = a.const_data_ptr<float>(), *Bm = b.const_data_ptr<float>();
+    float* C = out.mutable_data_ptr<float>();
+    at::parallel_for(0, blocks, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t blk = p0; blk < p1; ++blk) {
+        const int64_t j0 = blk * units, j1 = std::min(H, j0 + units);
+        for (int64_t g = 0; g < G; ++g)
+          at::native::cpublas::brgemm(B, j1 - j0, K, a.stride(0), b.stride(0), out.stride(0), false, A,
+                                      Bm + g * H + j0, C + g * H + j0, false);
+        for (int64_t r = 0; r < B; ++r) apply_row(f, r, j0, j1);
       }
     });
   }

@@ -20,6 +20,12 @@ __global__ void elementwise_kernel(int64_t n, int64_t H, F f) {
 struct CudaLauncher {
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) { aten_gemm(out, a, b, add); }
 
+  template <typename F>
+  static void gemm_cell(Tensor& out, const Tensor& a, const Tensor& b, int64_t, int64_t H, const F& f) {
+    aten_gemm(out, a, b, Tensor());
+    run(out.device(), a.size(0), H, f);
+  }
+
   template <typename Cell, typename S, typename A>
   static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
     return persistent::forward<Cell>(path, p, w_hh, h);

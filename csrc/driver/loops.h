@@ -1,6 +1,9 @@
 // The time loops of one layer-direction. Each launcher (cpu/kernels.cpp, cuda/kernels.cu) provides the
-// per-step GEMM, out = add + a @ b (add undefined: 0; all contiguous, row-major):
+// per-step GEMM, out = add + a @ b (add undefined: 0), and the forward step, out = a @ b (columns: G
+// gate blocks of H) followed by the cell functor f over [B, H] (the CPU fuses the two):
 //   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
+//   template <typename F> static void gemm_cell(Tensor& out, const Tensor& a, const Tensor& b, int64_t G,
+//                                               int64_t H, const F& f);
 // and may run a whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests):
 //   template <typename Cell, typename S, typename A>
 //   static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor& w_hh, Tensor& h);
@@ -36,17 +39,27 @@ void step_forward(const cells::SeqFwd<S, A>& p, Tensor& h, const Tensor& w_hh, c
   const auto device = h.device();
   auto hg = at::empty({p.B, Cell::G * p.H}, h.options());
   auto w_t = right_operand(w_hh);
-  auto hp = w_hr.defined() ? at::empty({p.B, p.P}, h.options()) : Tensor();
-  auto wr_t = w_hr.defined() ? right_operand(w_hr) : Tensor();
-  for (int64_t t = 0; t < p.T; ++t) {
-    L::gemm(hg, h, w_t, Tensor());
-    L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(h), mptr<S>(h)));
-    if (!w_hr.defined()) continue;
-    L::gemm(hp, r[t], wr_t, Tensor());
-    L::run(device, p.B, p.P,
-           cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(h),
-                                 .y = p.y + t * p.B * p.P});
+  if (w_hr.defined()) {  // LSTM with projection: the cell, then the projection GEMM, then the carry
+    auto hp = at::empty({p.B, p.P}, h.options());
+    auto wr_t = right_operand(w_hr);
+    for (int64_t t = 0; t < p.T; ++t) {
+      L::gemm(hg, h, w_t, Tensor());
+      L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(h), mptr<S>(h)));
+      L::gemm(hp, r[t], wr_t, Tensor());
+      L::run(device, p.B, p.P,
+             cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(h),
+                                   .y = p.y + t * p.B * p.P});
+    }
+    return;
   }
+  // The state in two buffers: a fused step's cell writes h_t while other threads' GEMM reads h_{t-1}.
+  auto other = at::empty_like(h);
+  for (int64_t t = 0; t < p.T; ++t) {
+    const Tensor& prev = t % 2 ? other : h;
+    const Tensor& next = t % 2 ? h : other;
+    L::gemm_cell(hg, prev, w_t, Cell::G, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next)));
+  }
+  if (p.T % 2) h.copy_(other);
 }
 
 // dh: the carried gradient of the state [B, P], dhn on entry; direct: p.direct's tensor (or undefined);
