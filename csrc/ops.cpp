@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "persistent/plan.h"
@@ -33,10 +34,6 @@ TORCH_LIBRARY(rnnext, m) {
         "int smem_per_block, int threads, int min_rows, bool align_units) -> int[]",
         &persistent_plan);
 
-  // self @ mat2, 2-D: the input projection x @ w_ih^T of every layer-direction (rnnext.ops.project),
-  // through the launcher's GEMM (CPU: oneDNN's brgemm, faster than at::mm where MKL is slow).
-  m.def("mm(Tensor self, Tensor mat2) -> Tensor");
-
   // Single-step cells. xg, hg: [B, G*H] input and hidden projections (biases included);
   // cx/hx: [B, H] previous state; saved: [B, 4*H] what backward needs (activated gates).
   m.def("lstm_cell(Tensor xg, Tensor hg, Tensor cx) -> (Tensor hy, Tensor cy, Tensor saved)");
@@ -48,36 +45,32 @@ TORCH_LIBRARY(rnnext, m) {
   m.def("mgru_cell(Tensor xg, Tensor hg, Tensor hx) -> (Tensor hy, Tensor saved)");
   m.def("mgru_cell_backward(Tensor dhy, Tensor hx, Tensor saved) -> (Tensor dgates, Tensor dhx)");
 
-  // One layer-direction over a whole sequence; shapes and conventions in driver/sequence.h.
-  // xg: input projection without bias (b_ih and b_hh are added inside); y: outputs [T, B, P];
-  // hn, cn: final states; c_all, saved, r: what backward needs. clip: BPTT gradient clipping of the
-  // state at every step (0 = off; cells/step.h), taken by the forward ops too so autograd can pass it on.
-  // save=False (no backward will follow): c_all and saved come back empty and are not computed.
-  // path: 0 auto (the device's default), 1 per-step, 2 persistent where the device has it and the plan
-  // fits (else per-step): see driver/loops.h.
-  m.def("lstm_seq(Tensor xg, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
-        "Tensor? lengths, float clip=0., bool save=True, int path=0) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, "
-        "Tensor saved, "
-        "Tensor r)");
-  m.def("lstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor y, Tensor h0, Tensor c0, Tensor c_all, "
-        "Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths, float clip=0., int path=0) -> (Tensor dxg, "
-        "Tensor dh0, "
-        "Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
-  m.def("gru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0., "
-        "bool save=True, int path=0) "
-        "-> (Tensor y, Tensor hn, Tensor saved)");
-  m.def("gru_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor saved, Tensor w_hh, Tensor? lengths, "
-        "float clip=0., int path=0) "
-        "-> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
-  m.def("rnn_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, str nonlinearity, "
-        "float clip=0., int path=0) "
-        "-> (Tensor y, Tensor hn)");
-  m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor w_hh, Tensor? lengths, "
-        "str nonlinearity, float clip=0., int path=0) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
-  // The lecture's GRU (update gate only; cells/mgru.h): gates (u, c), saved (u, c~) [T, B, 2H].
-  m.def("mgru_seq(Tensor xg, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, float clip=0., "
-        "bool save=True, int path=0) "
-        "-> (Tensor y, Tensor hn, Tensor saved)");
-  m.def("mgru_seq_backward(Tensor dy, Tensor dhn, Tensor y, Tensor h0, Tensor saved, Tensor w_hh, Tensor? lengths, "
-        "float clip=0., int path=0) -> (Tensor dxg, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+  // One layer-direction over a whole sequence, input projection included; shapes and conventions in
+  // driver/sequence.h. y: outputs [T, B, P]; hn, cn: final states; c_all, saved, r: what backward needs.
+  // clip: BPTT gradient clipping of the state at every step (0 = off; cells/step.h), taken by the forward
+  // ops too so autograd can pass it on. save=False (no backward will follow): c_all and saved come back
+  // empty and are not computed. path: 0 auto (the device's default), 1 per-step, 2 persistent where the
+  // device has it and the plan fits (else per-step): see driver/loops.h.
+  m.def("lstm_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor? w_hr, Tensor? lengths, float clip=0., bool save=True, int path=0) -> (Tensor y, Tensor hn, "
+        "Tensor cn, Tensor c_all, Tensor saved, Tensor r)");
+  m.def("lstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
+        "Tensor c0, Tensor c_all, Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
+        "float clip=0., int path=0) -> (Tensor dx, Tensor dw_ih, Tensor dh0, Tensor dc0, Tensor dw_hh, "
+        "Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
+  // The GRU and the lecture's GRU (update gate only; cells/mgru.h: gates (u, c), saved (u, c~)).
+  for (const char* name : {"gru_seq", "mgru_seq"}) {
+    m.def((std::string(name) + "(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+           "Tensor? lengths, float clip=0., bool save=True, int path=0) -> (Tensor y, Tensor hn, Tensor saved)")
+              .c_str());
+    m.def((std::string(name) + "_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
+           "Tensor saved, Tensor w_hh, Tensor? lengths, float clip=0., int path=0) -> (Tensor dx, Tensor dw_ih, "
+           "Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)")
+              .c_str());
+  }
+  m.def("rnn_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
+        "str nonlinearity, float clip=0., int path=0) -> (Tensor y, Tensor hn)");
+  m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, Tensor w_hh, "
+        "Tensor? lengths, str nonlinearity, float clip=0., int path=0) -> (Tensor dx, Tensor dw_ih, Tensor dh0, "
+        "Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
 }

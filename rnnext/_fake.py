@@ -59,17 +59,6 @@ def _check_act(nonlinearity):
     _check(nonlinearity in ("tanh", "relu"), lambda: f"Unknown nonlinearity: {nonlinearity}")
 
 
-def register_mm(lib):
-    @torch.library.register_fake(lib + "mm")
-    def _(a, b):
-        c = Checks("mm", "self", a)
-        c.dims(a, 2, "[M, K]")
-        _check(b.dim() == 2 and b.shape[0] == a.shape[1],
-               lambda: f"mm: expected mat2 of shape [{a.shape[1]}, N], got {list(b.shape)}")
-        c.like("mat2", b)
-        return a.new_empty(a.shape[0], b.shape[1])
-
-
 # ---- single-step cells (cell_ops.h) ---------------------------------------------------------------
 
 def check_cell(op, ref_name, ref, G, same=(), states=()):
@@ -136,13 +125,16 @@ def register_cells(lib):
 
 # ---- sequences (sequence.h) -----------------------------------------------------------------------
 
-def check_seq(op, G, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip):
+def check_seq(op, G, x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip):
     """Forward: returns (T, B, H, P)."""
-    c = Checks(op, "xg", xg)
-    c.dims(xg, 3, _gates_shape(G, True))
-    _check(xg.shape[0] > 0, f"{op}: expected a sequence length larger than 0")
-    _check(xg.shape[2] % G == 0, lambda: f"{op}: xg.size(2) = {xg.shape[2]} is not a multiple of {G}")
-    T, B, H = xg.shape[0], xg.shape[1], xg.shape[2] // G
+    c = Checks(op, "x", x)
+    c.dims(x, 3, "[T, B, I]")
+    _check(x.shape[0] > 0, f"{op}: expected a sequence length larger than 0")
+    T, B, I = x.shape
+    _check(w_ih.dim() == 2 and w_ih.shape[0] % G == 0 and w_ih.shape[1] == I,
+           lambda: f"{op}: expected w_ih of shape [{G}*H, {I}], got {list(w_ih.shape)}")
+    c.like("w_ih", w_ih)
+    H = w_ih.shape[0] // G
     if w_hr is not None:
         _check(w_hr.dim() == 2 and w_hr.shape[0] > 0 and w_hr.shape[1] == H,
                lambda: f"{op}: expected w_hr of shape [P, {H}] with P > 0, got {list(w_hr.shape)}")
@@ -161,7 +153,7 @@ def check_seq(op, G, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip):
     return T, B, H, P
 
 
-def check_seq_backward(c, G, projected, dy, dhn, y, h0, w_hh, lengths, clip):
+def check_seq_backward(c, G, projected, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip):
     """Backward: y fixes T, B, P; H = P, or w_hh's rows / G with an LSTM projection. Returns (T, B, H, P)."""
     c.dims(y, 3, "[T, B, P]")
     _check(y.shape[0] > 0, f"{c.op}: expected a sequence length larger than 0")
@@ -171,6 +163,10 @@ def check_seq_backward(c, G, projected, dy, dhn, y, h0, w_hh, lengths, clip):
     c.shape("dy", dy, (T, B, P))
     c.shape("dhn", dhn, (B, P))
     c.shape("h0", h0, (B, P))
+    _check(x.dim() == 3 and x.shape[0] == T and x.shape[1] == B,
+           lambda: f"{c.op}: expected x of shape [{T}, {B}, I], got {list(x.shape)}")
+    c.like("x", x)
+    c.shape("w_ih", w_ih, (G * H, x.shape[2]))
     c.lengths(lengths, B)
     c.clip(clip)
     return T, B, H, P
@@ -184,17 +180,17 @@ def check_saved(c, saved, S, T, B, H):
 
 def register_lstm_seq(lib):
     @torch.library.register_fake(lib + "lstm_seq")
-    def _(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True, path=0):
-        T, B, H, P = check_seq("lstm_seq", 4, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)
+    def _(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True, path=0):
+        T, B, H, P = check_seq("lstm_seq", 4, x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)
         _check_path("lstm_seq", path)
         Ts = T if save else 0
-        return (_new(xg, T, B, P), _new(xg, B, P), _new(xg, B, H), _new(xg, Ts, B, H), _new(xg, Ts, B, 4 * H),
-                _new(xg, T if w_hr is not None else 0, B, H))
+        return (_new(x, T, B, P), _new(x, B, P), _new(x, B, H), _new(x, Ts, B, H), _new(x, Ts, B, 4 * H),
+                _new(x, T if w_hr is not None else 0, B, H))
 
     @torch.library.register_fake(lib + "lstm_seq_backward")
-    def _(dy, dhn, dcn, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0, path=0):
+    def _(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0, path=0):
         c = Checks("lstm_seq_backward", "y", y)
-        T, B, H, P = check_seq_backward(c, 4, w_hr is not None, dy, dhn, y, h0, w_hh, lengths, clip)
+        T, B, H, P = check_seq_backward(c, 4, w_hr is not None, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
         if w_hr is not None:
             c.shape("w_hr", w_hr, (P, H))
         c.shape("dcn", dcn, (B, H))
@@ -204,39 +200,40 @@ def register_lstm_seq(lib):
         if w_hr is not None:
             c.shape("r", r, (T, B, H))
         _check_path(c.op, path)
-        return (_new(y, T, B, 4 * H), _new(y, B, P), _new(y, B, H), _new(y, 4 * H, P), _new(y, 4 * H),
-                _new(y, 4 * H), _new(y, P, H) if w_hr is not None else _new(y, 0))
+        return (_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, P), _new(y, B, H), _new(y, 4 * H, P),
+                _new(y, 4 * H), _new(y, 4 * H), _new(y, P, H) if w_hr is not None else _new(y, 0))
 
 
 def register_gated_seq(lib, name, G, S):
     """The GRU (G=3 gates, S=4 saved values per element) and the lecture's GRU (2, 2)."""
     @torch.library.register_fake(lib + name)
-    def _(xg, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True, path=0):
-        T, B, H, _ = check_seq(name, G, xg, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
+    def _(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True, path=0):
+        T, B, H, _ = check_seq(name, G, x, w_ih, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
         _check_path(name, path)
-        return _new(xg, T, B, H), _new(xg, B, H), _new(xg, T if save else 0, B, S * H)
+        return _new(x, T, B, H), _new(x, B, H), _new(x, T if save else 0, B, S * H)
 
     @torch.library.register_fake(lib + name + "_backward")
-    def _(dy, dhn, y, h0, saved, w_hh, lengths, clip=0.0, path=0):
+    def _(dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip=0.0, path=0):
         c = Checks(name + "_backward", "y", y)
-        T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, y, h0, w_hh, lengths, clip)
+        T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
         check_saved(c, saved, S, T, B, H)
         _check_path(c.op, path)
-        return _new(y, T, B, G * H), _new(y, B, H), _new(y, G * H, H), _new(y, G * H), _new(y, G * H)
+        return (_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H), _new(y, G * H, H), _new(y, G * H),
+                _new(y, G * H))
 
 
 def register_rnn_seq(lib):
     @torch.library.register_fake(lib + "rnn_seq")
-    def _(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0, path=0):
-        T, B, H, _ = check_seq("rnn_seq", 1, xg, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
+    def _(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0, path=0):
+        T, B, H, _ = check_seq("rnn_seq", 1, x, w_ih, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
         _check_path("rnn_seq", path)
         _check_act(nonlinearity)
-        return _new(xg, T, B, H), _new(xg, B, H)
+        return _new(x, T, B, H), _new(x, B, H)
 
     @torch.library.register_fake(lib + "rnn_seq_backward")
-    def _(dy, dhn, y, h0, w_hh, lengths, nonlinearity, clip=0.0, path=0):
+    def _(dy, dhn, x, w_ih, y, h0, w_hh, lengths, nonlinearity, clip=0.0, path=0):
         c = Checks("rnn_seq_backward", "y", y)
-        T, B, H, _ = check_seq_backward(c, 1, False, dy, dhn, y, h0, w_hh, lengths, clip)
+        T, B, H, _ = check_seq_backward(c, 1, False, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
         _check_path(c.op, path)
         _check_act(nonlinearity)
-        return _new(y, T, B, H), _new(y, B, H), _new(y, H, H), _new(y, H), _new(y, H)
+        return _new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H), _new(y, H, H), _new(y, H), _new(y, H)

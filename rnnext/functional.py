@@ -8,10 +8,10 @@ one ("fused" raises where the fused ops cannot run).
 Whole-sequence functions take torch's flat weight list (``nn.LSTM._flat_weights`` order: per layer and
 direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``) and return what ``torch._VF.lstm/gru/rnn_*`` return.
 Inputs are time-major ``[T, B, I]`` (``[B, T, I]`` with batch_first), or packed data ``[N, I]`` with
-``batch_sizes``; hx ``[L*D, B, P]`` (LSTM: plus c ``[L*D, B, H]``). Each layer-direction is one input
-projection ``F.linear`` (without bias) for all steps plus one ``recurrence`` of the backend. Gradients
-flow through autograd: the reference keeps its per-step graph; the fused sequence ops save the outputs
-and the activated gates (see :mod:`rnnext.ops`).
+``batch_sizes``; hx ``[L*D, B, P]`` (LSTM: plus c ``[L*D, B, H]``). Each layer-direction is one
+``recurrence`` of the backend, input projection included (the fused ops compute it a few steps at a time
+on CPU). Gradients flow through autograd: the reference keeps its per-step graph; the fused sequence ops
+save the outputs and the activated gates (see :mod:`rnnext.ops`).
 """
 import contextlib
 import contextvars
@@ -187,7 +187,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             p = params[k * stride:(k + 1) * stride]
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             y, h, c = impl.recurrence(
-                mode, impl.project(x, p[0]), h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
+                mode, x, p[0], h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
                 p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip,
                 path=_path(backend, x))
             ys.append(y)

@@ -69,31 +69,26 @@ def mgru_cell(xg, hg, hx):
     return torch.ops.rnnext.mgru_cell(xg, hg, hx)
 
 
-def project(x, w):
-    """The input projection ``x @ w.T`` over the last dimension of x, as ``F.linear(x, w)`` without bias,
-    through ``torch.ops.rnnext.mm`` (on CPU oneDNN's brgemm: at::mm's MKL is slow on some CPUs)."""
-    return torch.ops.rnnext.mm(x.reshape(-1, x.size(-1)), w.t()).view(*x.shape[:-1], w.size(0))
-
-
-def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
+def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
                nonlinearity="tanh", clip=0.0, path=0):
-    """One layer-direction on the fused sequence ops; see :func:`rnnext.reference.recurrence`. path: 0 the
-    device's default, 1 per step (a GEMM and a cell kernel per step), 2 the persistent kernel where it runs
-    and fits (one launch, weights on chip; on CPU an emulation for tests), else per step."""
+    """One layer-direction on the fused sequence ops, input projection included; see
+    :func:`rnnext.reference.recurrence`. path: 0 the device's default, 1 per step (a GEMM and a cell kernel
+    per step), 2 the persistent kernel where it runs and fits (one launch, weights on chip; on CPU an
+    emulation for tests), else per step."""
     if reverse:
-        xg = flip_within(xg, lengths)
+        x = flip_within(x, lengths)
     # Without a backward to follow (no_grad, or nothing requires grad), skip saving the gates.
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, b_ih, b_hh, w_hr))
+        t is not None and t.requires_grad for t in (x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr))
     cn = None
     if mode == "LSTM":
-        y, hn, cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save, path)[:3]
+        y, hn, cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save, path)[:3]
     elif mode == "GRU":
-        y, hn, _ = torch.ops.rnnext.gru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
+        y, hn, _ = torch.ops.rnnext.gru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
     elif mode == "MGRU":
-        y, hn, _ = torch.ops.rnnext.mgru_seq(xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
+        y, hn, _ = torch.ops.rnnext.mgru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
     else:
-        y, hn = torch.ops.rnnext.rnn_seq(xg, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip, path)
+        y, hn = torch.ops.rnnext.rnn_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip, path)
     if reverse:
         y = flip_within(y, lengths)
     return y, hn, cn
@@ -135,22 +130,23 @@ def _check_saved(ctx, name):
 def _autograd_lstm_seq(lib):
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *rest = inputs
+        x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *rest = inputs
         _options(ctx, rest)
         y, hn, cn, c_all, saved, r = output
         ctx.mark_non_differentiable(c_all, saved, r)
         _biases(ctx, b_ih, b_hh)
         ctx.has_proj = w_hr is not None
-        ctx.save_for_backward(y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths)
+        ctx.save_for_backward(x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths)
 
     def backward(ctx, dy, dhn, dcn, *_):
         _first_order_only("lstm_seq")
         _check_saved(ctx, "lstm_seq")
-        y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
-        dxg, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(dcn, c0), y, h0, c0, c_all, saved, r, w_hh,
-            w_hr, lengths, ctx.clip, ctx.path)
-        return dxg, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None, *[None] * 4
+        x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
+        dx, dw_ih, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(dcn, c0), x, w_ih, y, h0, c0, c_all, saved,
+            r, w_hh, w_hr, lengths, ctx.clip, ctx.path)
+        return (dx, dw_ih, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None,
+                *[None] * 4)
 
     torch.library.register_autograd(lib + "lstm_seq", backward, setup_context=setup)
 
@@ -159,20 +155,20 @@ def _autograd_gated_seq(lib, name):
     """The GRU and the lecture's GRU: same signatures."""
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        xg, h0, w_hh, b_ih, b_hh, lengths, *rest = inputs
+        x, w_ih, h0, w_hh, b_ih, b_hh, lengths, *rest = inputs
         _options(ctx, rest)
         y, hn, saved = output
         ctx.mark_non_differentiable(saved)
         _biases(ctx, b_ih, b_hh)
-        ctx.save_for_backward(y, h0, saved, w_hh, lengths)
+        ctx.save_for_backward(x, w_ih, y, h0, saved, w_hh, lengths)
 
     def backward(ctx, dy, dhn, _):
         _first_order_only(name)
         _check_saved(ctx, name)
-        y, h0, saved, w_hh, lengths = ctx.saved_tensors
-        dxg, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, saved, w_hh, lengths, ctx.clip, ctx.path)
-        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
+        x, w_ih, y, h0, saved, w_hh, lengths = ctx.saved_tensors
+        dx, dw_ih, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), x, w_ih, y, h0, saved, w_hh, lengths, ctx.clip, ctx.path)
+        return dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
 
     torch.library.register_autograd(lib + name, backward, setup_context=setup)
 
@@ -180,34 +176,21 @@ def _autograd_gated_seq(lib, name):
 def _autograd_rnn_seq(lib):
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills grads for outputs nobody used
-        xg, h0, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity, *rest = inputs
+        x, w_ih, h0, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity, *rest = inputs
         ctx.clip = rest[0] if len(rest) > 0 else 0.0
         ctx.path = rest[1] if len(rest) > 1 else 0
         _biases(ctx, b_ih, b_hh)
-        ctx.save_for_backward(output[0], h0, w_hh, lengths)
+        ctx.save_for_backward(x, w_ih, output[0], h0, w_hh, lengths)
 
     def backward(ctx, dy, dhn):
         _first_order_only("rnn_seq")
-        y, h0, w_hh, lengths = ctx.saved_tensors
-        dxg, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), y, h0, w_hh, lengths, ctx.nonlinearity, ctx.clip,
-            ctx.path)
-        return dxg, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
+        x, w_ih, y, h0, w_hh, lengths = ctx.saved_tensors
+        dx, dw_ih, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), x, w_ih, y, h0, w_hh, lengths, ctx.nonlinearity,
+            ctx.clip, ctx.path)
+        return dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
 
     torch.library.register_autograd(lib + "rnn_seq", backward, setup_context=setup)
-
-
-def _autograd_mm(lib):
-    def setup(ctx, inputs, output):
-        a, b = inputs
-        ctx.save_for_backward(a if b.requires_grad else None, b if a.requires_grad else None)
-
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        return (torch.ops.rnnext.mm(g, b.t()) if ctx.needs_input_grad[0] else None,
-                torch.ops.rnnext.mm(a.t(), g) if ctx.needs_input_grad[1] else None)
-
-    torch.library.register_autograd(lib + "mm", backward, setup_context=setup)
 
 
 def _autograd_cells(lib):
@@ -247,13 +230,11 @@ def _autograd_cells(lib):
 
 
 if LOAD_ERROR is None:
-    _fake.register_mm("rnnext::")
     _fake.register_cells("rnnext::")
     _fake.register_lstm_seq("rnnext::")
     _fake.register_gated_seq("rnnext::", "gru_seq", 3, 4)
     _fake.register_gated_seq("rnnext::", "mgru_seq", 2, 2)
     _fake.register_rnn_seq("rnnext::")
-    _autograd_mm("rnnext::")
     _autograd_cells("rnnext::")
     _autograd_lstm_seq("rnnext::")
     _autograd_gated_seq("rnnext::", "gru_seq")

@@ -49,27 +49,21 @@ def rnn_cell(xg, hg, nonlinearity):
     raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")
 
 
-def project(x, w):
-    """The input projection ``x @ w.T`` (no bias: recurrence adds b_ih)."""
-    return F.linear(x, w)
-
-
-def recurrence(mode, xg, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
+def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
                nonlinearity="tanh", clip=0.0, path=0):
     """One layer-direction over a sequence: a Python loop over this module's cells.
 
-    mode "LSTM", "GRU", "MGRU" (the lecture's GRU) or "RNN"; xg ``[T, B, G*H]`` input projection ``x @ w_ih^T`` (b_ih is added here:
-    the fused kernels add it in the cell, which saves a pass over xg); h0 ``[B, P]``
-    (P = proj_size or H); c0 ``[B, H]`` (LSTM only); w_hh ``[G*H, P]``; w_hr ``[P, H]`` (LSTM proj_size);
-    lengths ``[B]`` int64 on xg's device or None: steps t >= lengths[b] keep the state and output 0;
+    mode "LSTM", "GRU", "MGRU" (the lecture's GRU) or "RNN"; x ``[T, B, I]`` the input; w_ih ``[G*H, I]``;
+    h0 ``[B, P]`` (P = proj_size or H); c0 ``[B, H]`` (LSTM only); w_hh ``[G*H, P]``; b_ih, b_hh ``[G*H]`` or
+    None; w_hr ``[P, H]`` (LSTM proj_size);
+    lengths ``[B]`` int64 on x's device or None: steps t >= lengths[b] keep the state and output 0;
     reverse: run each sequence backwards within its length. clip > 0: BPTT gradient clipping, the
     gradient of the state each step produces (summed over its uses: the output and the next step) is
     clamped to [-clip, clip] (a hook on it; the fused kernels clamp the same quantity). path: the fused
     ops' choice of kernel, ignored here. Returns
     ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
     """
-    if b_ih is not None:
-        xg = xg + b_ih
+    xg = F.linear(x, w_ih, b_ih)
     if reverse:
         xg = flip_within(xg, lengths)
     mask = None if lengths is None else step_mask(lengths, xg.size(0))

@@ -70,7 +70,7 @@ def persistent_ran(case_G, T, B, H, dtype, path):
     mode = {4: "LSTM", 3: "GRU", 1: "RNN"}[case_G]
     g = torch.Generator().manual_seed(H)
     t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
-    args = dict(xg=t(T, B, case_G * H), h0=t(B, H), c0=t(B, H) if mode == "LSTM" else None,
+    args = dict(x=t(T, B, 3), w_ih=t(case_G * H, 3), h0=t(B, H), c0=t(B, H) if mode == "LSTM" else None,
                 w_hh=(torch.randn(case_G * H, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype)
                 .requires_grad_(), b_ih=t(case_G * H), b_hh=t(case_G * H))
     with torch.profiler.profile() as prof:
@@ -126,10 +126,10 @@ def test_barrier_timeout_raises_instead_of_hanging():
     after the timeout and the host raise, naming the kernel; the GPU stays usable."""
     code = """
 import torch, rnnext
-xg = torch.randn(4, 2, 32, device="cuda")
+x, w_ih = torch.randn(4, 2, 3, device="cuda"), torch.randn(32, 3, device="cuda")
 h0, c0, w = torch.zeros(2, 8, device="cuda"), torch.zeros(2, 8, device="cuda"), torch.randn(32, 8, device="cuda")
 try:
-    torch.ops.rnnext.lstm_seq(xg, h0, c0, w, None, None, None, None, 0.0, True, 2)
+    torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w, None, None, None, None, 0.0, True, 2)
 except RuntimeError as e:
     assert "persistent_forward timed out in its grid barrier" in str(e), str(e)
     print("raised")

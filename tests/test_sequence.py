@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rnnext import ops, reference
-from conftest import cpu_and_cuda
+from conftest import close, cpu_and_cuda
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 
@@ -16,7 +16,7 @@ CASES = {"lstm": ("LSTM", 4, 0, "tanh"), "lstm_proj": ("LSTM", 4, 3, "tanh"), "g
 
 
 def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=False, seed=0):
-    """Leaf tensors for recurrence(mode, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, ...)."""
+    """Leaf tensors for recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, ...); input size 3."""
     mode, G, P, _ = CASES[case]
     P = P or H
     g = torch.Generator().manual_seed(seed)
@@ -26,7 +26,7 @@ def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=Fal
         lens = torch.randint(1, T + 1, (B,), generator=g)
         lens[0] = T
         lens = lens.to(device)
-    return dict(mode=mode, xg=t(T, B, G * H), h0=t(B, P), c0=t(B, H) if mode == "LSTM" else None, w_hh=t(G * H, P),
+    return dict(mode=mode, x=t(T, B, 3), w_ih=t(G * H, 3), h0=t(B, P), c0=t(B, H) if mode == "LSTM" else None, w_hh=t(G * H, P),
                 b_ih=t(G * H) if bias else None, b_hh=t(G * H) if bias else None, w_hr=t(P, H) if CASES[case][2] else None, lengths=lens,
                 nonlinearity=CASES[case][3])
 
@@ -38,11 +38,14 @@ def fused(path):
     return functools.partial(ops.recurrence, path=path)
 
 
-def outputs_and_grads(fn, args, reverse, clip=0.0):
+def outputs_and_grads(fn, args, reverse, clip=0.0, plain_sum=False):
+    """Outputs and the gradients of a random projection of them (plain_sum: of their sum, whose gradient
+    is an expanded, non-contiguous tensor)."""
     y, h, c = fn(**args, reverse=reverse, clip=clip)
     outs = [y, h] + ([c] if c is not None else [])
     g = torch.Generator().manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    loss = sum((o if plain_sum else o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
+               for o in outs)
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     return outs + list(torch.autograd.grad(loss, leaves))
 
@@ -90,12 +93,12 @@ def op_call(case, args, path, clip=0.25, save=True):
     """The forward op and all its positional arguments."""
     a = args
     if a["mode"] == "LSTM":
-        return torch.ops.rnnext.lstm_seq, (a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
+        return torch.ops.rnnext.lstm_seq, (a["x"], a["w_ih"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
                                            a["lengths"], clip, save, path)
     if a["mode"] in ("GRU", "MGRU"):
         op = torch.ops.rnnext.gru_seq if a["mode"] == "GRU" else torch.ops.rnnext.mgru_seq
-        return op, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], clip, save, path)
-    return torch.ops.rnnext.rnn_seq, (a["xg"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"],
+        return op, (a["x"], a["w_ih"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], clip, save, path)
+    return torch.ops.rnnext.rnn_seq, (a["x"], a["w_ih"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"],
                                       a["nonlinearity"], clip, path)
 
 
@@ -123,16 +126,18 @@ def test_opcheck_backward(device, case, lengths, path):
     if a["mode"] == "LSTM":
         y, hn, cn, c_all, saved, r = out
         torch.library.opcheck(torch.ops.rnnext.lstm_seq_backward,
-                              (d(y), d(hn), d(cn), y, a["h0"], a["c0"], c_all, saved, r, a["w_hh"], a["w_hr"],
-                               a["lengths"], 0.25, path))
+                              (d(y), d(hn), d(cn), a["x"], a["w_ih"], y, a["h0"], a["c0"], c_all, saved, r,
+                               a["w_hh"], a["w_hr"], a["lengths"], 0.25, path))
     elif a["mode"] in ("GRU", "MGRU"):
         y, hn, saved = out
         torch.library.opcheck(getattr(torch.ops.rnnext, a["mode"].lower() + "_seq_backward"),
-                              (d(y), d(hn), y, a["h0"], saved, a["w_hh"], a["lengths"], 0.25, path))
+                              (d(y), d(hn), a["x"], a["w_ih"], y, a["h0"], saved, a["w_hh"], a["lengths"], 0.25,
+                               path))
     else:
         y, hn = out
         torch.library.opcheck(torch.ops.rnnext.rnn_seq_backward,
-                              (d(y), d(hn), y, a["h0"], a["w_hh"], a["lengths"], a["nonlinearity"], 0.25, path))
+                              (d(y), d(hn), a["x"], a["w_ih"], y, a["h0"], a["w_hh"], a["lengths"], a["nonlinearity"],
+                               0.25, path))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -159,7 +164,7 @@ def test_gradcheck(device, case, lengths, path):
 def test_state_grad_clip_matches_reference(device, case, lengths, reverse, path):
     """In-kernel BPTT clipping clamps the same quantity as the reference's hook on each step's state."""
     args = make_args(case, 9, 4, 6, device, lengths=lengths, seed=11)
-    args["xg"] = (args["xg"] * 6).detach().requires_grad_()  # saturate some gates: large gradients
+    args["x"] = (args["x"] * 6).detach().requires_grad_()  # saturate some gates: large gradients
     clip = 0.05
     got = outputs_and_grads(fused(path), args, reverse, clip)
     want = outputs_and_grads(reference.recurrence, args, reverse, clip)
@@ -199,8 +204,32 @@ def test_lstm_cell_state_carried_in_float(device, dtype, path):
     """c += 0.001 per step from c = 1 (forget and input gates ~1): a cell state rounded to 16 bits each
     step would never move (bfloat16's spacing at 1 is 0.008); carried in float it reaches 1.3."""
     T = 300
-    xg = torch.tensor([20.0, 20.0, 0.001, 0.0], device=device).expand(T, 1, 4).to(dtype)
+    x = torch.ones(T, 1, 1, device=device, dtype=dtype)
+    w_ih = torch.tensor([[20.0], [20.0], [0.001], [0.0]], device=device).to(dtype)  # x @ w_ih^T: the gates
     h0, c0 = torch.zeros(1, 1, device=device, dtype=dtype), torch.ones(1, 1, device=device, dtype=dtype)
     w_hh = torch.zeros(4, 1, device=device, dtype=dtype)
-    cn = torch.ops.rnnext.lstm_seq(xg, h0, c0, w_hh, None, None, None, None, 0.0, True, path)[2]
+    cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, None, None, None, None, 0.0, True, path)[2]
     assert abs(cn.item() - 1.3) < 0.01
+
+
+def chunk_steps(B, GH, elem):
+    """cpu/kernels.cpp CpuLauncher::chunk_steps: steps of the input projection held at once on CPU."""
+    return max(1, (1 << 20) // (B * GH * elem))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("T", [1, 3, 9])
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("plain_sum", [False, True])
+def test_projection_in_chunks_matches_reference(case, T, lengths, reverse, plain_sum):
+    """Sizes where the CPU projects (and backpropagates) a few steps at a time: T within one chunk, a
+    partial last chunk, several chunks; the gradient of y contiguous or not (then copied a chunk at a time)."""
+    G, B = CASES[case][1], 64
+    H = -(-700 // G)  # G*H >= 700: about 350 KB per step in float64, 2-3 steps per chunk
+    assert 2 <= chunk_steps(B, G * H, 8) <= 3
+    args = make_args(case, T, B, H, "cpu", lengths=lengths, seed=T + G)
+    got = outputs_and_grads(ops.recurrence, args, reverse, plain_sum=plain_sum)
+    want = outputs_and_grads(reference.recurrence, args, reverse, plain_sum=plain_sum)
+    for a, b in zip(got, want, strict=True):
+        close(a, b, rtol=1e-9)  # sums over 700 terms: the tolerance scales with each tensor's largest value

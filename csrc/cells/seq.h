@@ -10,8 +10,9 @@ namespace cells {
 template <typename S, typename A>
 struct SeqFwd {
   int64_t T, B, H, P;
+  int64_t t0;                 // the first step xg holds
   const int64_t* lengths;     // [B] or null
-  const S *xg, *b_ih, *b_hh;  // xg [T, B, G*H]; biases [G*H], nullable
+  const S *xg, *b_ih, *b_hh;  // xg [steps t0.., B, G*H]: the input projection x @ w_ih^T; biases [G*H], nullable
   A* c;                       // LSTM: the carried cell state [B, H], c0 on entry; else null
   S *y, *c_all, *saved;       // y [T, B, P]; c_all [T, B, H] (LSTM), saved [T, B, S*H]: null when not saved
   S* r;                       // LSTM with projection: cell outputs [T, B, H] (y gets them projected); else null
@@ -20,13 +21,25 @@ struct SeqFwd {
 template <typename S, typename A>
 struct SeqBwd {
   int64_t T, B, H, P;
+  int64_t t0;  // the first step dy, dxg and dhg hold
   const int64_t* lengths;
-  const S *dy, *y, *h0, *saved, *c_all, *c0;  // forward's (c_all, c0: LSTM)
+  const S* dy;                                // [steps t0.., B, P] the gradient of y
+  const S *y, *h0, *saved, *c_all, *c0;       // forward's (c_all, c0: LSTM)
   A* dc;                                      // LSTM: gradient of the cell state [B, H], dcn on entry
-  S *dxg, *dhg;     // [T, B, G*H]: gradients of xg and of hg (the next GEMM's operand; == dxg but for the GRU)
+  S *dxg, *dhg;     // [steps t0.., B, G*H]: gradients of xg and of hg (the next GEMM's operand; == dxg but for the GRU)
   S* direct;        // [B, P] the part of dh_prev not through hg; null where it is 0 (no lengths, LSTM/RNN)
   A clip;
 };
+
+// xg, dy, dxg and dhg hold a chunk of steps from t0 (all of them where a kernel needs every step at once):
+template <typename S, typename A>
+RNNEXT_HD int64_t held(const SeqFwd<S, A>& p, int64_t t) {
+  return t - p.t0;
+}
+template <typename S, typename A>
+RNNEXT_HD int64_t held(const SeqBwd<S, A>& p, int64_t t) {
+  return t - p.t0;
+}
 
 // Forward functor of step t: hg [B, G*H] this step's h_prev @ w_hh^T; h_prev, h [B, P] the state
 // before and after (may alias). Backward functor of step t: dh [B, H] the gradient of this step's
@@ -37,7 +50,7 @@ struct LSTM {
   template <typename S, typename A>
   static RNNEXT_HD LSTMFwd<S, A, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
     const int64_t n = p.B * p.H;
-    return {.step = {p.lengths, t, p.H}, .xg = p.xg + t * 4 * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
+    return {.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * 4 * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
             .c_prev = p.c, .h_prev = p.r ? nullptr : h_prev, .c = p.c, .c_out = p.c_all ? p.c_all + t * n : nullptr,
             .h = p.r ? nullptr : h, .y = p.r ? p.r + t * n : p.y + t * p.B * p.P,
             .saved = p.saved ? p.saved + t * 4 * n : nullptr};
@@ -45,9 +58,9 @@ struct LSTM {
   template <typename S, typename A>
   static RNNEXT_HD LSTMBwd<S, A, A> bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool proj) {
     const int64_t n = p.B * p.H;
-    return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = proj ? nullptr : p.dy + t * p.B * p.P,
+    return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = proj ? nullptr : p.dy + held(p, t) * p.B * p.P,
             .saved = p.saved + t * 4 * n, .c_prev = t ? p.c_all + (t - 1) * n : p.c0, .c = p.c_all + t * n,
-            .dc = p.dc, .dgates = p.dxg + t * 4 * n, .direct = proj ? nullptr : p.direct,
+            .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .direct = proj ? nullptr : p.direct,
             .clip = proj ? A(0) : p.clip};
   }
 };
@@ -60,20 +73,20 @@ struct Gated {
   template <typename S, typename A>
   static RNNEXT_HD Fwd<S, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
     const int64_t n = p.B * p.H;
-    return {.step = {p.lengths, t, p.H}, .xg = p.xg + t * G * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
+    return {.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * G * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
             .h_prev = h_prev, .h = h, .y = p.y + t * n, .saved = p.saved ? p.saved + t * SAVED * n : nullptr};
   }
   template <typename S, typename A>
   static RNNEXT_HD auto bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool) {
     const int64_t n = p.B * p.H;
     const Step step{p.lengths, t, p.H};
-    const S *dy = p.dy + t * n, *saved = p.saved + t * SAVED * n, *h_prev = t ? p.y + (t - 1) * n : p.h0;
+    const S *dy = p.dy + held(p, t) * n, *saved = p.saved + t * SAVED * n, *h_prev = t ? p.y + (t - 1) * n : p.h0;
     if constexpr (separate_dhg)
       return GRUBwd<S, A>{.step = step, .dh_next = dh, .dy = dy, .saved = saved, .h_prev = h_prev,
-                          .dxg = p.dxg + t * G * n, .dhg = p.dhg + t * G * n, .direct = p.direct, .clip = p.clip};
+                          .dxg = p.dxg + held(p, t) * G * n, .dhg = p.dhg + held(p, t) * G * n, .direct = p.direct, .clip = p.clip};
     else
       return MGRUBwd<S, A>{.step = step, .dh_next = dh, .dy = dy, .saved = saved, .h_prev = h_prev,
-                           .dgates = p.dxg + t * G * n, .direct = p.direct, .clip = p.clip};
+                           .dgates = p.dxg + held(p, t) * G * n, .direct = p.direct, .clip = p.clip};
   }
 };
 using GRU = Gated<GRUFwd, 3, 4>;
@@ -86,14 +99,14 @@ struct RNN {
   template <typename S, typename A>
   static RNNEXT_HD RNNFwd<Act_, S, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
     const int64_t n = p.B * p.H;
-    return {.step = {p.lengths, t, p.H}, .xg = p.xg + t * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
+    return {.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
             .h_prev = h_prev, .h = h, .y = p.y + t * n};
   }
   template <typename S, typename A>
   static RNNEXT_HD RNNBwd<Act_, S, A> bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool) {
     const int64_t n = p.B * p.H;
-    return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + t * n, .y = p.y + t * n,
-            .dpre = p.dxg + t * n, .direct = p.direct, .clip = p.clip};
+    return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .y = p.y + t * n,
+            .dpre = p.dxg + held(p, t) * n, .direct = p.direct, .clip = p.clip};
   }
 };
 

@@ -102,6 +102,12 @@ inline void brgemm_gemm(Tensor& out, const Tensor& a_, const Tensor& b_, const T
 }
 
 struct CpuLauncher {
+  // A few steps of xg (and of its gradient) at a time: ~1 MB, what a core's L2 holds.
+  static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem) {
+    return (int64_t(1) << 20) / std::max<int64_t>(1, B * GH * elem);
+  }
+  static bool wants_persistent(Path path) { return path == Path::Persistent; }
+
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
     if (out.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 && a.size(1) > 0 && have_brgemm())
       brgemm_gemm(out, a, b, add);

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "cuda/persistent.cuh"
 #include "driver/register.h"
@@ -18,6 +19,10 @@ __global__ void elementwise_kernel(int64_t n, int64_t H, F f) {
 }
 
 struct CudaLauncher {
+  // Every step's projection in one GEMM (and the persistent kernel needs them all).
+  static int64_t chunk_steps(int64_t, int64_t, int64_t) { return std::numeric_limits<int64_t>::max(); }
+  static bool wants_persistent(Path path) { return path == Path::Persistent || persistent::kByDefault; }
+
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) { aten_gemm(out, a, b, add); }
 
   template <typename F>

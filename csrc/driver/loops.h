@@ -1,18 +1,27 @@
-// The time loops of one layer-direction. Each launcher (cpu/kernels.cpp, cuda/kernels.cu) provides the
-// per-step GEMM, out = add + a @ b (add undefined: 0), and the forward step, out = a @ b (columns: G
-// gate blocks of H) followed by the cell functor f over [B, H] (the CPU fuses the two):
+// The time loops of one layer-direction, the input projection and the weight gradients. Each launcher
+// (cpu/kernels.cpp, cuda/kernels.cu) provides
 //   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
+//       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
 //   template <typename F> static void gemm_cell(Tensor& out, const Tensor& a, const Tensor& b, int64_t G,
 //                                               int64_t H, const F& f);
-// and may run a whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests):
+//       out = a @ b (columns: G gate blocks of H), then the cell functor f over [B, H] (the CPU fuses them)
+//   static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem);
+//       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
+//       in cache and [T, B, G*H] is never allocated; CUDA all of them (one GEMM)
+//   static bool wants_persistent(Path);
+// and may run a whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests), with the
+// projection of every step at hand, returning false where it did not:
 //   template <typename Cell, typename S, typename A>
 //   static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor& w_hh, Tensor& h);
 //   static bool persistent_backward(Path, const cells::SeqBwd<S, A>&, const Tensor& w_hh, Tensor& dh);
-// returning false where it did not; then the per-step loop below runs: per step one GEMM (ATen:
-// MKL/oneDNN on CPU, cuBLAS on CUDA) into a preallocated buffer and one pointwise launch of the cell.
+// Otherwise the per-step loop: per step one GEMM into a preallocated buffer and one launch of the cell.
 #pragma once
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
 
 #include "cells/seq.h"
 #include "driver/common.h"
@@ -33,70 +42,139 @@ inline void aten_gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tenso
     at::mm_out(out, a, b);
 }
 
-// h: the carried state [B, P], h0 on entry. w_hr, r: the LSTM projection (undefined without).
+// Steps [t0, t1) of a contiguous time-major [T, B, F] tensor as a [(t1 - t0) * B, F] matrix.
+inline Tensor steps(const Tensor& t, int64_t t0, int64_t t1) {
+  return t.narrow(0, t0, t1 - t0).view({(t1 - t0) * t.size(1), t.size(2)});
+}
+
+// What a forward reads and writes (contiguous; w_hr, r undefined without a projection). h: the carried
+// state, h0 on entry, h_n on exit.
+struct FwdTensors {
+  Tensor x, w_ih, b_ih, b_hh, w_hh, w_hr, lengths, y, h, c_all, saved, r;
+};
+
+// What a backward reads and writes. dh: the carried gradient of the state, dhn on entry, dh0 on exit;
+// direct [B, P] or undefined (see cells/seq.h); the weight gradients are accumulated transposed
+// (dw^T = operand^T @ dgates: the operand a row-major GEMM has to transpose is the smaller one).
+struct BwdTensors {
+  Tensor dy, y, h0, saved, w_hh, x, w_ih, lengths, dh, direct, dx, dw_ih_t, dw_hh_t, db_ih, db_hh;
+};
+
 template <typename L, typename Cell, typename S, typename A>
-void step_forward(const cells::SeqFwd<S, A>& p, Tensor& h, const Tensor& w_hh, const Tensor& w_hr, const Tensor& r) {
-  const auto device = h.device();
-  auto hg = at::empty({p.B, Cell::G * p.H}, h.options());
-  auto w_t = right_operand(w_hh);
-  if (w_hr.defined()) {  // LSTM with projection: the cell, then the projection GEMM, then the carry
-    auto hp = at::empty({p.B, p.P}, h.options());
-    auto wr_t = right_operand(w_hr);
-    for (int64_t t = 0; t < p.T; ++t) {
-      L::gemm(hg, h, w_t, Tensor());
-      L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(h), mptr<S>(h)));
-      L::gemm(hp, r[t], wr_t, Tensor());
+void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
+  const int64_t GH = Cell::G * p.H;
+  const bool proj = f.w_hr.defined(), whole = L::wants_persistent(path) && !proj;
+  const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
+  const auto opts = f.y.options();
+  auto xg = at::empty({chunk, p.B, GH}, opts);
+  const auto w_ih_t = right_operand(f.w_ih);
+  auto project = [&](int64_t t0, int64_t t1) {  // xg = x @ w_ih^T for steps [t0, t1)
+    auto out = steps(xg, 0, t1 - t0);
+    L::gemm(out, steps(f.x, t0, t1), w_ih_t, Tensor());
+    p.xg = cptr<S>(xg);
+    p.t0 = t0;
+  };
+  if (whole) {
+    project(0, p.T);
+    if (L::template persistent_forward<Cell>(path, p, f.w_hh, f.h)) return;
+  }
+  const auto device = f.h.device();
+  auto hg = at::empty({p.B, GH}, opts);
+  const auto w_t = right_operand(f.w_hh);
+  const auto wr_t = proj ? right_operand(f.w_hr) : Tensor();
+  auto hp = proj ? at::empty({p.B, p.P}, opts) : Tensor();
+  // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
+  // threads' GEMM still reads h_{t-1}.
+  auto other = proj ? Tensor() : at::empty_like(f.h);
+  for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
+    const int64_t t1 = std::min(p.T, t0 + chunk);
+    if (!whole) project(t0, t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!proj) {
+        const Tensor& prev = t % 2 ? other : f.h;
+        const Tensor& next = t % 2 ? f.h : other;
+        L::gemm_cell(hg, prev, w_t, Cell::G, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next)));
+        continue;
+      }
+      // LSTM with projection: the cell, the projection GEMM, then the carry, the state in place
+      L::gemm(hg, f.h, w_t, Tensor());
+      L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
+      L::gemm(hp, f.r[t], wr_t, Tensor());
       L::run(device, p.B, p.P,
-             cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(h),
+             cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(f.h),
                                    .y = p.y + t * p.B * p.P});
     }
-    return;
   }
-  // The state in two buffers: a fused step's cell writes h_t while other threads' GEMM reads h_{t-1}.
-  auto other = at::empty_like(h);
-  for (int64_t t = 0; t < p.T; ++t) {
-    const Tensor& prev = t % 2 ? other : h;
-    const Tensor& next = t % 2 ? h : other;
-    L::gemm_cell(hg, prev, w_t, Cell::G, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next)));
-  }
-  if (p.T % 2) h.copy_(other);
+  if (!proj && p.T % 2) f.h.copy_(other);
 }
 
-// dh: the carried gradient of the state [B, P], dhn on entry; direct: p.direct's tensor (or undefined);
-// dhg: p.dhg's; w_hr, dhp [T, B, P]: the LSTM projection (undefined without).
+// w_hr, dhp [T, B, P]: the LSTM projection (undefined without).
 template <typename L, typename Cell, typename S, typename A>
-void step_backward(const cells::SeqBwd<S, A>& p, Tensor& dh, const Tensor& direct, const Tensor& dhg,
-                   const Tensor& w_hh, const Tensor& w_hr, const Tensor& dhp) {
-  const auto device = dh.device();
-  const bool proj = w_hr.defined();
-  auto dr = proj ? at::empty({p.B, p.H}, dh.options()) : Tensor();
-  for (int64_t t = p.T - 1; t >= 0; --t) {
-    const S* dh_cell = cptr<S>(dh);
-    if (proj) {
-      L::run(device, p.B, p.P,
-             cells::CarryBwd<S, A>{.step = {p.lengths, t, p.P}, .dh_next = cptr<S>(dh), .dy = p.dy + t * p.B * p.P,
-                                   .dhp = mptr<S>(dhp) + t * p.B * p.P, .direct = p.direct, .clip = p.clip});
-      L::gemm(dr, dhp[t], w_hr, Tensor());
-      dh_cell = cptr<S>(dr);
+void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_hr, const Tensor& dhp) {
+  const int64_t GH = Cell::G * p.H;
+  const bool proj = w_hr.defined(), whole = L::wants_persistent(path) && !proj;
+  const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
+  const auto opts = b.y.options();
+  auto dxg = at::empty({chunk, p.B, GH}, opts);
+  auto dhg = Cell::separate_dhg ? at::empty({chunk, p.B, GH}, opts) : dxg;
+  p.dxg = mptr<S>(dxg);
+  p.dhg = mptr<S>(dhg);
+  // dy as given where it is contiguous, else a chunk at a time (y.sum()'s is an expanded scalar: a
+  // contiguous copy would be a [T, B, P] tensor of ones)
+  if (whole) b.dy = b.dy.contiguous();
+  auto dy_chunk = b.dy.is_contiguous() ? Tensor() : at::empty({chunk, p.B, p.P}, opts);
+  auto hold = [&](int64_t t0, int64_t t1) {  // the chunk [t0, t1) of dy, dxg, dhg
+    p.t0 = t0;
+    if (!dy_chunk.defined()) {
+      p.dy = cptr<S>(b.dy) + t0 * p.B * p.P;
+      return;
     }
-    L::run(device, p.B, p.H, Cell::bwd(p, t, dh_cell, proj));
-    L::gemm(dh, dhg[t], w_hh, direct);  // dh_prev = direct + dgates @ w_hh
+    dy_chunk.narrow(0, 0, t1 - t0).copy_(b.dy.narrow(0, t0, t1 - t0));
+    p.dy = cptr<S>(dy_chunk);
+  };
+  // From the chunk of steps [t0, t1): dx of those steps, and their part of the weight and bias gradients.
+  auto gradients = [&](int64_t t0, int64_t t1) {
+    const auto dxg_c = steps(dxg, 0, t1 - t0), dhg_c = steps(dhg, 0, t1 - t0);
+    auto dx = steps(b.dx, t0, t1);
+    L::gemm(dx, dxg_c, b.w_ih, Tensor());
+    L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_c, b.dw_ih_t);
+    int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
+    if (t0 == 0) {
+      L::gemm(b.dw_hh_t, b.h0.t(), dhg[0], b.dw_hh_t);
+      s0 = 1;
+    }
+    if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
+    b.db_ih.add_(dxg_c.sum(0));
+    if (Cell::separate_dhg) b.db_hh.add_(dhg_c.sum(0));
+  };
+  if (whole) {
+    hold(0, p.T);
+    if (L::template persistent_backward<Cell>(path, p, b.w_hh, b.dh)) {
+      gradients(0, p.T);
+      return;
+    }
   }
-}
-
-// The forward of one layer-direction: the launcher's persistent kernel where it runs, else per step.
-// Tensors contiguous; w_hr, r undefined without a projection.
-template <typename L, typename Cell, typename S, typename A>
-void forward(Path path, const cells::SeqFwd<S, A>& p, Tensor& h, const Tensor& w_hh, const Tensor& w_hr,
-             const Tensor& r) {
-  if (path != Path::Step && !w_hr.defined() && L::template persistent_forward<Cell>(path, p, w_hh, h)) return;
-  step_forward<L, Cell>(p, h, w_hh, w_hr, r);
-}
-
-template <typename L, typename Cell, typename S, typename A, typename BwdTensors>
-void backward(Path path, const cells::SeqBwd<S, A>& p, BwdTensors& b, const Tensor& w_hr, const Tensor& dhp) {
-  if (path != Path::Step && !w_hr.defined() && L::template persistent_backward<Cell>(path, p, b.w_hh, b.dh)) return;
-  step_backward<L, Cell>(p, b.dh, b.direct, b.dhg, b.w_hh, w_hr, dhp);
+  const auto device = b.dh.device();
+  auto dr = proj ? at::empty({p.B, p.H}, opts) : Tensor();
+  for (int64_t t1 = p.T; t1 > 0; t1 -= chunk) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - chunk);
+    hold(t0, t1);
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const S* dh_cell = cptr<S>(b.dh);
+      if (proj) {
+        L::run(device, p.B, p.P,
+               cells::CarryBwd<S, A>{.step = {p.lengths, t, p.P}, .dh_next = cptr<S>(b.dh),
+                                     .dy = p.dy + cells::held(p, t) * p.B * p.P,
+                                     .dhp = mptr<S>(dhp) + t * p.B * p.P,
+                                     .direct = p.direct, .clip = p.clip});
+        L::gemm(dr, dhp[t], w_hr, Tensor());
+        dh_cell = cptr<S>(dr);
+      }
+      L::run(device, p.B, p.H, Cell::bwd(p, t, dh_cell, proj));
+      L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
+    }
+    gradients(t0, t1);
+  }
 }
 
 }  // namespace rnnext

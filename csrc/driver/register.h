@@ -23,7 +23,6 @@ void register_ops(torch::Library& m) {
   m.impl("mgru_cell_backward", &mgru_cell_backward<L>);
   m.impl("mgru_seq", &mgru_seq<L>);
   m.impl("mgru_seq_backward", &mgru_seq_backward<L>);
-  m.impl("mm", &mm<L>);
 }
 
 }  // namespace rnnext

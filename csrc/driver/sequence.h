@@ -1,27 +1,25 @@
-// Sequence ops (schemas in ops.cpp): one layer-direction, the whole recurrence in C++.
-// Per step: one GEMM hg = h @ w_hh^T into a preallocated buffer, one cells/step.h kernel (which adds
-// the biases). Backward walks the steps in reverse, then computes dw_hh and db_hh with one GEMM over
-// all steps. Nothing is allocated inside the step loops.
+// Sequence ops (schemas in ops.cpp): one layer-direction, the input projection and the whole
+// recurrence in C++ (driver/loops.h: per step one GEMM hg = h @ w_hh^T and one cells/step.h kernel,
+// which adds the biases; or the device's persistent kernel). Backward walks the steps in reverse; the
+// weight gradients are GEMMs over chunks of steps. Nothing is allocated inside the step loops.
 //
-//   xg       [T, B, G*H]  input projection x @ w_ih^T (no bias), T >= 1, steps in order: the caller
-//                         flips reverse directions (each sequence within its length)
+//   x        [T, B, I]    input, T >= 1, steps in order: the caller flips reverse directions (each
+//                         sequence within its length)
+//   w_ih     [G*H, I]     xg = x @ w_ih^T is computed here, a few steps at a time on CPU
 //   h0       [B, P]       P = proj_size for LSTM with w_hr, else H;  c0 [B, H] (LSTM)
 //   w_hh     [G*H, P]     b_ih, b_hh [G*H] (optional);  w_hr [P, H] (LSTM proj_size, optional)
-//   lengths  [B] int64 on xg's device (optional): rows with lengths[b] <= t keep their state and
+//   lengths  [B] int64 on x's device (optional): rows with lengths[b] <= t keep their state and
 //                         output 0
 //   y        [T, B, P]    outputs;  h_n [B, P], c_n [B, H] the final (carried) states; the cell state is
 //                         carried in float for 16-bit types (the GEMM input h stays in the input type)
 //   c_all    [T, B, H]    LSTM cell state after each step (0 past the end), for backward
-//   saved    [T, B, 4*H]  activated gates for backward (LSTM i,f,g,o; GRU r,z,n,hn)
+//   saved    [T, B, S*H]  activated gates for backward (LSTM i,f,g,o; GRU r,z,n,hn; lecture's GRU u,c~)
 //   save     false: no backward will follow (no_grad); c_all and saved are then [0, B, .] and not written
 //   r        [T, B, H]    LSTM with w_hr: cell outputs o*tanh(c) before the projection; else [0]
 //   path     0 auto, 1 per-step, 2 persistent (where the device has it and the plan fits; else per-step)
 // Backward needs the state before each step only where the step is within its sequence, and there it
 // equals the previous output: h_prev[t] = y[t-1] (h0 at t = 0), so the states are not saved.
 #pragma once
-#include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
-
 #include "driver/loops.h"
 
 namespace rnnext {
@@ -35,15 +33,18 @@ inline Path check_path(const char* op, int64_t path) {
   return static_cast<Path>(path);
 }
 
-// Forward: xg [T, B, G*H] fixes T, B, H and the device and dtype of everything; w_hr fixes P.
-inline Dims check_seq(const char* op, int64_t G, const Tensor& xg, const Tensor& h0, const Tensor* c0,
-                      const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                      const OptTensor& lengths, double clip) {
-  const Checks c{op, "xg", xg};
-  c.dims(xg, 3, G == 1 ? "[T, B, H]" : G == 2 ? "[T, B, 2*H]" : G == 3 ? "[T, B, 3*H]" : "[T, B, 4*H]");
-  TORCH_CHECK(xg.size(0) > 0, op, ": expected a sequence length larger than 0");
-  TORCH_CHECK(xg.size(2) % G == 0, op, ": xg.size(2) = ", xg.size(2), " is not a multiple of ", G);
-  const int64_t T = xg.size(0), B = xg.size(1), H = xg.size(2) / G;
+// Forward: x [T, B, I] fixes T, B, I and the device and dtype of everything; w_ih H; w_hr P.
+inline Dims check_seq(const char* op, int64_t G, const Tensor& x, const Tensor& w_ih, const Tensor& h0,
+                      const Tensor* c0, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                      const OptTensor& w_hr, const OptTensor& lengths, double clip) {
+  const Checks c{op, "x", x};
+  c.dims(x, 3, "[T, B, I]");
+  TORCH_CHECK(x.size(0) > 0, op, ": expected a sequence length larger than 0");
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % G == 0 && w_ih.size(1) == I, op, ": expected w_ih of shape [", G,
+              "*H, ", I, "], got ", w_ih.sizes());
+  c.like("w_ih", w_ih);
+  const int64_t H = w_ih.size(0) / G;
   if (w_hr) {
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(1) == H, op, ": expected w_hr of shape [P, ", H,
                 "] with P > 0, got ", w_hr->sizes());
@@ -62,10 +63,10 @@ inline Dims check_seq(const char* op, int64_t G, const Tensor& xg, const Tensor&
 
 // Backward: y [T, B, P] (what forward returned) fixes T, B, P and the device and dtype; H = P, or
 // for an LSTM with projection (w_hr [P, H], checked by the caller) w_hh [4*H, P] gives H. dy, dhn,
-// h0 and w_hh are checked here, the cell's other tensors by the caller.
+// h0, w_hh, x and w_ih are checked here, the cell's other tensors by the caller.
 inline Dims check_seq_backward(const Checks& c, int64_t G, bool projected, const Tensor& dy, const Tensor& dhn,
-                               const Tensor& y, const Tensor& h0, const Tensor& w_hh, const OptTensor& lengths,
-                               double clip) {
+                               const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
+                               const Tensor& w_hh, const OptTensor& lengths, double clip) {
   c.dims(y, 3, "[T, B, P]");
   TORCH_CHECK(y.size(0) > 0, c.op, ": expected a sequence length larger than 0");
   const int64_t P = y.size(2), H = projected && w_hh.dim() == 2 ? w_hh.size(0) / G : P;
@@ -74,6 +75,10 @@ inline Dims check_seq_backward(const Checks& c, int64_t G, bool projected, const
   c.shape("dy", dy, {d.T, d.B, P});
   c.shape("dhn", dhn, {d.B, P});
   c.shape("h0", h0, {d.B, P});
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == d.T && x.size(1) == d.B, c.op, ": expected x of shape [", d.T, ", ", d.B,
+              ", I], got ", x.sizes());
+  c.like("x", x);
+  c.shape("w_ih", w_ih, {G * H, x.size(2)});
   c.lengths(lengths, d.B);
   c.clip(clip);
   return d;
@@ -88,160 +93,127 @@ inline void check_saved(const Checks& c, const Tensor& saved, int64_t S, const D
 
 inline Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
 
-// dw_hh = sum over steps of dgates[t]^T @ h_prev[t] (h0, then y[t-1]): one GEMM for all steps, as
-// dw_hh^T = h_prev^T @ dgates, so that the operand a row-major GEMM must transpose is h_prev ([T*B, P],
-// G times smaller than dgates).
-template <typename L>
-Tensor hh_weight_grad(const Tensor& dgates, const Tensor& h0, const Tensor& y, const Dims& d) {
-  const int64_t GH = dgates.size(2);
-  auto dwt = at::empty({d.P, GH}, dgates.options());
-  L::gemm(dwt, h0.t(), dgates[0], Tensor());
-  if (d.T > 1) {
-    const int64_t n = (d.T - 1) * d.B;
-    L::gemm(dwt, y.narrow(0, 0, d.T - 1).reshape({n, d.P}).t(), dgates.narrow(0, 1, d.T - 1).reshape({n, GH}), dwt);
-  }
-  return dwt.t().contiguous();
-}
-
-// The input projection's GEMM (rnnext.ops.project): the launcher's, which on CPU beats at::mm.
-template <typename L>
-Tensor mm(const Tensor& a, const Tensor& b) {
-  const Checks c{"mm", "self", a};
-  c.dims(a, 2, "[M, K]");
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == a.size(1), "mm: expected mat2 of shape [", a.size(1), ", N], got ",
-              b.sizes());
-  c.like("mat2", b);
-  auto out = at::empty({a.size(0), b.size(1)}, a.options());
-  L::gemm(out, a, b, Tensor());
-  return out;
-}
-
-inline Tensor bias_grad(const Tensor& dgates) { return dgates.sum(at::IntArrayRef{0, 1}); }
-
-// What every forward allocates and points at; h is the carried state (h0 on entry, h_n on exit).
-struct FwdTensors {
-  Tensor xg, b_ih, b_hh, w_hh, w_hr, lengths, y, h, c_all, saved, r;
-};
-
-inline FwdTensors fwd_tensors(const Dims& d, int64_t G, int64_t S, const Tensor& xg, const Tensor& h0,
+inline FwdTensors fwd_tensors(const Dims& d, int64_t S, const Tensor& x, const Tensor& w_ih, const Tensor& h0,
                               const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
                               const OptTensor& lengths, bool save, bool lstm) {
-  auto opts = xg.options();
+  auto opts = x.options();
   const int64_t Ts = save ? d.T : 0;
-  return {.xg = xg.contiguous(), .b_ih = contiguous_or_undefined(b_ih), .b_hh = contiguous_or_undefined(b_hh),
-          .w_hh = w_hh.contiguous(), .w_hr = contiguous_or_undefined(w_hr), .lengths = contiguous_or_undefined(lengths),
-          .y = at::empty({d.T, d.B, d.P}, opts), .h = h0.clone(at::MemoryFormat::Contiguous),
-          .c_all = at::empty({lstm ? Ts : 0, d.B, d.H}, opts), .saved = at::empty({S ? Ts : 0, d.B, S * d.H}, opts),
-          .r = at::empty({w_hr ? d.T : 0, d.B, d.H}, opts)};
+  return {.x = x.contiguous(), .w_ih = w_ih.contiguous(), .b_ih = contiguous_or_undefined(b_ih),
+          .b_hh = contiguous_or_undefined(b_hh), .w_hh = w_hh.contiguous(), .w_hr = contiguous_or_undefined(w_hr),
+          .lengths = contiguous_or_undefined(lengths), .y = at::empty({d.T, d.B, d.P}, opts),
+          .h = h0.clone(at::MemoryFormat::Contiguous), .c_all = at::empty({lstm ? Ts : 0, d.B, d.H}, opts),
+          .saved = at::empty({S ? Ts : 0, d.B, S * d.H}, opts), .r = at::empty({w_hr ? d.T : 0, d.B, d.H}, opts)};
 }
 
 template <typename S, typename A>
 cells::SeqFwd<S, A> fwd_pointers(const Dims& d, FwdTensors& f, Tensor& c, bool save) {
-  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .lengths = cptr<int64_t>(f.lengths), .xg = cptr<S>(f.xg),
+  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(f.lengths), .xg = nullptr,
           .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .c = mptr<A>(c), .y = mptr<S>(f.y),
           .c_all = save && f.c_all.numel() ? mptr<S>(f.c_all) : nullptr,
           .saved = save && f.saved.numel() ? mptr<S>(f.saved) : nullptr, .r = f.w_hr.defined() ? mptr<S>(f.r) : nullptr};
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor& xg, const Tensor& h0,
-                                                                    const Tensor& c0, const Tensor& w_hh,
-                                                                    const OptTensor& b_ih, const OptTensor& b_hh,
-                                                                    const OptTensor& w_hr, const OptTensor& lengths,
-                                                                    double clip, bool save, int64_t path) {
-  const Dims d = check_seq("lstm_seq", 4, xg, h0, &c0, w_hh, b_ih, b_hh, w_hr, lengths, clip);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor& x, const Tensor& w_ih,
+                                                                    const Tensor& h0, const Tensor& c0,
+                                                                    const Tensor& w_hh, const OptTensor& b_ih,
+                                                                    const OptTensor& b_hh, const OptTensor& w_hr,
+                                                                    const OptTensor& lengths, double clip, bool save,
+                                                                    int64_t path) {
+  const Dims d = check_seq("lstm_seq", 4, x, w_ih, h0, &c0, w_hh, b_ih, b_hh, w_hr, lengths, clip);
   const Path how = check_path("lstm_seq", path);
-  auto f = fwd_tensors(d, 4, 4, xg, h0, w_hh, b_ih, b_hh, w_hr, lengths, save, true);
+  auto f = fwd_tensors(d, 4, x, w_ih, h0, w_hh, b_ih, b_hh, w_hr, lengths, save, true);
   Tensor c;  // the carried cell state, in acc_t: 16-bit types would round it at every step
-  RNNEXT_DISPATCH(xg.scalar_type(), "lstm_seq", [&] {
+  RNNEXT_DISPATCH(x.scalar_type(), "lstm_seq", [&] {
     using A = at::opmath_type<scalar_t>;
     c = c0.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    forward<L, cells::LSTM>(how, fwd_pointers<scalar_t, A>(d, f, c, save), f.h, f.w_hh, f.w_hr, f.r);
+    forward<L, cells::LSTM>(how, fwd_pointers<scalar_t, A>(d, f, c, save), f);
   });
-  return {f.y, f.h, c.to(xg.scalar_type()), f.c_all, f.saved, f.r};
+  return {f.y, f.h, c.to(x.scalar_type()), f.c_all, f.saved, f.r};
 }
 
 // Forward of the GRU and the lecture's GRU.
 template <typename L, typename Cell>
-std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
-                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                             double clip, bool save, int64_t path) {
-  const Dims d = check_seq(op, Cell::G, xg, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
+std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& x, const Tensor& w_ih, const Tensor& h0,
+                                             const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                             const OptTensor& lengths, double clip, bool save, int64_t path) {
+  const Dims d = check_seq(op, Cell::G, x, w_ih, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
   const Path how = check_path(op, path);
-  auto f = fwd_tensors(d, Cell::G, Cell::SAVED, xg, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, false);
+  auto f = fwd_tensors(d, Cell::SAVED, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, false);
   Tensor none;
-  RNNEXT_DISPATCH(xg.scalar_type(), "gated_seq", [&] {
+  RNNEXT_DISPATCH(x.scalar_type(), "gated_seq", [&] {
     using A = at::opmath_type<scalar_t>;
-    forward<L, Cell>(how, fwd_pointers<scalar_t, A>(d, f, none, save), f.h, f.w_hh, f.w_hr, f.r);
+    forward<L, Cell>(how, fwd_pointers<scalar_t, A>(d, f, none, save), f);
   });
   return {f.y, f.h, f.saved};
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
+std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
                                            double clip, bool save, int64_t path) {
-  return gated_seq<L, cells::GRU>("gru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
+  return gated_seq<L, cells::GRU>("gru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh,
+std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
                                             double clip, bool save, int64_t path) {
-  return gated_seq<L, cells::MGRU>("mgru_seq", xg, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
+  return gated_seq<L, cells::MGRU>("mgru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor> rnn_seq(const Tensor& xg, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_ih,
-                                   const OptTensor& b_hh, const OptTensor& lengths, std::string_view nonlinearity,
-                                   double clip, int64_t path) {
-  const Dims d = check_seq("rnn_seq", 1, xg, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
+std::tuple<Tensor, Tensor> rnn_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
+                                   const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
+                                   std::string_view nonlinearity, double clip, int64_t path) {
+  const Dims d = check_seq("rnn_seq", 1, x, w_ih, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
   const Path how = check_path("rnn_seq", path);
-  auto f = fwd_tensors(d, 1, 0, xg, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, false, false);
+  auto f = fwd_tensors(d, 0, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, false, false);
   Tensor none;
   with_act(nonlinearity, [&](auto act) {
-    RNNEXT_DISPATCH(xg.scalar_type(), "rnn_seq", [&] {
+    RNNEXT_DISPATCH(x.scalar_type(), "rnn_seq", [&] {
       using A = at::opmath_type<scalar_t>;
-      forward<L, cells::RNN<decltype(act)::value>>(how, fwd_pointers<scalar_t, A>(d, f, none, false), f.h, f.w_hh,
-                                                   f.w_hr, f.r);
+      forward<L, cells::RNN<decltype(act)::value>>(how, fwd_pointers<scalar_t, A>(d, f, none, false), f);
     });
   });
   return {f.y, f.h};
 }
 
-// What every backward allocates; dh is the carried gradient of the state (dhn on entry, dh0 on exit).
-struct BwdTensors {
-  Tensor dy, y, h0, saved, w_hh, lengths, dxg, dhg, dh, direct;
-};
-
-inline BwdTensors bwd_tensors(const Dims& d, int64_t G, bool separate_dhg, bool need_direct, const Tensor& dy,
-                              const Tensor& dhn, const Tensor& y, const Tensor& h0, const Tensor& saved,
-                              const Tensor& w_hh, const OptTensor& lengths) {
+inline BwdTensors bwd_tensors(const Dims& d, int64_t G, bool need_direct, const Tensor& dy, const Tensor& dhn,
+                              const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
+                              const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths) {
   auto opts = y.options();
-  auto dxg = at::empty({d.T, d.B, G * d.H}, opts);
-  return {.dy = dy.contiguous(), .y = y.contiguous(), .h0 = h0.contiguous(), .saved = saved.contiguous(),
-          .w_hh = w_hh.contiguous(), .lengths = contiguous_or_undefined(lengths), .dxg = dxg,
-          .dhg = separate_dhg ? at::empty({d.T, d.B, G * d.H}, opts) : dxg,
-          .dh = dhn.clone(at::MemoryFormat::Contiguous),
-          .direct = need_direct ? at::empty({d.B, d.P}, opts) : Tensor()};
+  const int64_t I = x.size(2);
+  return {.dy = dy, .y = y.contiguous(), .h0 = h0.contiguous(), .saved = saved.contiguous(),
+          .w_hh = w_hh.contiguous(), .x = x.contiguous(), .w_ih = w_ih.contiguous(),
+          .lengths = contiguous_or_undefined(lengths), .dh = dhn.clone(at::MemoryFormat::Contiguous),
+          .direct = need_direct ? at::empty({d.B, d.P}, opts) : Tensor(), .dx = at::empty({d.T, d.B, I}, opts),
+          .dw_ih_t = at::zeros({I, G * d.H}, opts), .dw_hh_t = at::zeros({d.P, G * d.H}, opts),
+          .db_ih = at::zeros({G * d.H}, opts), .db_hh = at::zeros({G * d.H}, opts)};
 }
 
 template <typename S, typename A>
 cells::SeqBwd<S, A> bwd_pointers(const Dims& d, BwdTensors& b, const Tensor& c_all, const Tensor& c0, Tensor& dc,
                                  double clip) {
-  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .lengths = cptr<int64_t>(b.lengths), .dy = cptr<S>(b.dy),
+  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(b.lengths), .dy = cptr<S>(b.dy),
           .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved), .c_all = cptr<S>(c_all),
-          .c0 = cptr<S>(c0), .dc = mptr<A>(dc), .dxg = mptr<S>(b.dxg), .dhg = mptr<S>(b.dhg),
-          .direct = mptr<S>(b.direct), .clip = A(clip)};
+          .c0 = cptr<S>(c0), .dc = mptr<A>(dc), .dxg = nullptr, .dhg = nullptr, .direct = mptr<S>(b.direct),
+          .clip = A(clip)};
+}
+
+// dx, dw_ih, dh0, dw_hh, db_ih, db_hh: the gradients every cell returns.
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gradients(BwdTensors& b, bool separate_dhg) {
+  return {b.dx, b.dw_ih_t.t().contiguous(), b.dh, b.dw_hh_t.t().contiguous(), b.db_ih,
+          separate_dhg ? b.db_hh : b.db_ih.clone()};
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
-    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& y, const Tensor& h0, const Tensor& c0_,
-    const Tensor& c_all_, const Tensor& saved, const Tensor& r_, const Tensor& w_hh, const OptTensor& w_hr_,
-    const OptTensor& lengths, double clip, int64_t path) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
+    const Tensor& h0, const Tensor& c0_, const Tensor& c_all_, const Tensor& saved, const Tensor& r_,
+    const Tensor& w_hh, const OptTensor& w_hr_, const OptTensor& lengths, double clip, int64_t path) {
   const Checks ck{"lstm_seq_backward", "y", y};
-  const Dims d = check_seq_backward(ck, 4, w_hr_.has_value(), dy, dhn, y, h0, w_hh, lengths, clip);
+  const Dims d = check_seq_backward(ck, 4, w_hr_.has_value(), dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
   if (w_hr_) ck.shape("w_hr", *w_hr_, {P, H});
   ck.shape("dcn", dcn, {B, H});
@@ -251,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
   if (w_hr_) ck.shape("r", r_, {T, B, H});
   const Path how = check_path(ck.op, path);
   const bool proj = w_hr_.has_value();
-  auto b = bwd_tensors(d, 4, false, lengths.has_value(), dy, dhn, y, h0, saved, w_hh, lengths);
+  auto b = bwd_tensors(d, 4, lengths.has_value(), dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
   auto c_all = c_all_.contiguous(), c0 = c0_.contiguous(), r = r_.contiguous();
   auto w_hr = contiguous_or_undefined(w_hr_);
   auto dhp = proj ? at::empty({T, B, P}, y.options()) : Tensor();
@@ -261,62 +233,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_back
     dc = dcn.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
     backward<L, cells::LSTM>(how, bwd_pointers<scalar_t, A>(d, b, c_all, c0, dc, clip), b, w_hr, dhp);
   });
-  auto db = bias_grad(b.dxg);
   auto dw_hr = proj ? at::empty({P, H}, y.options()) : at::empty({0}, y.options());
   if (proj) L::gemm(dw_hr, dhp.reshape({T * B, P}).t(), r.reshape({T * B, H}), Tensor());  // over all steps
-  return {b.dxg, b.dh, dc.to(y.scalar_type()), hh_weight_grad<L>(b.dxg, b.h0, b.y, d), db.clone(), db, dw_hr};
+  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients(b, false);
+  return {dx, dw_ih, dh0, dc.to(y.scalar_type()), dw_hh, db_ih, db_hh, dw_hr};
 }
 
 // Backward of gated_seq.
 template <typename L, typename Cell>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(const char* op, const Tensor& dy,
-                                                                      const Tensor& dhn, const Tensor& y,
-                                                                      const Tensor& h0, const Tensor& saved,
-                                                                      const Tensor& w_hh, const OptTensor& lengths,
-                                                                      double clip, int64_t path) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(
+    const char* op, const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
+    const Tensor& h0, const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path) {
   const Checks ck{op, "y", y};
-  const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, y, h0, w_hh, lengths, clip);
+  const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
   check_saved(ck, saved, Cell::SAVED, d);
   const Path how = check_path(op, path);
-  auto b = bwd_tensors(d, Cell::G, Cell::separate_dhg, true, dy, dhn, y, h0, saved, w_hh, lengths);
+  auto b = bwd_tensors(d, Cell::G, true, dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
   Tensor none;
   RNNEXT_DISPATCH(y.scalar_type(), "gated_seq_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip), b, none, none);
   });
-  auto db_ih = bias_grad(b.dxg);
-  return {b.dxg, b.dh, hh_weight_grad<L>(b.dhg, b.h0, b.y, d), db_ih,
-          Cell::separate_dhg ? bias_grad(b.dhg) : db_ih.clone()};
+  return gradients(b, Cell::separate_dhg);
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(const Tensor& dy, const Tensor& dhn,
-                                                                    const Tensor& y, const Tensor& h0,
-                                                                    const Tensor& saved, const Tensor& w_hh,
-                                                                    const OptTensor& lengths, double clip,
-                                                                    int64_t path) {
-  return gated_seq_backward<L, cells::GRU>("gru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths, clip, path);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
+    const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path) {
+  return gated_seq_backward<L, cells::GRU>("gru_seq_backward", dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip,
+                                           path);
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(const Tensor& dy, const Tensor& dhn,
-                                                                     const Tensor& y, const Tensor& h0,
-                                                                     const Tensor& saved, const Tensor& w_hh,
-                                                                     const OptTensor& lengths, double clip,
-                                                                     int64_t path) {
-  return gated_seq_backward<L, cells::MGRU>("mgru_seq_backward", dy, dhn, y, h0, saved, w_hh, lengths, clip, path);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
+    const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path) {
+  return gated_seq_backward<L, cells::MGRU>("mgru_seq_backward", dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip,
+                                            path);
 }
 
 template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor& dy, const Tensor& dhn,
-                                                                    const Tensor& y, const Tensor& h0,
-                                                                    const Tensor& w_hh, const OptTensor& lengths,
-                                                                    std::string_view nonlinearity, double clip,
-                                                                    int64_t path) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
+    const Tensor& w_hh, const OptTensor& lengths, std::string_view nonlinearity, double clip, int64_t path) {
   const Checks ck{"rnn_seq_backward", "y", y};
-  const Dims d = check_seq_backward(ck, 1, false, dy, dhn, y, h0, w_hh, lengths, clip);
+  const Dims d = check_seq_backward(ck, 1, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
   const Path how = check_path(ck.op, path);
-  auto b = bwd_tensors(d, 1, false, lengths.has_value(), dy, dhn, y, h0, y, w_hh, lengths);
+  auto b = bwd_tensors(d, 1, lengths.has_value(), dy, dhn, x, w_ih, y, h0, y, w_hh, lengths);
   Tensor none;
   with_act(nonlinearity, [&](auto act) {
     RNNEXT_DISPATCH(y.scalar_type(), "rnn_seq_backward", [&] {
@@ -325,8 +289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(const Tensor
                                                     none, none);
     });
   });
-  auto db = bias_grad(b.dxg);
-  return {b.dxg, b.dh, hh_weight_grad<L>(b.dxg, b.h0, b.y, d), db.clone(), db};
+  return gradients(b, false);
 }
 
 }  // namespace rnnext

@@ -202,7 +202,7 @@ RNNEXT_HD void backward_cell(const Plan& pl, const cells::SeqBwd<S, A>& p, int64
 template <typename S, typename A, typename Sync>
 RNNEXT_HD void backward_gemm(const Plan& pl, const cells::SeqBwd<S, A>& p, int64_t k, int64_t t, S* dh,
                              unsigned char* smem, int64_t tid, int64_t nthreads, const Sync& sync) {
-  cta_gemm<S, A>(pl, p.dhg + t * pl.B * pl.K, smem, tid, nthreads, sync);
+  cta_gemm<S, A>(pl, p.dhg + cells::held(p, t) * pl.B * pl.K, smem, tid, nthreads, sync);
   const A* out = reinterpret_cast<const A*>(smem + pl.off_s);
   const int64_t j0 = first_unit(pl, k), nu = units_of(pl, k);
   for (int64_t i = tid; i < pl.B * nu; i += nthreads) {
