@@ -2,6 +2,7 @@
 // at::vec vectors (float, double) then scalars. Vectorized is real SIMD only when this file is built
 // with a CPU_CAPABILITY (setup.py picks AVX512 or AVX2 from the build machine).
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -35,6 +36,17 @@ struct Lanes<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static V load(const S* p) { return V::loadu(p); }
   static void store(S* p, V v) { v.store(p); }
+  // 16-bit types are computed in float vectors: converted on load and store.
+  template <typename T, typename = std::enable_if_t<at::is_reduced_floating_point_v<T> && std::is_same_v<S, float>>>
+  static V load(const T* p) {
+    V v;
+    at::vec::load_to_float(p, v);
+    return v;
+  }
+  template <typename T, typename = std::enable_if_t<at::is_reduced_floating_point_v<T> && std::is_same_v<S, float>>>
+  static void store(T* p, V v) {
+    at::vec::convert_from_float<T>(v, v).store(p, V::size());
+  }
   static V exp(V x) { return x.exp(); }
   static V tanh(V x) {
     if constexpr (std::is_same_v<S, float>)
@@ -124,15 +136,12 @@ struct CpuLauncher {
     return path == Path::Persistent && emulated::backward<Cell>(p, w_hh, dh);
   }
 
-  // f over row b, columns [j0, j1): vectors, then scalars.
+  // f over row b, columns [j0, j1): vectors of the math type (float for 16-bit types), then scalars.
   template <typename F>
   static void apply_row(const F& f, int64_t b, int64_t j0, int64_t j1) {
-    using S = typename F::scalar;
+    using V = at::vec::Vectorized<typename F::acc>;
     int64_t j = j0;
-    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
-      using V = at::vec::Vectorized<S>;
-      for (; j + V::size() <= j1; j += V::size()) f.template apply<V>(b, j);
-    }
+    for (; j + V::size() <= j1; j += V::size()) f.template apply<V>(b, j);
     for (; j < j1; ++j) f.template apply<typename F::acc>(b, j);
   }
 
