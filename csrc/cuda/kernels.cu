@@ -25,10 +25,14 @@ struct CudaLauncher {
 
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) { aten_gemm(out, a, b, add); }
 
-  template <typename F>
-  static void gemm_cell(Tensor& out, const Tensor& a, const Tensor& b, int64_t, int64_t H, const F& f) {
-    aten_gemm(out, a, b, Tensor());
-    run(out.device(), a.size(0), H, f);
+  template <typename MakeF>
+  static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
+                              const Tensor& w_t, int64_t, int64_t H, const MakeF& make_f) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Tensor& prev = t % 2 ? other : h;
+      aten_gemm(hg, prev, w_t, Tensor());
+      run(hg.device(), h.size(0), H, make_f(t, prev, t % 2 ? h : other));
+    }
   }
 
   template <typename Cell, typename S, typename A>

@@ -2,9 +2,12 @@
 // (cpu/kernels.cpp, cuda/kernels.cu) provides
 //   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
 //       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
-//   template <typename F> static void gemm_cell(Tensor& out, const Tensor& a, const Tensor& b, int64_t G,
-//                                               int64_t H, const F& f);
-//       out = a @ b (columns: G gate blocks of H), then the cell functor f over [B, H] (the CPU fuses them)
+//   template <typename MakeF> static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h,
+//                                                         const Tensor& other, const Tensor& w_t, int64_t G,
+//                                                         int64_t H, const MakeF& make_f);
+//       steps t0..t1-1, each: hg = prev @ w_t (columns: G gate blocks of H), then the cell functor
+//       make_f(t, prev, next) over [B, H]; the state alternates between h (read at even steps) and other
+//       (the CPU runs the steps in one parallel region, each thread its hidden units' GEMM and cell)
 //   static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem);
 //       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
 //       in cache and [T, B, G*H] is never allocated; CUDA all of them (one GEMM)
@@ -89,14 +92,14 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
     if (!whole) project(t0, t1);
-    for (int64_t t = t0; t < t1; ++t) {
-      if (!proj) {
-        const Tensor& prev = t % 2 ? other : f.h;
-        const Tensor& next = t % 2 ? f.h : other;
-        L::gemm_cell(hg, prev, w_t, Cell::G, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next)));
-        continue;
-      }
-      // LSTM with projection: the cell, the projection GEMM, then the carry, the state in place
+    if (!proj) {
+      L::gemm_cell_steps(t0, t1, hg, f.h, other, w_t, Cell::G, p.H,
+                         [&](int64_t t, const Tensor& prev, const Tensor& next) {
+                           return Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
+                         });
+      continue;
+    }
+    for (int64_t t = t0; t < t1; ++t) {  // LSTM with projection: the cell, the projection GEMM, then the carry, the state in place
       L::gemm(hg, f.h, w_t, Tensor());
       L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
       L::gemm(hp, f.r[t], wr_t, Tensor());
