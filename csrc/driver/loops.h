@@ -2,10 +2,12 @@
 // (cpu/kernels.cpp, cuda/kernels.cu) provides
 //   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
 //       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
+//   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H);
+//       w_hh^T [P, G*H] in the layout gemm_cell_steps wants, made once per sequence
 //   template <typename MakeF> static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h,
-//                                                         const Tensor& other, const Tensor& w_t, int64_t G,
+//                                                         const Tensor& other, const Tensor& w_step, int64_t G,
 //                                                         int64_t H, const MakeF& make_f);
-//       steps t0..t1-1, each: hg = prev @ w_t (columns: G gate blocks of H), then the cell functor
+//       steps t0..t1-1, each: hg = prev @ w_hh^T (columns: G gate blocks of H), then the cell functor
 //       make_f(t, prev, next) over [B, H]; the state alternates between h (read at even steps) and other
 //       (the CPU runs the steps in one parallel region, each thread its hidden units' GEMM and cell)
 //   static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem);
@@ -89,11 +91,12 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
   auto other = proj ? Tensor() : at::empty_like(f.h);
+  const auto w_step = proj ? Tensor() : L::step_weights(w_t, Cell::G, p.H);
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
     if (!whole) project(t0, t1);
     if (!proj) {
-      L::gemm_cell_steps(t0, t1, hg, f.h, other, w_t, Cell::G, p.H,
+      L::gemm_cell_steps(t0, t1, hg, f.h, other, w_step, Cell::G, p.H,
                          [&](int64_t t, const Tensor& prev, const Tensor& next) {
                            return Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
                          });
