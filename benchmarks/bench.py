@@ -152,6 +152,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="one tiny config: checks the script end to end")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
+    p.add_argument("--no-persistent", action="store_true", help="skip the persistent CUDA kernels")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     try:
@@ -166,7 +167,7 @@ def main(argv=None):
             p.error(f"unknown cell {c!r}; choose from {sorted(CELLS)}")
     configs = SMOKE if args.smoke else full_sweep() if args.full else DEFAULT[args.device]
     cands = [c for c in CANDIDATES if not (args.no_reference and c == "reference")
-             and not (c == "rnnext-persistent" and args.device != "cuda")]
+             and not (c == "rnnext-persistent" and (args.device != "cuda" or args.no_persistent))]
     rounds = 3 if (args.quick or args.smoke) else 5
     dtype = getattr(torch, args.dtype)
     mem_cands = [c for c in cands if c != "reference"]
