@@ -51,23 +51,26 @@ TORCH_LIBRARY(rnnext, m) {
   // ops too so autograd can pass it on. save=False (no backward will follow): c_all and saved come back
   // empty and are not computed. path: 0 auto (the device's default), 1 per-step, 2 persistent where the
   // device has it and the plan fits (else per-step): see driver/loops.h.
+  // zoneout_mask, zoneout (LSTM, GRU): zoneout's keep weights, see driver/sequence.h.
   m.def("lstm_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-        "Tensor? w_hr, Tensor? lengths, float clip=0., bool save=True, int path=0) -> (Tensor y, Tensor hn, "
-        "Tensor cn, Tensor c_all, Tensor saved, Tensor r)");
+        "Tensor? w_hr, Tensor? lengths, float clip=0., bool save=True, int path=0, Tensor? zoneout_mask=None, "
+        "float zoneout=0.) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, Tensor saved, Tensor r)");
   m.def("lstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
         "Tensor c0, Tensor c_all, Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
-        "float clip=0., int path=0) -> (Tensor dx, Tensor dw_ih, Tensor dh0, Tensor dc0, Tensor dw_hh, "
-        "Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
+        "float clip=0., int path=0, Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor dx, Tensor dw_ih, "
+        "Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
   // The GRU and the lecture's GRU (update gate only; cells/mgru.h: gates (u, c), saved (u, c~)).
-  for (const char* name : {"gru_seq", "mgru_seq"}) {
-    m.def((std::string(name) + "(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-           "Tensor? lengths, float clip=0., bool save=True, int path=0) -> (Tensor y, Tensor hn, Tensor saved)")
-              .c_str());
-    m.def((std::string(name) + "_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
-           "Tensor saved, Tensor w_hh, Tensor? lengths, float clip=0., int path=0) -> (Tensor dx, Tensor dw_ih, "
-           "Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)")
-              .c_str());
-  }
+  const std::string gated = "(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+                            "Tensor? lengths, float clip=0., bool save=True, int path=0";
+  const std::string gated_backward = "_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
+                                     "Tensor saved, Tensor w_hh, Tensor? lengths, float clip=0., int path=0";
+  const std::string zoneout = ", Tensor? zoneout_mask=None, float zoneout=0.";
+  const std::string outputs = ") -> (Tensor y, Tensor hn, Tensor saved)";
+  const std::string grads = ") -> (Tensor dx, Tensor dw_ih, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)";
+  m.def(("gru_seq" + gated + zoneout + outputs).c_str());
+  m.def(("gru_seq" + gated_backward + zoneout + grads).c_str());
+  m.def(("mgru_seq" + gated + outputs).c_str());
+  m.def(("mgru_seq" + gated_backward + grads).c_str());
   m.def("rnn_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
         "str nonlinearity, float clip=0., int path=0) -> (Tensor y, Tensor hn)");
   m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, Tensor w_hh, "

@@ -55,6 +55,13 @@ def _check_path(op, path):
     _check(0 <= path <= 2, lambda: f"{op}: expected path 0 (auto), 1 (per-step) or 2 (persistent), got {path}")
 
 
+def _check_zoneout(c, mask, p, Z, T, B, H, projected):
+    _check(0 <= p <= 1, lambda: f"{c.op}: expected zoneout in [0, 1], got {p:g}")
+    if mask is not None:
+        c.shape("zoneout_mask", mask, (T, B, Z * H))
+    _check(not (projected and (mask is not None or p > 0)), f"{c.op}: zoneout with proj_size is not supported")
+
+
 def _check_act(nonlinearity):
     _check(nonlinearity in ("tanh", "relu"), lambda: f"Unknown nonlinearity: {nonlinearity}")
 
@@ -180,15 +187,18 @@ def check_saved(c, saved, S, T, B, H):
 
 def register_lstm_seq(lib):
     @torch.library.register_fake(lib + "lstm_seq")
-    def _(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True, path=0):
+    def _(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True, path=0, zoneout_mask=None,
+          zoneout=0.0):
         T, B, H, P = check_seq("lstm_seq", 4, x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)
         _check_path("lstm_seq", path)
+        _check_zoneout(Checks("lstm_seq", "x", x), zoneout_mask, zoneout, 2, T, B, H, w_hr is not None)
         Ts = T if save else 0
         return (_new(x, T, B, P), _new(x, B, P), _new(x, B, H), _new(x, Ts, B, H), _new(x, Ts, B, 4 * H),
                 _new(x, T if w_hr is not None else 0, B, H))
 
     @torch.library.register_fake(lib + "lstm_seq_backward")
-    def _(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0, path=0):
+    def _(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0, path=0, zoneout_mask=None,
+          zoneout=0.0):
         c = Checks("lstm_seq_backward", "y", y)
         T, B, H, P = check_seq_backward(c, 4, w_hr is not None, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
         if w_hr is not None:
@@ -200,24 +210,31 @@ def register_lstm_seq(lib):
         if w_hr is not None:
             c.shape("r", r, (T, B, H))
         _check_path(c.op, path)
+        _check_zoneout(c, zoneout_mask, zoneout, 2, T, B, H, w_hr is not None)
         return (_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, P), _new(y, B, H), _new(y, 4 * H, P),
                 _new(y, 4 * H), _new(y, 4 * H), _new(y, P, H) if w_hr is not None else _new(y, 0))
 
 
 def register_gated_seq(lib, name, G, S):
-    """The GRU (G=3 gates, S=4 saved values per element) and the lecture's GRU (2, 2)."""
+    """The GRU (G=3 gates, S=4 saved values per element; zoneout) and the lecture's GRU (2, 2)."""
+    zoned = G == 3
+
     @torch.library.register_fake(lib + name)
-    def _(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True, path=0):
+    def _(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True, path=0, zoneout_mask=None, zoneout=0.0):
         T, B, H, _ = check_seq(name, G, x, w_ih, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
         _check_path(name, path)
+        if zoned:
+            _check_zoneout(Checks(name, "x", x), zoneout_mask, zoneout, 1, T, B, H, False)
         return _new(x, T, B, H), _new(x, B, H), _new(x, T if save else 0, B, S * H)
 
     @torch.library.register_fake(lib + name + "_backward")
-    def _(dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip=0.0, path=0):
+    def _(dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip=0.0, path=0, zoneout_mask=None, zoneout=0.0):
         c = Checks(name + "_backward", "y", y)
         T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
         check_saved(c, saved, S, T, B, H)
         _check_path(c.op, path)
+        if zoned:
+            _check_zoneout(c, zoneout_mask, zoneout, 1, T, B, H, False)
         return (_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H), _new(y, G * H, H), _new(y, G * H),
                 _new(y, G * H))
 

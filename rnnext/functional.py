@@ -154,11 +154,20 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", b
 
 # ---- whole sequences ------------------------------------------------------------------------------
 
+def zoneout_masks(p, T, B, parts, H, like):
+    """Zoneout's keep mask of one layer-direction in training: ``[T, B, parts*H]``, 1 = keep the previous
+    value, each with probability p, from torch's default generator (``torch.manual_seed`` reproduces it).
+    Drawn per layer, then per direction; in the order the direction processes its steps."""
+    return torch.bernoulli(torch.full((T, B, parts * H), p, dtype=like.dtype, device=like.device))
+
+
 def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-            batch_sizes, nonlinearity, backend, clip):
+            batch_sizes, nonlinearity, backend, clip, zoneout=0.0):
     clip = 0.0 if clip is None else float(clip)
     if clip < 0:
         raise ValueError(f"state_grad_clip must be positive or None, got {clip}")
+    if not 0 <= zoneout <= 1:
+        raise ValueError(f"zoneout must be in [0, 1], got {zoneout}")
     for name, tensors in (("hidden", (h0, c0)), ("parameter", params)):  # torch.nn's check and message
         for t in tensors:
             if t is not None and t.device != input.device:
@@ -186,10 +195,14 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             k = layer * D + d
             p = params[k * stride:(k + 1) * stride]
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
+            zone = {}
+            if zoneout > 0:  # training: masks; eval: the constant keep weight
+                zone = dict(zoneout_mask=zoneout_masks(zoneout, x.size(0), x.size(1), 2 if mode == "LSTM" else 1,
+                                                       p[1].size(1), x)) if train else dict(zoneout=zoneout)
             y, h, c = impl.recurrence(
                 mode, x, p[0], h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
                 p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip,
-                path=_path(backend, x))
+                path=_path(backend, x), **zone)
             ys.append(y)
             hs.append(h)
             cs.append(c)
@@ -206,24 +219,29 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
 _CLIP_DOC = """state_grad_clip: BPTT gradient clipping inside the backward kernel: at every step, the gradient
     of the hidden state that step produced (from the output and from the next step) is clamped to
     [-v, v] before it flows into the step (LSTM: h, after projection; not the cell state). None: off."""
+_ZONEOUT_DOC = """zoneout: probability p that each unit of the state keeps its previous value at a step (Krueger
+    et al. 2016; LSTM: h and c, independently; masks from :func:`zoneout_masks`) when train, else the
+    deterministic mixture ``p*previous + (1-p)*new``. Not with proj_size."""
 
 
 @_autocasting
 def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
-         batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None):
+         batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None, zoneout=0.0):
     """Multi-layer LSTM, as ``torch._VF.lstm``. hx = (h0 ``[L*D, B, P]``, c0 ``[L*D, B, H]``);
     P = proj_size when params hold ``w_hr`` (then ``h0.size(-1) != c0.size(-1)``), else H.
-    Returns (output ``[T, B, D*P]`` or packed data, h_n, c_n). {clip}"""
+    Returns (output ``[T, B, D*P]`` or packed data, h_n, c_n). {clip} {zoneout}"""
+    if zoneout and hx[0].size(-1) != hx[1].size(-1):
+        raise ValueError("zoneout is not supported with proj_size")
     return _layers("LSTM", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend, state_grad_clip)
+                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout)
 
 
 @_autocasting
 def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
-        batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None):
-    """Multi-layer GRU, as ``torch._VF.gru``. hx ``[L*D, B, H]``. Returns (output, h_n). {clip}"""
+        batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None, zoneout=0.0):
+    """Multi-layer GRU, as ``torch._VF.gru``. hx ``[L*D, B, H]``. Returns (output, h_n). {clip} {zoneout}"""
     return _layers("GRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend, state_grad_clip)[:2]
+                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout)[:2]
 
 
 @_autocasting
@@ -248,4 +266,4 @@ def rnn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
 
 
 for _f in (lstm, gru, mgru, rnn):
-    _f.__doc__ = _f.__doc__.replace("{clip}", _CLIP_DOC)
+    _f.__doc__ = _f.__doc__.replace("{clip}", _CLIP_DOC).replace("{zoneout}", _ZONEOUT_DOC)

@@ -13,19 +13,38 @@ from torch.nn.utils.rnn import PackedSequence
 from rnnext import functional
 
 
+def _check_zoneout(zoneout, proj_size=0):
+    if not 0 <= zoneout <= 1:
+        raise ValueError(f"zoneout must be in [0, 1], got {zoneout}")
+    if zoneout and proj_size:
+        raise ValueError("zoneout is not supported with proj_size")
+    return float(zoneout)
+
+
+def _zoned(new, old, zoneout, training):
+    """Zoneout of one step (the cells): each unit keeps its previous value with probability zoneout in
+    training (a mask from torch's generator), the mixture zoneout*old + (1-zoneout)*new in eval."""
+    if not zoneout:
+        return new
+    keep = torch.bernoulli(torch.full_like(new, zoneout)) if training else zoneout
+    return keep * old + (1 - keep) * new
+
+
 class _Layer(nn.RNNBase):
     def __init__(self, mode, *args, state_grad_clip=None, **kwargs):
         super().__init__(mode, *args, **kwargs)
         if state_grad_clip is not None and not state_grad_clip > 0:
             raise ValueError(f"state_grad_clip must be positive or None, got {state_grad_clip}")
         self.state_grad_clip = state_grad_clip
+        self.zoneout = 0.0  # LSTM and GRU take it as a keyword
 
     def flatten_parameters(self):
         """No-op: rnnext's kernels read the parameters as they are (cuDNN's flat buffer is not used)."""
 
     def extra_repr(self):
         s = super().extra_repr()
-        return s + f", state_grad_clip={self.state_grad_clip}" if self.state_grad_clip is not None else s
+        s += f", state_grad_clip={self.state_grad_clip}" if self.state_grad_clip is not None else ""
+        return s + (f", zoneout={self.zoneout}" if self.zoneout else "")
 
     def _run(self, input, hx, batch_sizes):
         raise NotImplementedError
@@ -84,8 +103,10 @@ class _Layer(nn.RNNBase):
 
 class LSTM(_Layer):
     """Drop-in ``torch.nn.LSTM``: same constructor (input_size, hidden_size, num_layers, bias, batch_first,
-    dropout, bidirectional, proj_size, device, dtype), parameters, state_dict and errors; one more
-    keyword, ``state_grad_clip`` (BPTT gradient clipping, see :func:`rnnext.functional.lstm`), for all layers.
+    dropout, bidirectional, proj_size, device, dtype), parameters, state_dict and errors; two more
+    keywords for all layers: ``state_grad_clip`` (BPTT gradient clipping) and ``zoneout`` (probability of
+    each unit of h and c keeping its previous value at a step in training; the mixture in eval; not with
+    proj_size), see :func:`rnnext.functional.lstm`.
 
     forward(input, hx=None) -> (output, (h_n, c_n)): input ``[T, B, I]`` (``[B, T, I]`` with batch_first),
     ``[T, I]`` unbatched, or a PackedSequence; hx = (h0 ``[L*D, B, P]``, c0 ``[L*D, B, H]``), P = proj_size or H;
@@ -98,8 +119,9 @@ class LSTM(_Layer):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, zoneout=0.0, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
+        self.zoneout = _check_zoneout(zoneout, self.proj_size)
 
     def _check_hx_dims(self, hx, is_batched):
         want = 3 if is_batched else 2
@@ -118,12 +140,13 @@ class LSTM(_Layer):
         return c, torch.zeros_like(c)
 
     def _run(self, input, hx, batch_sizes):
-        output, h, c = functional.lstm(input, hx, self._flat_weights, **self._args(batch_sizes))
+        output, h, c = functional.lstm(input, hx, self._flat_weights, zoneout=self.zoneout, **self._args(batch_sizes))
         return output, (h, c)
 
 
 class GRU(_Layer):
-    """Drop-in ``torch.nn.GRU``: same constructor, parameters, state_dict and errors.
+    """Drop-in ``torch.nn.GRU``: same constructor, parameters, state_dict and errors; ``state_grad_clip``
+    and ``zoneout`` as :class:`LSTM` (zoneout on h).
 
     forward(input, hx=None) -> (output, h_n): input ``[T, B, I]`` (``[B, T, I]`` with batch_first), ``[T, I]``
     unbatched, or a PackedSequence; hx ``[L*D, B, H]``; output ``[T, B, D*H]``. Saved for backward per
@@ -131,13 +154,14 @@ class GRU(_Layer):
 
     _dims_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, zoneout=0.0, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+        self.zoneout = _check_zoneout(zoneout)
 
     def _run(self, input, hx, batch_sizes):
-        return functional.gru(input, hx, self._flat_weights, **self._args(batch_sizes))
+        return functional.gru(input, hx, self._flat_weights, zoneout=self.zoneout, **self._args(batch_sizes))
 
 
 class RNN(_Layer):
@@ -202,19 +226,24 @@ def _cell_input(name, input, hx, hx_label="hidden"):
     return input.dim() == 2
 
 
-def _single_state_step(cell, name, input, hx, step, **kwargs):
+def _single_state_step(cell, name, input, hx, step, zoneout=0.0, **kwargs):
     """torch.nn's GRUCell/RNNCell forward around one functional step: checks, unbatched input, zero hx."""
     is_batched = _cell_input(name, input, hx)
     if not is_batched:
         input = input.unsqueeze(0)
     hx = input.new_zeros(input.size(0), cell.hidden_size) if hx is None else hx if is_batched else hx.unsqueeze(0)
-    h = step(input, hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, **kwargs)
+    h = _zoned(step(input, hx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, **kwargs), hx, zoneout,
+               cell.training)
     return h if is_batched else h.squeeze(0)
 
 
 class LSTMCell(nn.LSTMCell):
     """Drop-in ``torch.nn.LSTMCell`` on the fused cell op (``torch.ops.rnnext.lstm_cell``); saves the
-    activated gates ``[B, 4H]`` for backward."""
+    activated gates ``[B, 4H]`` for backward. ``zoneout``: as :class:`LSTM`'s, for h and c."""
+
+    def __init__(self, *args, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zoneout = _check_zoneout(zoneout)
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx = (h, c) ``[B, H]`` or None -> (h', c')."""
@@ -229,16 +258,22 @@ class LSTMCell(nn.LSTMCell):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         h, c = functional.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        h = _zoned(h, hx[0], self.zoneout, self.training)
+        c = _zoned(c, hx[1], self.zoneout, self.training)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
 class GRUCell(nn.GRUCell):
     """Drop-in ``torch.nn.GRUCell`` on the fused cell op (``torch.ops.rnnext.gru_cell``); saves the gates
-    (r, z, n, W_hn h + b_hn) ``[B, 4H]`` for backward."""
+    (r, z, n, W_hn h + b_hn) ``[B, 4H]`` for backward. ``zoneout``: as :class:`GRU`'s."""
+
+    def __init__(self, *args, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zoneout = _check_zoneout(zoneout)
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
-        return _single_state_step(self, "GRUCell", input, hx, functional.gru_cell)
+        return _single_state_step(self, "GRUCell", input, hx, functional.gru_cell, zoneout=self.zoneout)
 
 
 class RNNCell(nn.RNNCell):
@@ -279,6 +314,8 @@ def _converted(module):
     if isinstance(new, nn.RNNBase):
         new.state_grad_clip = None
         new._init_flat_weights()
+    if isinstance(new, (nn.RNNBase, nn.LSTMCell, nn.GRUCell)):
+        new.zoneout = 0.0
     return new
 
 

@@ -70,7 +70,7 @@ def mgru_cell(xg, hg, hx):
 
 
 def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh", clip=0.0, path=0):
+               nonlinearity="tanh", clip=0.0, path=0, zoneout_mask=None, zoneout=0.0):
     """One layer-direction on the fused sequence ops, input projection included; see
     :func:`rnnext.reference.recurrence`. path: 0 the device's default, 1 per step (a GEMM and a cell kernel
     per step), 2 the persistent kernel where it runs and fits (one launch, weights on chip; on CPU an
@@ -82,9 +82,11 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
         t is not None and t.requires_grad for t in (x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr))
     cn = None
     if mode == "LSTM":
-        y, hn, cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save, path)[:3]
+        y, hn, cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save, path,
+                                              zoneout_mask, zoneout)[:3]
     elif mode == "GRU":
-        y, hn, _ = torch.ops.rnnext.gru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
+        y, hn, _ = torch.ops.rnnext.gru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path, zoneout_mask,
+                                            zoneout)
     elif mode == "MGRU":
         y, hn, _ = torch.ops.rnnext.mgru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
     else:
@@ -115,10 +117,13 @@ def _bias_grads(ctx, db_ih, db_hh):
     return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
 
 
-def _options(ctx, rest):  # (clip, save, path) after the tensors; tracing may drop defaulted trailing ones
+def _options(ctx, rest):
+    """(clip, save, path, zoneout_mask, zoneout) after the tensors; tracing may drop defaulted trailing ones."""
     ctx.clip = rest[0] if len(rest) > 0 else 0.0
     ctx.saved_gates = rest[1] if len(rest) > 1 else True
     ctx.path = rest[2] if len(rest) > 2 else 0
+    ctx.zoneout = rest[4] if len(rest) > 4 else 0.0
+    return rest[3] if len(rest) > 3 else None  # the zoneout mask: for save_for_backward
 
 
 def _check_saved(ctx, name):
@@ -131,44 +136,48 @@ def _autograd_lstm_seq(lib):
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
         x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *rest = inputs
-        _options(ctx, rest)
+        mask = _options(ctx, rest)
         y, hn, cn, c_all, saved, r = output
         ctx.mark_non_differentiable(c_all, saved, r)
         _biases(ctx, b_ih, b_hh)
         ctx.has_proj = w_hr is not None
-        ctx.save_for_backward(x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths)
+        ctx.save_for_backward(x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, mask)
 
     def backward(ctx, dy, dhn, dcn, *_):
         _first_order_only("lstm_seq")
         _check_saved(ctx, "lstm_seq")
-        x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths = ctx.saved_tensors
+        x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, mask = ctx.saved_tensors
         dx, dw_ih, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
             _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(dcn, c0), x, w_ih, y, h0, c0, c_all, saved,
-            r, w_hh, w_hr, lengths, ctx.clip, ctx.path)
+            r, w_hh, w_hr, lengths, ctx.clip, ctx.path, mask, ctx.zoneout)
         return (dx, dw_ih, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None,
-                *[None] * 4)
+                *[None] * 6)
 
     torch.library.register_autograd(lib + "lstm_seq", backward, setup_context=setup)
 
 
 def _autograd_gated_seq(lib, name):
-    """The GRU and the lecture's GRU: same signatures."""
+    """The GRU and the lecture's GRU: same signatures but the GRU's zoneout."""
+    zoned = name == "gru_seq"
+
     def setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
         x, w_ih, h0, w_hh, b_ih, b_hh, lengths, *rest = inputs
-        _options(ctx, rest)
+        mask = _options(ctx, rest)
         y, hn, saved = output
         ctx.mark_non_differentiable(saved)
         _biases(ctx, b_ih, b_hh)
-        ctx.save_for_backward(x, w_ih, y, h0, saved, w_hh, lengths)
+        ctx.save_for_backward(x, w_ih, y, h0, saved, w_hh, lengths, mask)
 
     def backward(ctx, dy, dhn, _):
         _first_order_only(name)
         _check_saved(ctx, name)
-        x, w_ih, y, h0, saved, w_hh, lengths = ctx.saved_tensors
+        x, w_ih, y, h0, saved, w_hh, lengths, mask = ctx.saved_tensors
+        zoneout = (mask, ctx.zoneout) if zoned else ()
         dx, dw_ih, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), x, w_ih, y, h0, saved, w_hh, lengths, ctx.clip, ctx.path)
-        return dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), x, w_ih, y, h0, saved, w_hh, lengths, ctx.clip, ctx.path,
+            *zoneout)
+        return dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * (6 if zoned else 4)
 
     torch.library.register_autograd(lib + name, backward, setup_context=setup)
 

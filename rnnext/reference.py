@@ -50,7 +50,7 @@ def rnn_cell(xg, hg, nonlinearity):
 
 
 def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh", clip=0.0, path=0):
+               nonlinearity="tanh", clip=0.0, path=0, zoneout_mask=None, zoneout=0.0):
     """One layer-direction over a sequence: a Python loop over this module's cells.
 
     mode "LSTM", "GRU", "MGRU" (the lecture's GRU) or "RNN"; x ``[T, B, I]`` the input; w_ih ``[G*H, I]``;
@@ -59,8 +59,11 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     lengths ``[B]`` int64 on x's device or None: steps t >= lengths[b] keep the state and output 0;
     reverse: run each sequence backwards within its length. clip > 0: BPTT gradient clipping, the
     gradient of the state each step produces (summed over its uses: the output and the next step) is
-    clamped to [-clip, clip] (a hook on it; the fused kernels clamp the same quantity). path: the fused
-    ops' choice of kernel, ignored here. Returns
+    clamped to [-clip, clip] (a hook on it; the fused kernels clamp the same quantity). Zoneout (LSTM,
+    GRU): each unit of the new state keeps its previous value with weight k, ``h = k*h_prev + (1-k)*h~``
+    (LSTM: c likewise; h~ uses c before zoneout), k = ``zoneout_mask[t]`` ``[B, Z*H]`` (Z = 2 for the LSTM:
+    h's part, then c's) in processing order, or the constant ``zoneout`` where no mask is given. path: the
+    fused ops' choice of kernel, ignored here. Returns
     ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
     """
     xg = F.linear(x, w_ih, b_ih)
@@ -70,13 +73,22 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     h, c, ys = h0, c0, []
     for t in range(xg.size(0)):
         hg = F.linear(h, w_hh, b_hh)
+        keep = None
+        if zoneout_mask is not None or zoneout > 0:
+            keep = zoneout_mask[t] if zoneout_mask is not None else torch.full_like(
+                h.repeat(1, 2 if mode == "LSTM" else 1), zoneout)
         if mode == "LSTM":
             hy, cy, _ = lstm_cell(xg[t], hg, c)
             if w_hr is not None:
                 hy = F.linear(hy, w_hr)
+            if keep is not None:
+                kh, kc = keep.chunk(2, 1)
+                hy, cy = kh * h + (1 - kh) * hy, kc * c + (1 - kc) * cy
         elif mode == "GRU":
             hy, _ = gru_cell(xg[t], hg, h)
             cy = None
+            if keep is not None:
+                hy = keep * h + (1 - keep) * hy
         elif mode == "MGRU":
             hy, _ = mgru_cell(xg[t], hg, h)
             cy = None

@@ -29,6 +29,9 @@ def good_calls(device):
     lengths = torch.tensor([4, 2, 3], device=device)
     calls = {}
 
+    def mask(parts):  # zoneout keep weights
+        return torch.bernoulli(torch.full((T, B, parts * H), 0.5, dtype=torch.float64), generator=g).to(device)
+
     def add(name, op, **args):
         calls[name] = (op, list(args.items()))
         return op(*args.values())
@@ -49,16 +52,19 @@ def good_calls(device):
         h0, c0, w_hh, x, w_ih = t(B, p), t(B, H), t(4 * H, p), t(T, B, I), t(4 * H, I)
         y, hn, cn, c_all, saved, r = add(
             "lstm_seq" + ("[proj]" if proj else ""), rn.lstm_seq, x=x, w_ih=w_ih, h0=h0, c0=c0, w_hh=w_hh,
-            b_ih=t(4 * H), b_hh=t(4 * H), w_hr=w_hr, lengths=lengths, clip=0.5, save=True, path=0)
+            b_ih=t(4 * H), b_hh=t(4 * H), w_hr=w_hr, lengths=lengths, clip=0.5, save=True, path=0,
+            **({} if proj else dict(zoneout_mask=mask(2), zoneout=0.25)))
         add("lstm_seq_backward" + ("[proj]" if proj else ""), rn.lstm_seq_backward, dy=t(T, B, p), dhn=t(B, p),
-            dcn=t(B, H), x=x, w_ih=w_ih, y=y, h0=h0, c0=c0, c_all=c_all, saved=saved, r=r, w_hh=w_hh, w_hr=w_hr, lengths=lengths,
-            clip=0.5, path=0)
+            dcn=t(B, H), x=x, w_ih=w_ih, y=y, h0=h0, c0=c0, c_all=c_all, saved=saved, r=r, w_hh=w_hh, w_hr=w_hr,
+            lengths=lengths, clip=0.5, path=0, **({} if proj else dict(zoneout_mask=mask(2), zoneout=0.25)))
     for name, G in (("gru_seq", 3), ("mgru_seq", 2)):
         h0, w_hh, x, w_ih = t(B, H), t(G * H, H), t(T, B, I), t(G * H, I)
         y, hn, saved = add(name, getattr(rn, name), x=x, w_ih=w_ih, h0=h0, w_hh=w_hh, b_ih=t(G * H),
-                           b_hh=t(G * H), lengths=lengths, clip=0.5, save=True, path=0)
+                           b_hh=t(G * H), lengths=lengths, clip=0.5, save=True, path=0,
+                           **(dict(zoneout_mask=mask(1), zoneout=0.25) if G == 3 else {}))
         add(name + "_backward", getattr(rn, name + "_backward"), dy=t(T, B, H), dhn=t(B, H), x=x, w_ih=w_ih, y=y,
-            h0=h0, saved=saved, w_hh=w_hh, lengths=lengths, clip=0.5, path=0)
+            h0=h0, saved=saved, w_hh=w_hh, lengths=lengths, clip=0.5, path=0,
+            **(dict(zoneout_mask=mask(1), zoneout=0.25) if G == 3 else {}))
     h0, w_hh, x, w_ih = t(B, H), t(H, H), t(T, B, I), t(H, I)
     y, hn = add("rnn_seq", rn.rnn_seq, x=x, w_ih=w_ih, h0=h0, w_hh=w_hh, b_ih=t(H), b_hh=t(H), lengths=lengths,
                 nonlinearity="tanh", clip=0.5, path=0)
@@ -77,7 +83,7 @@ def bad_values(name, arg, value, device):
     if isinstance(value, str):
         return [("unknown nonlinearity", "gelu")]
     if isinstance(value, float):
-        return [("negative clip", -0.5)]
+        return [("negative", -0.5)] + ([("above 1", 1.5)] if arg == "zoneout" else [])
     if isinstance(value, int) and not isinstance(value, bool):
         return [("path 3", 3), ("path -1", -1)]
     if not isinstance(value, torch.Tensor):

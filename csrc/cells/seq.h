@@ -16,6 +16,8 @@ struct SeqFwd {
   A* c;                       // LSTM: the carried cell state [B, H], c0 on entry; else null
   S *y, *c_all, *saved;       // y [T, B, P]; c_all [T, B, H] (LSTM), saved [T, B, S*H]: null when not saved
   S* r;                       // LSTM with projection: cell outputs [T, B, H] (y gets them projected); else null
+  const S* keep;              // zoneout: keep weights [T, B, Z*H] (Z = 2 LSTM, 1 GRU), or null
+  A keep_p;                   // zoneout without a mask: the constant keep weight (eval); 0 = off
 };
 
 template <typename S, typename A>
@@ -27,9 +29,18 @@ struct SeqBwd {
   const S *y, *h0, *saved, *c_all, *c0;       // forward's (c_all, c0: LSTM)
   A* dc;                                      // LSTM: gradient of the cell state [B, H], dcn on entry
   S *dxg, *dhg;     // [steps t0.., B, G*H]: gradients of xg and of hg (the next GEMM's operand; == dxg but for the GRU)
-  S* direct;        // [B, P] the part of dh_prev not through hg; null where it is 0 (no lengths, LSTM/RNN)
+  S* direct;        // [B, P] the part of dh_prev not through hg; null where it is 0 (LSTM/RNN without lengths
+                    // or zoneout)
   A clip;
+  const S* keep;    // zoneout, as in SeqFwd
+  A keep_p;
 };
+
+// Step t's zoneout keep weights (Z parts per unit).
+template <typename S, typename A, typename P>
+RNNEXT_HD Keep<S, A> keep_of(const P& p, int64_t t, int64_t Z) {
+  return {p.keep ? p.keep + t * Z * p.B * p.H : nullptr, p.keep_p, Z};
+}
 
 // xg, dy, dxg and dhg hold a chunk of steps from t0 (all of them where a kernel needs every step at once):
 template <typename S, typename A>
@@ -53,7 +64,7 @@ struct LSTM {
     return {.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * 4 * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
             .c_prev = p.c, .h_prev = p.r ? nullptr : h_prev, .c = p.c, .c_out = p.c_all ? p.c_all + t * n : nullptr,
             .h = p.r ? nullptr : h, .y = p.r ? p.r + t * n : p.y + t * p.B * p.P,
-            .saved = p.saved ? p.saved + t * 4 * n : nullptr};
+            .saved = p.saved ? p.saved + t * 4 * n : nullptr, .keep = keep_of<S, A>(p, t, 2)};
   }
   template <typename S, typename A>
   static RNNEXT_HD LSTMBwd<S, A, A> bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool proj) {
@@ -61,7 +72,7 @@ struct LSTM {
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = proj ? nullptr : p.dy + held(p, t) * p.B * p.P,
             .saved = p.saved + t * 4 * n, .c_prev = t ? p.c_all + (t - 1) * n : p.c0, .c = p.c_all + t * n,
             .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .direct = proj ? nullptr : p.direct,
-            .clip = proj ? A(0) : p.clip};
+            .clip = proj ? A(0) : p.clip, .keep = keep_of<S, A>(p, t, 2)};
   }
 };
 
@@ -73,8 +84,11 @@ struct Gated {
   template <typename S, typename A>
   static RNNEXT_HD Fwd<S, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
     const int64_t n = p.B * p.H;
-    return {.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * G * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
-            .h_prev = h_prev, .h = h, .y = p.y + t * n, .saved = p.saved ? p.saved + t * SAVED * n : nullptr};
+    Fwd<S, A> f{.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * G * n, .hg = hg, .b_ih = p.b_ih,
+                .b_hh = p.b_hh, .h_prev = h_prev, .h = h, .y = p.y + t * n,
+                .saved = p.saved ? p.saved + t * SAVED * n : nullptr};
+    if constexpr (separate_dhg) f.keep = keep_of<S, A>(p, t, 1);  // zoneout: the GRU's (not the lecture's)
+    return f;
   }
   template <typename S, typename A>
   static RNNEXT_HD auto bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool) {
@@ -83,7 +97,8 @@ struct Gated {
     const S *dy = p.dy + held(p, t) * n, *saved = p.saved + t * SAVED * n, *h_prev = t ? p.y + (t - 1) * n : p.h0;
     if constexpr (separate_dhg)
       return GRUBwd<S, A>{.step = step, .dh_next = dh, .dy = dy, .saved = saved, .h_prev = h_prev,
-                          .dxg = p.dxg + held(p, t) * G * n, .dhg = p.dhg + held(p, t) * G * n, .direct = p.direct, .clip = p.clip};
+                          .dxg = p.dxg + held(p, t) * G * n, .dhg = p.dhg + held(p, t) * G * n, .direct = p.direct,
+                          .clip = p.clip, .keep = keep_of<S, A>(p, t, 1)};
     else
       return MGRUBwd<S, A>{.step = step, .dh_next = dh, .dy = dy, .saved = saved, .h_prev = h_prev,
                            .dgates = p.dxg + held(p, t) * G * n, .direct = p.direct, .clip = p.clip};

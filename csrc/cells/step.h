@@ -18,6 +18,9 @@
 // plus, for rows within their length, dy (nullable: the gradient of the output y[t]), and writes to
 // `direct` the part of the gradient of the previous state that does not go through hg (nullable
 // where that part is known to be 0).
+// Zoneout (Krueger et al. 2016; LSTM and GRU): each unit of the new state keeps its previous value with
+// weight k, h = k*h_prev + (1-k)*h~ (LSTM: c too, with its own k; h~ = o*tanh(c~) uses c~ before
+// zoneout): k from a mask [B, Z*H] (0/1 in training: part 0 for h, 1 for c) or a constant p (eval).
 // BPTT clipping (clip > 0): at every step within a sequence, the gradient of the state that step
 // produced (from its output and from the next step, the sum above) is clamped to [-clip, clip]
 // before it enters the step's backward. LSTM: the hidden state h (after projection with proj_size);
@@ -64,6 +67,19 @@ RNNEXT_HD V preact(const S* xg, const S* b_ih, const S* hg, const S* b_hh, int64
   return load_gate<V>(xg, b_ih, G, H, b, j, k) + load_gate<V>(hg, b_hh, G, H, b, j, k);
 }
 
+// Zoneout's keep weights of one step (see above); off when mask is null and p is 0.
+template <typename scalar_t, typename acc_t>
+struct Keep {
+  const scalar_t* mask;  // [B, Z*H] or null
+  acc_t p;
+  int64_t Z;
+  RNNEXT_HD bool on() const { return mask != nullptr || p > acc_t(0); }
+  template <typename V>
+  RNNEXT_HD V at(int64_t b, int64_t j, int64_t H, int64_t part) const {
+    return mask ? Lanes<V>::load(mask + (b * Z + part) * H + j) : V(p);
+  }
+};
+
 // saved = (i, f, g, o). With proj_size, y receives the cell output o*tanh(c) before the projection
 // and h is null (the driver projects, then CarryFwd updates the state). c_out (nullable): c per step.
 // state_t: the type of the carried cell state (float for 16-bit inputs in the sequence driver).
@@ -77,6 +93,7 @@ struct LSTMFwd {
   const scalar_t* h_prev;
   state_t* c;
   scalar_t *c_out, *h, *y, *saved;
+  Keep<scalar_t, acc_t> keep;  // zoneout (not with proj_size)
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
@@ -97,6 +114,11 @@ struct LSTMFwd {
                         preact<V>(xg, b_ih, hg, b_hh, 4, H, b, j, 2), preact<V>(xg, b_ih, hg, b_hh, 4, H, b, j, 3),
                         L::load(c_prev + s), a, tanh_c);
     V hn = a.o * tanh_c;
+    if (keep.on()) {
+      const V kh = keep.template at<V>(b, j, H, 0), kc = keep.template at<V>(b, j, H, 1);
+      cn = kc * L::load(c_prev + s) + (V(1) - kc) * cn;
+      hn = kh * L::load(h_prev + s) + (V(1) - kh) * hn;
+    }
     L::store(c + s, cn);
     if (c_out) L::store(c_out + s, cn);
     if (h) L::store(h + s, hn);
@@ -109,7 +131,8 @@ struct LSTMFwd {
   }
 };
 
-// dc: [B, H] in/out, the gradient of c on entry, of c_prev on exit. c: c after this step.
+// dc: [B, H] in/out, the gradient of c on entry, of c_prev on exit. c: c after this step. With
+// zoneout, direct (the share of dh_prev that skips the cell) must be given.
 template <typename scalar_t, typename acc_t, typename state_t = scalar_t>
 struct LSTMBwd {
   using scalar = scalar_t;
@@ -119,6 +142,7 @@ struct LSTMBwd {
   state_t* dc;
   scalar_t *dgates, *direct;
   acc_t clip;
+  Keep<scalar_t, acc_t> keep;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
@@ -132,13 +156,19 @@ struct LSTMBwd {
     LSTMGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H),
                    L::load(saved + g + 3 * H)};
     LSTMGates<V> d;
-    L::store(dc + s, lstm_backward(state_grad<V>(dh_next, dy, s, clip), L::load(dc + s), a, L::load(c_prev + s),
-                                   L::load(c + s), d));
+    const V dh = state_grad<V>(dh_next, dy, s, clip), dcn = L::load(dc + s), cp = L::load(c_prev + s);
+    if (!keep.on()) {
+      L::store(dc + s, lstm_backward(dh, dcn, a, cp, L::load(c + s), d));
+      if (direct) L::store(direct + s, V(0));
+    } else {  // through c~ = f*c_prev + i*g (before zoneout) with (1-k) of the gradients; k straight back
+      const V kh = keep.template at<V>(b, j, H, 0), kc = keep.template at<V>(b, j, H, 1);
+      L::store(dc + s, lstm_backward((V(1) - kh) * dh, (V(1) - kc) * dcn, a, cp, a.f * cp + a.i * a.g, d) + kc * dcn);
+      L::store(direct + s, kh * dh);
+    }
     L::store(dgates + g, d.i);
     L::store(dgates + g + H, d.f);
     L::store(dgates + g + 2 * H, d.g);
     L::store(dgates + g + 3 * H, d.o);
-    if (direct) L::store(direct + s, V(0));
   }
 };
 
@@ -150,6 +180,7 @@ struct GRUFwd {
   Step step;
   const scalar_t *xg, *hg, *b_ih, *b_hh, *h_prev;
   scalar_t *h, *y, *saved;
+  Keep<scalar_t, acc_t> keep;  // zoneout
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
@@ -167,6 +198,10 @@ struct GRUFwd {
                        load_gate<V>(xg, b_ih, 3, H, b, j, 2), load_gate<V>(hg, b_hh, 3, H, b, j, 0),
                        load_gate<V>(hg, b_hh, 3, H, b, j, 1), load_gate<V>(hg, b_hh, 3, H, b, j, 2),
                        L::load(h_prev + s), a);
+    if (keep.on()) {
+      const V k = keep.template at<V>(b, j, H, 0);
+      hn = k * L::load(h_prev + s) + (V(1) - k) * hn;
+    }
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
     if (!saved) return;
@@ -185,6 +220,7 @@ struct GRUBwd {
   const scalar_t *dh_next, *dy, *saved, *h_prev;
   scalar_t *dxg, *dhg, *direct;
   acc_t clip;
+  Keep<scalar_t, acc_t> keep;  // zoneout
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
@@ -200,7 +236,13 @@ struct GRUBwd {
     }
     GRUGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H), L::load(saved + g + 3 * H)};
     V dxr, dxz, dxn, dhn;
-    L::store(direct + s, gru_backward(state_grad<V>(dh_next, dy, s, clip), a, L::load(h_prev + s), dxr, dxz, dxn, dhn));
+    const V dh = state_grad<V>(dh_next, dy, s, clip);
+    if (!keep.on()) {
+      L::store(direct + s, gru_backward(dh, a, L::load(h_prev + s), dxr, dxz, dxn, dhn));
+    } else {  // (1-k) of the gradient through the cell, k straight back
+      const V k = keep.template at<V>(b, j, H, 0);
+      L::store(direct + s, gru_backward((V(1) - k) * dh, a, L::load(h_prev + s), dxr, dxz, dxn, dhn) + k * dh);
+    }
     L::store(dxg + x, dxr);
     L::store(dxg + x + H, dxz);
     L::store(dxg + x + 2 * H, dxn);

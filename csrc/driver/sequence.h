@@ -17,6 +17,8 @@
 //   save     false: no backward will follow (no_grad); c_all and saved are then [0, B, .] and not written
 //   r        [T, B, H]    LSTM with w_hr: cell outputs o*tanh(c) before the projection; else [0]
 //   path     0 auto, 1 per-step, 2 persistent (where the device has it and the plan fits; else per-step)
+//   zoneout_mask  [T, B, Z*H] keep weights (Z = 2 LSTM: h then c; 1 GRU), optional; else zoneout: the keep
+//                 weight of every unit (eval's mixture); see cells/step.h. LSTM and GRU only, not with w_hr
 // Backward needs the state before each step only where the step is within its sequence, and there it
 // equals the previous output: h_prev[t] = y[t-1] (h0 at t = 0), so the states are not saved.
 #pragma once
@@ -31,6 +33,20 @@ struct Dims {
 inline Path check_path(const char* op, int64_t path) {
   TORCH_CHECK(path >= 0 && path <= 2, op, ": expected path 0 (auto), 1 (per-step) or 2 (persistent), got ", path);
   return static_cast<Path>(path);
+}
+
+struct Zoneout {
+  Tensor mask;  // contiguous, or undefined
+  double p;
+  bool on() const { return mask.defined() || p > 0; }
+};
+
+inline Zoneout check_zoneout(const Checks& c, const OptTensor& mask, double p, int64_t Z, const Dims& d,
+                             bool projected) {
+  TORCH_CHECK(p >= 0 && p <= 1, c.op, ": expected zoneout in [0, 1], got ", p);
+  if (mask) c.shape("zoneout_mask", *mask, {d.T, d.B, Z * d.H});
+  TORCH_CHECK(!(projected && (mask || p > 0)), c.op, ": zoneout with proj_size is not supported");
+  return {mask ? mask->contiguous() : Tensor(), p};
 }
 
 // Forward: x [T, B, I] fixes T, B, I and the device and dtype of everything; w_ih H; w_hr P.
@@ -106,11 +122,12 @@ inline FwdTensors fwd_tensors(const Dims& d, int64_t S, const Tensor& x, const T
 }
 
 template <typename S, typename A>
-cells::SeqFwd<S, A> fwd_pointers(const Dims& d, FwdTensors& f, Tensor& c, bool save) {
+cells::SeqFwd<S, A> fwd_pointers(const Dims& d, FwdTensors& f, Tensor& c, bool save, const Zoneout& z = {}) {
   return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(f.lengths), .xg = nullptr,
           .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .c = mptr<A>(c), .y = mptr<S>(f.y),
           .c_all = save && f.c_all.numel() ? mptr<S>(f.c_all) : nullptr,
-          .saved = save && f.saved.numel() ? mptr<S>(f.saved) : nullptr, .r = f.w_hr.defined() ? mptr<S>(f.r) : nullptr};
+          .saved = save && f.saved.numel() ? mptr<S>(f.saved) : nullptr, .r = f.w_hr.defined() ? mptr<S>(f.r) : nullptr,
+          .keep = cptr<S>(z.mask), .keep_p = A(z.p)};
 }
 
 template <typename L>
@@ -119,15 +136,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
                                                                     const Tensor& w_hh, const OptTensor& b_ih,
                                                                     const OptTensor& b_hh, const OptTensor& w_hr,
                                                                     const OptTensor& lengths, double clip, bool save,
-                                                                    int64_t path) {
+                                                                    int64_t path, const OptTensor& zoneout_mask,
+                                                                    double zoneout) {
   const Dims d = check_seq("lstm_seq", 4, x, w_ih, h0, &c0, w_hh, b_ih, b_hh, w_hr, lengths, clip);
   const Path how = check_path("lstm_seq", path);
+  const auto z = check_zoneout({"lstm_seq", "x", x}, zoneout_mask, zoneout, 2, d, w_hr.has_value());
   auto f = fwd_tensors(d, 4, x, w_ih, h0, w_hh, b_ih, b_hh, w_hr, lengths, save, true);
   Tensor c;  // the carried cell state, in acc_t: 16-bit types would round it at every step
   RNNEXT_DISPATCH(x.scalar_type(), "lstm_seq", [&] {
     using A = at::opmath_type<scalar_t>;
     c = c0.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    forward<L, cells::LSTM>(how, fwd_pointers<scalar_t, A>(d, f, c, save), f);
+    forward<L, cells::LSTM>(how, fwd_pointers<scalar_t, A>(d, f, c, save, z), f);
   });
   return {f.y, f.h, c.to(x.scalar_type()), f.c_all, f.saved, f.r};
 }
@@ -136,14 +155,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor
 template <typename L, typename Cell>
 std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& x, const Tensor& w_ih, const Tensor& h0,
                                              const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                             const OptTensor& lengths, double clip, bool save, int64_t path) {
+                                             const OptTensor& lengths, double clip, bool save, int64_t path,
+                                             const OptTensor& zoneout_mask = std::nullopt, double zoneout = 0) {
   const Dims d = check_seq(op, Cell::G, x, w_ih, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
   const Path how = check_path(op, path);
+  const auto z = Cell::separate_dhg ? check_zoneout({op, "x", x}, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
   auto f = fwd_tensors(d, Cell::SAVED, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, false);
   Tensor none;
   RNNEXT_DISPATCH(x.scalar_type(), "gated_seq", [&] {
     using A = at::opmath_type<scalar_t>;
-    forward<L, Cell>(how, fwd_pointers<scalar_t, A>(d, f, none, save), f);
+    forward<L, Cell>(how, fwd_pointers<scalar_t, A>(d, f, none, save, z), f);
   });
   return {f.y, f.h, f.saved};
 }
@@ -151,8 +172,10 @@ std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& x, co
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                           double clip, bool save, int64_t path) {
-  return gated_seq<L, cells::GRU>("gru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
+                                           double clip, bool save, int64_t path, const OptTensor& zoneout_mask,
+                                           double zoneout) {
+  return gated_seq<L, cells::GRU>("gru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path, zoneout_mask,
+                                  zoneout);
 }
 
 template <typename L>
@@ -194,11 +217,11 @@ inline BwdTensors bwd_tensors(const Dims& d, int64_t G, bool need_direct, const 
 
 template <typename S, typename A>
 cells::SeqBwd<S, A> bwd_pointers(const Dims& d, BwdTensors& b, const Tensor& c_all, const Tensor& c0, Tensor& dc,
-                                 double clip) {
+                                 double clip, const Zoneout& z = {}) {
   return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(b.lengths), .dy = cptr<S>(b.dy),
           .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved), .c_all = cptr<S>(c_all),
           .c0 = cptr<S>(c0), .dc = mptr<A>(dc), .dxg = nullptr, .dhg = nullptr, .direct = mptr<S>(b.direct),
-          .clip = A(clip)};
+          .clip = A(clip), .keep = cptr<S>(z.mask), .keep_p = A(z.p)};
 }
 
 // dx, dw_ih, dh0, dw_hh, db_ih, db_hh: the gradients every cell returns.
@@ -211,7 +234,8 @@ template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
     const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
     const Tensor& h0, const Tensor& c0_, const Tensor& c_all_, const Tensor& saved, const Tensor& r_,
-    const Tensor& w_hh, const OptTensor& w_hr_, const OptTensor& lengths, double clip, int64_t path) {
+    const Tensor& w_hh, const OptTensor& w_hr_, const OptTensor& lengths, double clip, int64_t path,
+    const OptTensor& zoneout_mask, double zoneout) {
   const Checks ck{"lstm_seq_backward", "y", y};
   const Dims d = check_seq_backward(ck, 4, w_hr_.has_value(), dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
   const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
@@ -222,8 +246,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
   check_saved(ck, saved, 4, d);
   if (w_hr_) ck.shape("r", r_, {T, B, H});
   const Path how = check_path(ck.op, path);
+  const auto z = check_zoneout(ck, zoneout_mask, zoneout, 2, d, w_hr_.has_value());
   const bool proj = w_hr_.has_value();
-  auto b = bwd_tensors(d, 4, lengths.has_value(), dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
+  auto b = bwd_tensors(d, 4, lengths.has_value() || z.on(), dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
   auto c_all = c_all_.contiguous(), c0 = c0_.contiguous(), r = r_.contiguous();
   auto w_hr = contiguous_or_undefined(w_hr_);
   auto dhp = proj ? at::empty({T, B, P}, y.options()) : Tensor();
@@ -231,7 +256,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
   RNNEXT_DISPATCH(y.scalar_type(), "lstm_seq_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     dc = dcn.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    backward<L, cells::LSTM>(how, bwd_pointers<scalar_t, A>(d, b, c_all, c0, dc, clip), b, w_hr, dhp);
+    backward<L, cells::LSTM>(how, bwd_pointers<scalar_t, A>(d, b, c_all, c0, dc, clip, z), b, w_hr, dhp);
   });
   auto dw_hr = proj ? at::empty({P, H}, y.options()) : at::empty({0}, y.options());
   if (proj) L::gemm(dw_hr, dhp.reshape({T * B, P}).t(), r.reshape({T * B, H}), Tensor());  // over all steps
@@ -243,16 +268,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
 template <typename L, typename Cell>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(
     const char* op, const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
-    const Tensor& h0, const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path) {
+    const Tensor& h0, const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path,
+    const OptTensor& zoneout_mask = std::nullopt, double zoneout = 0) {
   const Checks ck{op, "y", y};
   const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
   check_saved(ck, saved, Cell::SAVED, d);
   const Path how = check_path(op, path);
+  const auto z = Cell::separate_dhg ? check_zoneout(ck, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
   auto b = bwd_tensors(d, Cell::G, true, dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
   Tensor none;
   RNNEXT_DISPATCH(y.scalar_type(), "gated_seq_backward", [&] {
     using A = at::opmath_type<scalar_t>;
-    backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip), b, none, none);
+    backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip, z), b, none, none);
   });
   return gradients(b, Cell::separate_dhg);
 }
@@ -260,9 +287,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
-    const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path) {
+    const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path,
+    const OptTensor& zoneout_mask, double zoneout) {
   return gated_seq_backward<L, cells::GRU>("gru_seq_backward", dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip,
-                                           path);
+                                           path, zoneout_mask, zoneout);
 }
 
 template <typename L>

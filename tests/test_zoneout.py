@@ -1,0 +1,181 @@
+"""Zoneout (Krueger et al. 2016) on the LSTM and GRU: fused ops vs the reference with the same masks, the
+layers and cells vs an independent Python loop over torch.nn cells, training (masks) and eval (mixture)."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import rnnext
+from rnnext import functional, ops, reference
+from conftest import cpu_and_cuda
+
+BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
+MODES = {"LSTM": 2, "GRU": 1}  # mode: parts of the mask (h, c)
+
+
+def make_args(mode, T, B, H, device, lengths, seed, I=3):
+    g = torch.Generator().manual_seed(seed)
+    G = 4 if mode == "LSTM" else 3
+    t = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()  # noqa
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+        lens = lens.to(device)
+    mask = torch.bernoulli(torch.full((T, B, MODES[mode] * H), 0.3, dtype=torch.float64), generator=g).to(device)
+    return dict(mode=mode, x=t(T, B, I), w_ih=t(G * H, I), h0=t(B, H), c0=t(B, H) if mode == "LSTM" else None,
+                w_hh=t(G * H, H), b_ih=t(G * H), b_hh=t(G * H), lengths=lens), mask
+
+
+def outputs_and_grads(fn, args, **kw):
+    y, h, c = fn(**args, **kw)
+    outs = [y, h] + ([c] if c is not None else [])
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    return outs + list(torch.autograd.grad(loss, leaves))
+
+
+@BUILT
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("path", [1, 2])
+@pytest.mark.parametrize("kind", ["mask", "mixture"])
+def test_fused_matches_reference(device, mode, lengths, reverse, path, kind):
+    args, mask = make_args(mode, 7, 5, 9, device, lengths, seed=len(mode) + 3 * lengths)
+    kw = dict(zoneout_mask=mask) if kind == "mask" else dict(zoneout=0.3)
+    got = outputs_and_grads(functools.partial(ops.recurrence, path=path), args, reverse=reverse, clip=0.7, **kw)
+    want = outputs_and_grads(reference.recurrence, args, reverse=reverse, clip=0.7, **kw)
+    plain = outputs_and_grads(ops.recurrence, args, reverse=reverse, clip=0.7)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(got, plain))  # zoneout changed something
+
+
+@BUILT
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("path", [1, 2])
+def test_gradcheck(mode, path):
+    args, mask = make_args(mode, 3, 2, 2, "cpu", True, seed=7)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def f(*tensors):
+        y, h, c = ops.recurrence(**dict(args, **dict(zip(names, tensors))), zoneout_mask=mask, path=path)
+        return (y, h) if c is None else (y, h, c)
+
+    assert torch.autograd.gradcheck(f, [args[k] for k in names])
+
+
+def loop(cell_cls, model, x, train, p, masks):
+    """An independent Python loop over torch.nn cells (one layer, one direction) with the masks rnnext draws
+    (functional.zoneout_masks), or the mixture in eval."""
+    cell = cell_cls(model.input_size, model.hidden_size).double()
+    cell.weight_ih.data, cell.weight_hh.data = model.weight_ih_l0.data, model.weight_hh_l0.data
+    cell.bias_ih.data, cell.bias_hh.data = model.bias_ih_l0.data, model.bias_hh_l0.data
+    H = model.hidden_size
+    h = c = x.new_zeros(x.size(1), H)
+    ys = []
+    for t in range(x.size(0)):
+        if cell_cls is nn.LSTMCell:
+            hn, cn = cell(x[t], (h, c))
+            kh, kc = (masks[t].split(H, 1) if train else (p, p))
+            h, c = kh * h + (1 - kh) * hn, kc * c + (1 - kc) * cn
+        else:
+            hn = cell(x[t], h)
+            k = masks[t] if train else p
+            h = k * h + (1 - k) * hn
+        ys.append(h)
+    return torch.stack(ys), h
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=BUILT),
+                                     pytest.param("persistent", marks=BUILT)])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("train", [True, False])
+def test_layer_matches_python_loop(backend, mode, train):
+    torch.manual_seed(0)
+    cls, cell_cls = (rnnext.LSTM, nn.LSTMCell) if mode == "LSTM" else (rnnext.GRU, nn.GRUCell)
+    model = cls(4, 6, zoneout=0.25).double().train(train)
+    x = torch.randn(8, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    with rnnext.use_backend(backend):
+        y, hidden = model(x)
+    torch.manual_seed(1)
+    masks = functional.zoneout_masks(0.25, 8, 3, MODES[mode], 6, x)
+    y_want, h_want = loop(cell_cls, model, x, train, 0.25, masks)
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(hidden[0] if mode == "LSTM" else hidden, h_want.unsqueeze(0))
+    gx, = torch.autograd.grad(y.square().sum(), x)
+    gx_want, = torch.autograd.grad(y_want.square().sum(), x)
+    torch.testing.assert_close(gx, gx_want)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_training_masks_are_seeded(mode):
+    cls = rnnext.LSTM if mode == "LSTM" else rnnext.GRU
+    model = cls(4, 6, num_layers=2, bidirectional=True, zoneout=0.5)
+    x = torch.randn(5, 2, 4)
+    torch.manual_seed(3)
+    first = model(x)[0]
+    torch.manual_seed(3)
+    assert torch.equal(model(x)[0], first)
+    assert not torch.equal(model(x)[0], first)  # a new mask
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])  # deterministic mixture
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("cell_cls,ours", [(nn.LSTMCell, rnnext.LSTMCell), (nn.GRUCell, rnnext.GRUCell)])
+@pytest.mark.parametrize("train", [True, False])
+def test_cells(device, cell_cls, ours, train):
+    torch.manual_seed(4)
+    cell = ours(3, 5, zoneout=0.4, device=device, dtype=torch.float64).train(train)
+    theirs = cell_cls(3, 5, device=device, dtype=torch.float64)
+    theirs.load_state_dict(cell.state_dict())
+    x = torch.randn(2, 3, device=device, dtype=torch.float64)
+    h = torch.randn(2, 5, device=device, dtype=torch.float64)
+    hx = (h, torch.randn_like(h)) if cell_cls is nn.LSTMCell else h
+    torch.manual_seed(5)
+    got = cell(x, hx)
+    new = theirs(x, hx)
+    torch.manual_seed(5)
+    pairs = list(zip(new, hx)) if cell_cls is nn.LSTMCell else [(new, hx)]
+    want = [(k := torch.bernoulli(torch.full_like(n, 0.4)) if train else 0.4) * o + (1 - k) * n for n, o in pairs]
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_zoneout():
+    with pytest.raises(ValueError, match=r"zoneout must be in \[0, 1\], got 1.5"):
+        rnnext.GRU(3, 4, zoneout=1.5)
+    with pytest.raises(ValueError, match="zoneout is not supported with proj_size"):
+        rnnext.LSTM(3, 4, proj_size=2, zoneout=0.1)
+    with pytest.raises(TypeError):
+        rnnext.RNN(3, 4, zoneout=0.1)
+    with pytest.raises(ValueError, match=r"zoneout must be in \[0, 1\]"):
+        rnnext.LSTMCell(3, 4, zoneout=-0.1)
+
+
+@BUILT
+def test_op_refuses_zoneout_with_projection():
+    args, _ = make_args("LSTM", 3, 2, 4, "cpu", False, seed=1)
+    w_hr = torch.randn(2, 4, dtype=torch.float64)
+    h0 = torch.zeros(2, 2, dtype=torch.float64)
+    a = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(RuntimeError, match="lstm_seq: zoneout with proj_size is not supported"):
+        torch.ops.rnnext.lstm_seq(a["x"], a["w_ih"], h0, a["c0"], a["w_hh"][:, :2], None, None, w_hr, None, 0.0, True,
+                                  0, None, 0.3)
+
+
+@BUILT
+def test_compile_fullgraph_with_zoneout():
+    model = rnnext.LSTM(4, 6, zoneout=0.2)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(5, 2, 4)
+    torch.manual_seed(0)
+    want = model(x)[0]
+    torch.manual_seed(0)
+    torch.testing.assert_close(compiled(x)[0], want)
