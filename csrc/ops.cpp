@@ -76,4 +76,21 @@ TORCH_LIBRARY(rnnext, m) {
   m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, Tensor w_hh, "
         "Tensor? lengths, str nonlinearity, float clip=0., int path=0) -> (Tensor dx, Tensor dw_ih, Tensor dh0, "
         "Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+  // Layer-normalised LSTM and GRU (cells/layernorm.h): ln_w, ln_b the norms' [N*H] weight and bias (LSTM:
+  // gates 4H, then cell H; GRU: input projection's 3H, then hidden's 3H); norm, rstd what backward needs.
+  m.def("lnlstm_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor ln_w, Tensor ln_b, Tensor? lengths, float eps=1e-5, float clip=0., bool save=True, int path=0, "
+        "Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, "
+        "Tensor norm, Tensor rstd)");
+  m.def("lnlstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
+        "Tensor c0, Tensor c_all, Tensor norm, Tensor rstd, Tensor w_hh, Tensor ln_w, Tensor ln_b, Tensor? lengths, "
+        "float clip=0., int path=0, Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor dx, Tensor dw_ih, "
+        "Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dln_w, Tensor dln_b)");
+  m.def("lngru_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor ln_w, "
+        "Tensor ln_b, Tensor? lengths, float eps=1e-5, float clip=0., bool save=True, int path=0, "
+        "Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor y, Tensor hn, Tensor norm, Tensor rstd)");
+  m.def("lngru_seq_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, Tensor norm, "
+        "Tensor rstd, Tensor w_hh, Tensor ln_w, Tensor ln_b, Tensor? lengths, float clip=0., int path=0, "
+        "Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor dx, Tensor dw_ih, Tensor dh0, Tensor dw_hh, "
+        "Tensor db_ih, Tensor db_hh, Tensor dln_w, Tensor dln_b)");
 }

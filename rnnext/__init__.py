@@ -3,6 +3,8 @@
 - ``rnnext.LSTM/GRU/RNN`` and ``rnnext.LSTMCell/GRUCell/RNNCell``: torch.nn's layers and cells;
   ``rnnext.convert(model)`` swaps them into an existing model.
 - ``rnnext.MinimalGRU/MinimalGRUCell``: the lecture notes' GRU (update gate, no reset gate).
+- ``rnnext.LayerNormLSTM/LayerNormGRU`` (+ cells): layer-normalised cells; ``zoneout=`` on these and the
+  LSTM/GRU layers and cells.
 - ``rnnext.truncated_bptt``: train on long sequences in chunks of k steps.
 - ``rnnext.functional``: the same as functions over torch's flat weight lists; backend switch.
 - ``rnnext.reference``: pure-PyTorch implementation (fallback and test oracle).
@@ -11,8 +13,10 @@
 from rnnext import functional, ops, reference, utils
 from rnnext.functional import set_backend, use_backend
 from rnnext.utils import truncated_bptt
-from rnnext.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, MinimalGRU, MinimalGRUCell, RNNCell, convert
+from rnnext.modules import (GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell,
+                            LSTMCell, MinimalGRU, MinimalGRUCell, RNNCell, convert)
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MinimalGRU", "MinimalGRUCell", "convert", "truncated_bptt", "functional", "reference", "ops",
-           "set_backend", "use_backend"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MinimalGRU", "MinimalGRUCell", "LayerNormLSTM",
+           "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell", "convert", "truncated_bptt", "functional",
+           "reference", "ops", "set_backend", "use_backend"]
 __version__ = "0.1.0"

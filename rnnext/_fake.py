@@ -254,3 +254,80 @@ def register_rnn_seq(lib):
         _check_path(c.op, path)
         _check_act(nonlinearity)
         return _new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H), _new(y, H, H), _new(y, H), _new(y, H)
+
+
+# ---- layer-normalised cells (sequence.h: ln_seq) -----------------------------------------------------
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_ln(c, ln_w, ln_b, N, H):
+    c.shape("ln_w", ln_w, (N * H,))
+    c.shape("ln_b", ln_b, (N * H,))
+
+
+def check_ln_saved(c, norm, rstd, N, T, B, H):
+    _check(not (norm.dim() == 3 and norm.shape[0] == 0 and T > 0),
+           f"{c.op}: norm is empty: the forward ran with save=False, which saves nothing for backward")
+    c.shape("norm", norm, (T, B, N * H))
+    acc = _acc(c.ref.dtype)
+    _check(list(rstd.shape) == [T, B, 2] and rstd.dtype == acc,
+           lambda: f"{c.op}: expected rstd of dtype {acc} and shape [{T}, {B}, 2], got {rstd.dtype} "
+                   f"{list(rstd.shape)}")
+    _check(rstd.device == c.ref.device, lambda: f"{c.op}: rstd is on {rstd.device} but {c.ref_name} is on {c.ref.device}")
+
+
+def register_ln_seq(lib, name, G, N, lstm):
+    """LayerNormLSTM (lstm: c0, dcn, c_all) and LayerNormGRU."""
+    def forward(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path, zoneout_mask, zoneout):
+        c = Checks(name, "x", x)
+        T, B, H, _ = check_seq(name, G, x, w_ih, h0, c0, w_hh, b_ih, b_hh, None, lengths, clip)
+        check_ln(c, ln_w, ln_b, N, H)
+        _check(eps > 0, lambda: f"{name}: expected eps > 0, got {eps:g}")
+        _check_path(name, path)
+        _check_zoneout(c, zoneout_mask, zoneout, 2 if lstm else 1, T, B, H, False)
+        Ts = T if save else 0
+        y, hn, norm, rstd = _new(x, T, B, H), _new(x, B, H), _new(x, Ts, B, N * H), x.new_empty(Ts, B, 2,
+                                                                                                  dtype=_acc(x.dtype))
+        return (y, hn, _new(x, B, H), _new(x, Ts, B, H), norm, rstd) if lstm else (y, hn, norm, rstd)
+
+    def backward(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, clip, path,
+                 zoneout_mask, zoneout):
+        c = Checks(name + "_backward", "y", y)
+        T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
+        if lstm:
+            c.shape("dcn", dcn, (B, H))
+            c.shape("c0", c0, (B, H))
+            c.shape("c_all", c_all, (T, B, H))
+        check_ln_saved(c, norm, rstd, N, T, B, H)
+        check_ln(c, ln_w, ln_b, N, H)
+        _check_path(c.op, path)
+        _check_zoneout(c, zoneout_mask, zoneout, 2 if lstm else 1, T, B, H, False)
+        grads = [_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H)] + ([_new(y, B, H)] if lstm else [])
+        return (*grads, _new(y, G * H, H), _new(y, G * H), _new(y, G * H), _new(y, N * H), _new(y, N * H))
+
+    if lstm:
+        @torch.library.register_fake(lib + name)
+        def _(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps=1e-5, clip=0.0, save=True, path=0,
+              zoneout_mask=None, zoneout=0.0):
+            return forward(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path, zoneout_mask,
+                           zoneout)
+
+        @torch.library.register_fake(lib + name + "_backward")
+        def _(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, clip=0.0, path=0,
+              zoneout_mask=None, zoneout=0.0):
+            return backward(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, clip, path,
+                            zoneout_mask, zoneout)
+    else:
+        @torch.library.register_fake(lib + name)
+        def _(x, w_ih, h0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps=1e-5, clip=0.0, save=True, path=0,
+              zoneout_mask=None, zoneout=0.0):
+            return forward(x, w_ih, h0, None, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path,
+                           zoneout_mask, zoneout)
+
+        @torch.library.register_fake(lib + name + "_backward")
+        def _(dy, dhn, x, w_ih, y, h0, norm, rstd, w_hh, ln_w, ln_b, lengths, clip=0.0, path=0, zoneout_mask=None,
+              zoneout=0.0):
+            return backward(dy, dhn, None, x, w_ih, y, h0, None, None, norm, rstd, w_hh, ln_w, ln_b, lengths, clip,
+                            path, zoneout_mask, zoneout)

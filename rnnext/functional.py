@@ -162,7 +162,7 @@ def zoneout_masks(p, T, B, parts, H, like):
 
 
 def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-            batch_sizes, nonlinearity, backend, clip, zoneout=0.0):
+            batch_sizes, nonlinearity, backend, clip, zoneout=0.0, ln=None, eps=1e-5):
     clip = 0.0 if clip is None else float(clip)
     if clip < 0:
         raise ValueError(f"state_grad_clip must be positive or None, got {clip}")
@@ -197,8 +197,11 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             zone = {}
             if zoneout > 0:  # training: masks; eval: the constant keep weight
-                zone = dict(zoneout_mask=zoneout_masks(zoneout, x.size(0), x.size(1), 2 if mode == "LSTM" else 1,
-                                                       p[1].size(1), x)) if train else dict(zoneout=zoneout)
+                parts = 2 if mode in ("LSTM", "LNLSTM") else 1
+                zone = dict(zoneout_mask=zoneout_masks(zoneout, x.size(0), x.size(1), parts, p[1].size(1), x)) \
+                    if train else dict(zoneout=zoneout)
+            if ln is not None:
+                zone.update(ln_w=ln[k][0], ln_b=ln[k][1], eps=eps)
             y, h, c = impl.recurrence(
                 mode, x, p[0], h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
                 p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip,
@@ -265,5 +268,32 @@ def rnn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
                    batch_first, batch_sizes, nonlinearity, backend, state_grad_clip)[:2]
 
 
-for _f in (lstm, gru, mgru, rnn):
-    _f.__doc__ = _f.__doc__.replace("{clip}", _CLIP_DOC).replace("{zoneout}", _ZONEOUT_DOC)
+_LN_DOC = """ln: per layer and direction (layer-major, as the flat weights), the pair (weight, bias) of the
+    layer norms, ``[N*H]`` each; eps: their epsilon."""
+
+
+@_autocasting
+def layer_norm_lstm(input, hx, params, ln, has_biases=True, num_layers=1, dropout=0.0, train=False,
+                    bidirectional=False, batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None,
+                    zoneout=0.0, eps=1e-5):
+    """Multi-layer layer-normalised LSTM (torchaudio's RNN-T formulation: the 4H gate pre-activations and
+    the cell state normalised, the normalised cell state carried; see :class:`rnnext.LayerNormLSTM`):
+    arguments and results as :func:`lstm` (no proj_size), ln's N = 5 (gates' 4H, then cell's H). {ln} {clip}
+    {zoneout}"""
+    return _layers("LNLSTM", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
+                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout, ln, eps)
+
+
+@_autocasting
+def layer_norm_gru(input, hx, params, ln, has_biases=True, num_layers=1, dropout=0.0, train=False,
+                   bidirectional=False, batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None,
+                   zoneout=0.0, eps=1e-5):
+    """Multi-layer layer-normalised GRU (Haste's formulation: the input and hidden projections normalised
+    separately; see :class:`rnnext.LayerNormGRU`): arguments and results as :func:`gru`, ln's N = 6
+    (input's 3H, then hidden's 3H). {ln} {clip} {zoneout}"""
+    return _layers("LNGRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
+                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout, ln, eps)[:2]
+
+
+for _f in (lstm, gru, mgru, rnn, layer_norm_lstm, layer_norm_gru):
+    _f.__doc__ = _f.__doc__.replace("{clip}", _CLIP_DOC).replace("{zoneout}", _ZONEOUT_DOC).replace("{ln}", _LN_DOC)

@@ -216,6 +216,99 @@ class MinimalGRU(_Layer):
         return functional.mgru(input, hx, self._flat_weights, **self._args(batch_sizes))
 
 
+# ---- layer-normalised layers ---------------------------------------------------------------------
+
+class _LayerNormed:
+    """Registers the layer norms' weight (ones) and bias (zeros) of every layer and direction:
+    ``<name>_weight_l{k}[_reverse]`` and ``<name>_bias_...`` for each (name, size in units of H) of
+    _NORMS; ``_ln()`` gives them concatenated per layer-direction, as the functional API wants them."""
+
+    _NORMS = ()
+
+    def _init_norms(self, eps):
+        if self.proj_size:
+            raise ValueError(f"proj_size is not supported by {type(self).__name__}")
+        self.eps = float(eps)
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        kw = dict(device=self.weight_hh_l0.device, dtype=self.weight_hh_l0.dtype)
+        for k in range(self.num_layers * (2 if self.bidirectional else 1)):
+            sfx = f"_l{k // 2 if self.bidirectional else k}" + ("_reverse" if self.bidirectional and k % 2 else "")
+            for name, n in self._NORMS:
+                self.register_parameter(f"{name}_weight{sfx}", nn.Parameter(torch.ones(n * self.hidden_size, **kw)))
+                self.register_parameter(f"{name}_bias{sfx}", nn.Parameter(torch.zeros(n * self.hidden_size, **kw)))
+
+    def _suffixes(self):
+        D = 2 if self.bidirectional else 1
+        return [f"_l{k // D}" + ("_reverse" if k % D else "") for k in range(self.num_layers * D)]
+
+    def reset_parameters(self):
+        """torch.nn's initialisation of the recurrent weights; the norms: weight 1, bias 0."""
+        super().reset_parameters()
+        for name, param in self.named_parameters():
+            if name.startswith(tuple(n for n, _ in self._NORMS)):
+                nn.init.ones_(param) if "_weight" in name else nn.init.zeros_(param)
+
+    def _ln(self):
+        return [(torch.cat([getattr(self, f"{n}_weight{sfx}") for n, _ in self._NORMS]),
+                 torch.cat([getattr(self, f"{n}_bias{sfx}") for n, _ in self._NORMS])) for sfx in self._suffixes()]
+
+    def extra_repr(self):
+        return super().extra_repr() + f", eps={self.eps}"
+
+
+class LayerNormLSTM(_LayerNormed, LSTM):
+    """Layer-normalised LSTM, torchaudio's RNN-T formulation (``_CustomLSTM(layer_norm=True)``) with
+    torch.nn.LSTM's API (num_layers, bidirectional, batch_first, dropout, bias, PackedSequence, unbatched
+    input, hx; no proj_size). Per layer and direction, with ``LN(v) = (v - mean v) / sqrt(var v + eps) * w + b``
+    over the row's features::
+
+        a = LN_g(W_ih x + b_ih + W_hh h' + b_hh)                  (4H gate pre-activations, ln_gates_*)
+        i, f, g, o = sigmoid(a_i), sigmoid(a_f), tanh(a_g), sigmoid(a_o)
+        c = LN_c(f * c' + i * g)                                    (the normalised cell state is carried, ln_cell_*)
+        h = o * tanh(c)
+
+    Parameters: torch.nn.LSTM's, plus ``ln_gates_weight_l{k}`` / ``ln_gates_bias_l{k}`` ``[4H]`` and
+    ``ln_cell_weight_l{k}`` / ``ln_cell_bias_l{k}`` ``[H]`` (``_reverse`` for the backward direction), initialised
+    to 1 and 0. Keywords: ``eps`` (1e-5; torchaudio's RNN-T uses 1e-3), ``zoneout``, ``state_grad_clip``.
+    torchaudio's LSTM has no input bias with layer norm: ``bias=False`` here drops both biases."""
+
+    _NORMS = (("ln_gates", 4), ("ln_cell", 1))
+    _dims_message = "LayerNormLSTM: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_norms(eps)
+
+    def _run(self, input, hx, batch_sizes):
+        output, h, c = functional.layer_norm_lstm(input, hx, self._flat_weights, self._ln(), zoneout=self.zoneout,
+                                                  eps=self.eps, **self._args(batch_sizes))
+        return output, (h, c)
+
+
+class LayerNormGRU(_LayerNormed, GRU):
+    """Layer-normalised GRU, Haste's formulation (``LayerNormGRU``) with torch.nn.GRU's API. Per layer and
+    direction::
+
+        u = LN_x(W_ih x + b_ih),  v = LN_h(W_hh h' + b_hh)         (3H each, ln_input_*, ln_hidden_*)
+        r = sigmoid(u_r + v_r), z = sigmoid(u_z + v_z), n = tanh(u_n + r * v_n), h = (1 - z) * n + z * h'
+
+    Parameters: torch.nn.GRU's, plus ``ln_input_weight_l{k}`` / ``ln_input_bias_l{k}`` and
+    ``ln_hidden_weight_l{k}`` / ``ln_hidden_bias_l{k}``, ``[3H]`` each. Keywords: ``eps``, ``zoneout``,
+    ``state_grad_clip``."""
+
+    _NORMS = (("ln_input", 3), ("ln_hidden", 3))
+    _dims_message = "LayerNormGRU: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, eps=1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_norms(eps)
+
+    def _run(self, input, hx, batch_sizes):
+        return functional.layer_norm_gru(input, hx, self._flat_weights, self._ln(), zoneout=self.zoneout, eps=self.eps,
+                                         **self._args(batch_sizes))
+
+
 # ---- cells ----------------------------------------------------------------------------------------
 
 def _cell_input(name, input, hx, hx_label="hidden"):
@@ -295,6 +388,37 @@ class MinimalGRUCell(nn.RNNCellBase):
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
         return _single_state_step(self, "MinimalGRUCell", input, hx, functional.mgru_cell)
+
+
+class LayerNormLSTMCell(LayerNormLSTM):
+    """One step of :class:`LayerNormLSTM` (same formulation, parameters and keywords ``eps``, ``zoneout``; one
+    layer, fused): forward(input ``[B, I]`` or ``[I]``, hx = (h, c) or None) -> (h', c')."""
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, zoneout=0.0, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias=bias, eps=eps, zoneout=zoneout, device=device, dtype=dtype)
+
+    def forward(self, input, hx=None):
+        """input ``[B, I]`` or ``[I]``; hx = (h, c) ``[B, H]`` or None -> (h', c')."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LayerNormLSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        hx = None if hx is None else tuple(h.unsqueeze(0) for h in hx)
+        _, (h, c) = super().forward(input.unsqueeze(0), hx)
+        return h[0], c[0]
+
+
+class LayerNormGRUCell(LayerNormGRU):
+    """One step of :class:`LayerNormGRU` (same formulation, parameters and keywords ``eps``, ``zoneout``; one
+    layer, fused): forward(input ``[B, I]`` or ``[I]``, hx or None) -> h'."""
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, zoneout=0.0, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias=bias, eps=eps, zoneout=zoneout, device=device, dtype=dtype)
+
+    def forward(self, input, hx=None):
+        """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LayerNormGRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        _, h = super().forward(input.unsqueeze(0), None if hx is None else hx.unsqueeze(0))
+        return h[0]
 
 
 # ---- convert ----------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ def mgru_cell(xg, hg, hx):
 
 
 def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh", clip=0.0, path=0, zoneout_mask=None, zoneout=0.0):
+               nonlinearity="tanh", clip=0.0, path=0, zoneout_mask=None, zoneout=0.0, ln_w=None, ln_b=None,
+               eps=1e-5):
     """One layer-direction on the fused sequence ops, input projection included; see
     :func:`rnnext.reference.recurrence`. path: 0 the device's default, 1 per step (a GEMM and a cell kernel
     per step), 2 the persistent kernel where it runs and fits (one launch, weights on chip; on CPU an
@@ -79,9 +80,15 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
         x = flip_within(x, lengths)
     # Without a backward to follow (no_grad, or nothing requires grad), skip saving the gates.
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr))
+        t is not None and t.requires_grad for t in (x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, ln_w, ln_b))
     cn = None
-    if mode == "LSTM":
+    if mode == "LNLSTM":
+        y, hn, cn = torch.ops.rnnext.lnlstm_seq(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save,
+                                                path, zoneout_mask, zoneout)[:3]
+    elif mode == "LNGRU":
+        y, hn = torch.ops.rnnext.lngru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path,
+                                           zoneout_mask, zoneout)[:2]
+    elif mode == "LSTM":
         y, hn, cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save, path,
                                               zoneout_mask, zoneout)[:3]
     elif mode == "GRU":
@@ -202,6 +209,42 @@ def _autograd_rnn_seq(lib):
     torch.library.register_autograd(lib + "rnn_seq", backward, setup_context=setup)
 
 
+def _autograd_ln_seq(lib, name, lstm):
+    """LayerNormLSTM (lstm: c0 and the cell state) and LayerNormGRU."""
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        if lstm:
+            x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, *rest = inputs
+            y, hn, cn, c_all, norm, rstd = output
+            ctx.mark_non_differentiable(c_all, norm, rstd)
+        else:
+            x, w_ih, h0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, *rest = inputs
+            c0 = c_all = None
+            y, hn, norm, rstd = output
+            ctx.mark_non_differentiable(norm, rstd)
+        ctx.saved_gates = rest[2] if len(rest) > 2 else True
+        mask = _options(ctx, rest[1:])  # (clip, save, path, mask, zoneout) after eps
+        _biases(ctx, b_ih, b_hh)
+        ctx.save_for_backward(x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, mask)
+
+    def backward(ctx, dy, dhn, *rest):
+        _first_order_only(name)
+        _check_saved(ctx, name)
+        x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, mask = ctx.saved_tensors
+        common = (x, w_ih, y, h0)
+        tail = (w_hh, ln_w, ln_b, lengths, ctx.clip, ctx.path, mask, ctx.zoneout)
+        if lstm:
+            dx, dw_ih, dh0, dc0, dw_hh, db_ih, db_hh, dln_w, dln_b = torch.ops.rnnext.lnlstm_seq_backward(
+                _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(rest[0], c0), *common, c0, c_all, norm,
+                rstd, *tail)
+            return (dx, dw_ih, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dln_w, dln_b, *[None] * 7)
+        dx, dw_ih, dh0, dw_hh, db_ih, db_hh, dln_w, dln_b = torch.ops.rnnext.lngru_seq_backward(
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), *common, norm, rstd, *tail)
+        return (dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dln_w, dln_b, *[None] * 7)
+
+    torch.library.register_autograd(lib + name, backward, setup_context=setup)
+
+
 def _autograd_cells(lib):
     """Cells whose hg gets the same gradient as xg (LSTM, lecture's GRU, RNN) and the GRU (separate)."""
     def save_state_and_saved(ctx, inputs, output):
@@ -244,8 +287,12 @@ if LOAD_ERROR is None:
     _fake.register_gated_seq("rnnext::", "gru_seq", 3, 4)
     _fake.register_gated_seq("rnnext::", "mgru_seq", 2, 2)
     _fake.register_rnn_seq("rnnext::")
+    _fake.register_ln_seq("rnnext::", "lnlstm_seq", 4, 5, lstm=True)
+    _fake.register_ln_seq("rnnext::", "lngru_seq", 3, 6, lstm=False)
     _autograd_cells("rnnext::")
     _autograd_lstm_seq("rnnext::")
     _autograd_gated_seq("rnnext::", "gru_seq")
     _autograd_gated_seq("rnnext::", "mgru_seq")
     _autograd_rnn_seq("rnnext::")
+    _autograd_ln_seq("rnnext::", "lnlstm_seq", lstm=True)
+    _autograd_ln_seq("rnnext::", "lngru_seq", lstm=False)

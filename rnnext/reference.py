@@ -40,6 +40,25 @@ def mgru_cell(xg, hg, hx):
     return hy, torch.cat([u, cand], 1).detach()
 
 
+def lnlstm_cell(xg, hg, cx, ln_w, ln_b, eps):
+    """The layer-normalised LSTM (torchaudio's RNN-T formulation; csrc/cells/layernorm.h): biases in xg, hg;
+    ln_w, ln_b [5H]: the gates' norm [4H], then the cell's [H]. Returns (h, c), c normalised."""
+    H = cx.size(1)
+    a = F.layer_norm(xg + hg, (4 * H,), ln_w[:4 * H], ln_b[:4 * H], eps)
+    i, f, g, o = a.chunk(4, 1)
+    c = F.layer_norm(f.sigmoid() * cx + i.sigmoid() * g.tanh(), (H,), ln_w[4 * H:], ln_b[4 * H:], eps)
+    return o.sigmoid() * c.tanh(), c
+
+
+def lngru_cell(xg, hg, hx, ln_w, ln_b, eps):
+    """The layer-normalised GRU (Haste's LayerNormGRU): the input and hidden projections (biases included)
+    normalised separately, ln_w, ln_b [6H]: the input's norm [3H], then the hidden's [3H]."""
+    H3 = 3 * hx.size(1)
+    u = F.layer_norm(xg, (H3,), ln_w[:H3], ln_b[:H3], eps)
+    v = F.layer_norm(hg, (H3,), ln_w[H3:], ln_b[H3:], eps)
+    return gru_cell(u, v, hx)[0]
+
+
 def rnn_cell(xg, hg, nonlinearity):
     pre = xg + hg
     if nonlinearity == "tanh":
@@ -50,7 +69,8 @@ def rnn_cell(xg, hg, nonlinearity):
 
 
 def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh", clip=0.0, path=0, zoneout_mask=None, zoneout=0.0):
+               nonlinearity="tanh", clip=0.0, path=0, zoneout_mask=None, zoneout=0.0, ln_w=None, ln_b=None,
+               eps=1e-5):
     """One layer-direction over a sequence: a Python loop over this module's cells.
 
     mode "LSTM", "GRU", "MGRU" (the lecture's GRU) or "RNN"; x ``[T, B, I]`` the input; w_ih ``[G*H, I]``;
@@ -63,7 +83,8 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     GRU): each unit of the new state keeps its previous value with weight k, ``h = k*h_prev + (1-k)*h~``
     (LSTM: c likewise; h~ uses c before zoneout), k = ``zoneout_mask[t]`` ``[B, Z*H]`` (Z = 2 for the LSTM:
     h's part, then c's) in processing order, or the constant ``zoneout`` where no mask is given. path: the
-    fused ops' choice of kernel, ignored here. Returns
+    fused ops' choice of kernel, ignored here. Modes "LNLSTM" and "LNGRU": the layer-normalised cells
+    (:func:`lnlstm_cell`, :func:`lngru_cell`) with their norms' ln_w, ln_b, eps. Returns
     ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
     """
     xg = F.linear(x, w_ih, b_ih)
@@ -76,16 +97,19 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
         keep = None
         if zoneout_mask is not None or zoneout > 0:
             keep = zoneout_mask[t] if zoneout_mask is not None else torch.full_like(
-                h.repeat(1, 2 if mode == "LSTM" else 1), zoneout)
-        if mode == "LSTM":
-            hy, cy, _ = lstm_cell(xg[t], hg, c)
+                h.repeat(1, 2 if mode in ("LSTM", "LNLSTM") else 1), zoneout)
+        if mode in ("LSTM", "LNLSTM"):
+            if mode == "LSTM":
+                hy, cy, _ = lstm_cell(xg[t], hg, c)
+            else:
+                hy, cy = lnlstm_cell(xg[t], hg, c, ln_w, ln_b, eps)
             if w_hr is not None:
                 hy = F.linear(hy, w_hr)
             if keep is not None:
                 kh, kc = keep.chunk(2, 1)
                 hy, cy = kh * h + (1 - kh) * hy, kc * c + (1 - kc) * cy
-        elif mode == "GRU":
-            hy, _ = gru_cell(xg[t], hg, h)
+        elif mode in ("GRU", "LNGRU"):
+            hy = gru_cell(xg[t], hg, h)[0] if mode == "GRU" else lngru_cell(xg[t], hg, h, ln_w, ln_b, eps)
             cy = None
             if keep is not None:
                 hy = keep * h + (1 - keep) * hy

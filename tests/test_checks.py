@@ -65,6 +65,20 @@ def good_calls(device):
         add(name + "_backward", getattr(rn, name + "_backward"), dy=t(T, B, H), dhn=t(B, H), x=x, w_ih=w_ih, y=y,
             h0=h0, saved=saved, w_hh=w_hh, lengths=lengths, clip=0.5, path=0,
             **(dict(zoneout_mask=mask(1), zoneout=0.25) if G == 3 else {}))
+    for name, G, N in (("lnlstm_seq", 4, 5), ("lngru_seq", 3, 6)):
+        lstm = name == "lnlstm_seq"
+        h0, w_hh, x, w_ih, c0 = t(B, H), t(G * H, H), t(T, B, I), t(G * H, I), t(B, H)
+        ln = dict(ln_w=t(N * H), ln_b=t(N * H))
+        state = dict(h0=h0, c0=c0) if lstm else dict(h0=h0)
+        out = add(name, getattr(rn, name), x=x, w_ih=w_ih, **state, w_hh=w_hh, b_ih=t(G * H), b_hh=t(G * H), **ln,
+                  lengths=lengths, eps=1e-5, clip=0.5, save=True, path=0, zoneout_mask=mask(2 if lstm else 1),
+                  zoneout=0.25)
+        y, hn = out[:2]
+        grads = dict(dy=t(T, B, H), dhn=t(B, H)) | (dict(dcn=t(B, H)) if lstm else {})
+        saved = dict(h0=h0, c0=c0, c_all=out[3]) if lstm else dict(h0=h0)
+        add(name + "_backward", getattr(rn, name + "_backward"), **grads, x=x, w_ih=w_ih, y=y, **saved,
+            norm=out[-2], rstd=out[-1], w_hh=w_hh, **ln, lengths=lengths, clip=0.5, path=0,
+            zoneout_mask=mask(2 if lstm else 1), zoneout=0.25)
     h0, w_hh, x, w_ih = t(B, H), t(H, H), t(T, B, I), t(H, I)
     y, hn = add("rnn_seq", rn.rnn_seq, x=x, w_ih=w_ih, h0=h0, w_hh=w_hh, b_ih=t(H), b_hh=t(H), lengths=lengths,
                 nonlinearity="tanh", clip=0.5, path=0)
@@ -83,7 +97,8 @@ def bad_values(name, arg, value, device):
     if isinstance(value, str):
         return [("unknown nonlinearity", "gelu")]
     if isinstance(value, float):
-        return [("negative", -0.5)] + ([("above 1", 1.5)] if arg == "zoneout" else [])
+        return [("negative", -0.5)] + ([("above 1", 1.5)] if arg == "zoneout" else []) + \
+            ([("zero", 0.0)] if arg == "eps" else [])
     if isinstance(value, int) and not isinstance(value, bool):
         return [("path 3", 3), ("path -1", -1)]
     if not isinstance(value, torch.Tensor):
@@ -98,7 +113,7 @@ def bad_values(name, arg, value, device):
         bad += [("int32", value.int()), ("size 1", value[:1])]
     else:
         bad += [("float32", value.float()), ("int32", value.int())]
-    if arg == "saved" and "seq" in name:
+    if arg in ("saved", "norm") and "seq" in name:
         bad.append(("empty (save=False)", value[:0]))
     return bad
 

@@ -2,6 +2,7 @@
 // every time loop builds, whichever runs it (the per-step loop on CPU and CUDA, the persistent CUDA
 // kernel, its CPU emulation). Shapes as driver/sequence.h; everything contiguous, row-major.
 #pragma once
+#include "cells/layernorm.h"
 #include "cells/step.h"
 
 namespace rnnext {
@@ -18,6 +19,13 @@ struct SeqFwd {
   S* r;                       // LSTM with projection: cell outputs [T, B, H] (y gets them projected); else null
   const S* keep;              // zoneout: keep weights [T, B, Z*H] (Z = 2 LSTM, 1 GRU), or null
   A keep_p;                   // zoneout without a mask: the constant keep weight (eval); 0 = off
+  // layer-normalised cells (cells/layernorm.h): the norms' weight and bias [N*H], epsilon; what backward
+  // needs: the normalised values [T, B, N*H] and the reciprocal standard deviations [T, B, 2] (null: no
+  // backward to follow)
+  const S *ln_w, *ln_b;
+  A eps;
+  S* ln_norm;
+  A* ln_rstd;
 };
 
 template <typename S, typename A>
@@ -34,6 +42,9 @@ struct SeqBwd {
   A clip;
   const S* keep;    // zoneout, as in SeqFwd
   A keep_p;
+  const S *ln_w, *ln_b, *ln_norm;  // layer-normalised cells, as in SeqFwd
+  const A* ln_rstd;
+  S* dln;  // [steps t0.., B, N*H]: gradients of the norms' outputs
 };
 
 // Step t's zoneout keep weights (Z parts per unit).
@@ -55,9 +66,10 @@ RNNEXT_HD int64_t held(const SeqBwd<S, A>& p, int64_t t) {
 // Forward functor of step t: hg [B, G*H] this step's h_prev @ w_hh^T; h_prev, h [B, P] the state
 // before and after (may alias). Backward functor of step t: dh [B, H] the gradient of this step's
 // state from the next step; proj: an LSTM with projection, whose dh is already through CarryBwd.
+// rows: the cell needs whole rows (layer norm): the launcher's run_rows, per step, no persistent kernel.
 struct LSTM {
   static constexpr int G = 4, SAVED = 4;
-  static constexpr bool separate_dhg = false;
+  static constexpr bool separate_dhg = false, rows = false;
   template <typename S, typename A>
   static RNNEXT_HD LSTMFwd<S, A, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
     const int64_t n = p.B * p.H;
@@ -81,6 +93,7 @@ template <template <typename, typename> class Fwd, int G_, int SAVED_>
 struct Gated {
   static constexpr int G = G_, SAVED = SAVED_;
   static constexpr bool separate_dhg = G_ == 3;  // the GRU's b_hn sits inside r*(.): hg has its own gradient
+  static constexpr bool rows = false;
   template <typename S, typename A>
   static RNNEXT_HD Fwd<S, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
     const int64_t n = p.B * p.H;
@@ -110,7 +123,7 @@ using MGRU = Gated<MGRUFwd, 2, 2>;
 template <Act Act_>
 struct RNN {
   static constexpr int G = 1, SAVED = 0;
-  static constexpr bool separate_dhg = false;
+  static constexpr bool separate_dhg = false, rows = false;
   template <typename S, typename A>
   static RNNEXT_HD RNNFwd<Act_, S, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
     const int64_t n = p.B * p.H;
@@ -122,6 +135,50 @@ struct RNN {
     const int64_t n = p.B * p.H;
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .y = p.y + t * n,
             .dpre = p.dxg + held(p, t) * n, .direct = p.direct, .clip = p.clip};
+  }
+};
+
+// Layer-normalised LSTM (N = 5 normalised values per unit: 4 gates, the cell) and GRU (N = 6).
+struct LNLSTM {
+  static constexpr int G = 4, SAVED = 0, N = 5;
+  static constexpr bool separate_dhg = false, rows = true;
+  template <typename S, typename A>
+  static RNNEXT_HD LNLSTMFwd<S, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
+    const int64_t n = p.B * p.H;
+    return {.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * 4 * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
+            .w = p.ln_w, .b = p.ln_b, .eps = p.eps, .c_prev = p.c, .h_prev = h_prev, .c = p.c,
+            .c_out = p.c_all ? p.c_all + t * n : nullptr, .h = h, .y = p.y + t * n,
+            .norm = p.ln_norm ? p.ln_norm + t * N * n : nullptr, .rstd = p.ln_rstd ? p.ln_rstd + t * 2 * p.B : nullptr,
+            .keep = keep_of<S, A>(p, t, 2)};
+  }
+  template <typename S, typename A>
+  static RNNEXT_HD LNLSTMBwd<S, A> bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool) {
+    const int64_t n = p.B * p.H;
+    return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .norm = p.ln_norm + t * N * n,
+            .w = p.ln_w, .b = p.ln_b, .c_prev = t ? p.c_all + (t - 1) * n : p.c0, .rstd = p.ln_rstd + t * 2 * p.B,
+            .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .dln = p.dln + held(p, t) * N * n, .direct = p.direct,
+            .clip = p.clip, .keep = keep_of<S, A>(p, t, 2)};
+  }
+};
+
+struct LNGRU {
+  static constexpr int G = 3, SAVED = 0, N = 6;
+  static constexpr bool separate_dhg = true, rows = true;
+  template <typename S, typename A>
+  static RNNEXT_HD LNGRUFwd<S, A> fwd(const SeqFwd<S, A>& p, int64_t t, const S* hg, const S* h_prev, S* h) {
+    const int64_t n = p.B * p.H;
+    return {.step = {p.lengths, t, p.H}, .xg = p.xg + held(p, t) * 3 * n, .hg = hg, .b_ih = p.b_ih, .b_hh = p.b_hh,
+            .w = p.ln_w, .b = p.ln_b, .eps = p.eps, .h_prev = h_prev, .h = h, .y = p.y + t * n,
+            .norm = p.ln_norm ? p.ln_norm + t * N * n : nullptr, .rstd = p.ln_rstd ? p.ln_rstd + t * 2 * p.B : nullptr,
+            .keep = keep_of<S, A>(p, t, 1)};
+  }
+  template <typename S, typename A>
+  static RNNEXT_HD LNGRUBwd<S, A> bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool) {
+    const int64_t n = p.B * p.H;
+    return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .norm = p.ln_norm + t * N * n,
+            .w = p.ln_w, .b = p.ln_b, .h_prev = t ? p.y + (t - 1) * n : p.h0, .rstd = p.ln_rstd + t * 2 * p.B,
+            .dxg = p.dxg + held(p, t) * 3 * n, .dhg = p.dhg + held(p, t) * 3 * n, .dln = p.dln + held(p, t) * N * n,
+            .direct = p.direct, .clip = p.clip, .keep = keep_of<S, A>(p, t, 1)};
   }
 };
 

@@ -148,6 +148,13 @@ struct CpuLauncher {
   }
 
   template <typename F>
+  static void run_rows(c10::Device, int64_t B, const F& f) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) f.row(b, cells::SerialRow{});
+    });
+  }
+
+  template <typename F>
   static void run(c10::Device, int64_t B, int64_t H, const F& f) {
     // Rows per task: enough work to pay for waking a thread (the cells cost ~1-4 ns per element).
     const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1));

@@ -18,7 +18,50 @@ __global__ void elementwise_kernel(int64_t n, int64_t H, F f) {
     f.template apply<A>(i / H, i % H);
 }
 
+// One block per row (cells/layernorm.h's executor): loops strided over the threads, sums over the block.
+struct BlockRow {
+  template <typename Fn>
+  RNNEXT_HD void loop(int64_t n, const Fn& fn) const {
+#if defined(__CUDA_ARCH__)
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) fn(k);
+#endif
+  }
+  template <typename A>
+  RNNEXT_HD A sum(A v) const {
+#if defined(__CUDA_ARCH__)
+    __shared__ double partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // the previous sum's readers are done with partial
+    if (lane == 0) partial[warp] = double(v);
+    __syncthreads();
+    if (warp == 0) {
+      v = lane < int(blockDim.x + 31) / 32 ? A(partial[lane]) : A(0);
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) partial[0] = double(v);
+    }
+    __syncthreads();
+    return A(partial[0]);
+#else
+    return v;
+#endif
+  }
+};
+
+template <typename F>
+__global__ void rows_kernel(F f) {
+  f.row(blockIdx.x, BlockRow{});
+}
+
 struct CudaLauncher {
+  template <typename F>
+  static void run_rows(c10::Device device, int64_t B, const F& f) {
+    if (B == 0) return;
+    c10::cuda::CUDAGuard guard(device);
+    rows_kernel<<<unsigned(B), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   // Every step's projection in one GEMM (and the persistent kernel needs them all).
   static int64_t chunk_steps(int64_t, int64_t, int64_t) { return std::numeric_limits<int64_t>::max(); }
   static bool wants_persistent(Path path) { return path == Path::Persistent || persistent::kByDefault; }

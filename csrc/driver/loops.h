@@ -14,6 +14,8 @@
 //       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
 //       in cache and [T, B, G*H] is never allocated; CUDA all of them (one GEMM)
 //   static bool wants_persistent(Path);
+//   template <typename F> static void run_rows(c10::Device, int64_t B, const F& f);
+//       f.row(b, executor) for every row: the layer-normalised cells (cells/layernorm.h)
 // and may run a whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests), with the
 // projection of every step at hand, returning false where it did not:
 //   template <typename Cell, typename S, typename A>
@@ -23,6 +25,7 @@
 #pragma once
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
@@ -63,12 +66,13 @@ struct FwdTensors {
 // (dw^T = operand^T @ dgates: the operand a row-major GEMM has to transpose is the smaller one).
 struct BwdTensors {
   Tensor dy, y, h0, saved, w_hh, x, w_ih, lengths, dh, direct, dx, dw_ih_t, dw_hh_t, db_ih, db_hh;
+  Tensor ln_norm, dln_w, dln_b;  // layer-normalised cells: the saved normalised values, their norms' gradients
 };
 
 template <typename L, typename Cell, typename S, typename A>
 void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   const int64_t GH = Cell::G * p.H;
-  const bool proj = f.w_hr.defined(), whole = L::wants_persistent(path) && !proj;
+  const bool proj = f.w_hr.defined(), whole = !Cell::rows && L::wants_persistent(path) && !proj;
   const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = f.y.options();
   auto xg = at::empty({chunk, p.B, GH}, opts);
@@ -79,9 +83,11 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
     p.xg = cptr<S>(xg);
     p.t0 = t0;
   };
-  if (whole) {
-    project(0, p.T);
-    if (L::template persistent_forward<Cell>(path, p, f.w_hh, f.h)) return;
+  if constexpr (!Cell::rows) {
+    if (whole) {
+      project(0, p.T);
+      if (L::template persistent_forward<Cell>(path, p, f.w_hh, f.h)) return;
+    }
   }
   const auto device = f.h.device();
   auto hg = at::empty({p.B, GH}, opts);
@@ -91,24 +97,30 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
   auto other = proj ? Tensor() : at::empty_like(f.h);
-  const auto w_step = proj ? Tensor() : L::step_weights(w_t, Cell::G, p.H);
+  const auto w_step = proj || Cell::rows ? Tensor() : L::step_weights(w_t, Cell::G, p.H);
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
     if (!whole) project(t0, t1);
-    if (!proj) {
+    if constexpr (Cell::rows) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const Tensor& prev = t % 2 ? other : f.h;
+        L::gemm(hg, prev, w_t, Tensor());
+        L::run_rows(device, p.B, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(t % 2 ? f.h : other)));
+      }
+    } else if (!proj) {
       L::gemm_cell_steps(t0, t1, hg, f.h, other, w_step, Cell::G, p.H,
                          [&](int64_t t, const Tensor& prev, const Tensor& next) {
                            return Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
                          });
-      continue;
-    }
-    for (int64_t t = t0; t < t1; ++t) {  // LSTM with projection: the cell, the projection GEMM, then the carry, the state in place
-      L::gemm(hg, f.h, w_t, Tensor());
-      L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
-      L::gemm(hp, f.r[t], wr_t, Tensor());
-      L::run(device, p.B, p.P,
-             cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(f.h),
-                                   .y = p.y + t * p.B * p.P});
+    } else {
+      for (int64_t t = t0; t < t1; ++t) {  // LSTM with projection: the cell, the projection GEMM, the carry
+        L::gemm(hg, f.h, w_t, Tensor());
+        L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
+        L::gemm(hp, f.r[t], wr_t, Tensor());
+        L::run(device, p.B, p.P,
+               cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(f.h),
+                                     .y = p.y + t * p.B * p.P});
+      }
     }
   }
   if (!proj && p.T % 2) f.h.copy_(other);
@@ -118,13 +130,18 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
 template <typename L, typename Cell, typename S, typename A>
 void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_hr, const Tensor& dhp) {
   const int64_t GH = Cell::G * p.H;
-  const bool proj = w_hr.defined(), whole = L::wants_persistent(path) && !proj;
+  const bool proj = w_hr.defined(), whole = !Cell::rows && L::wants_persistent(path) && !proj;
   const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = b.y.options();
   auto dxg = at::empty({chunk, p.B, GH}, opts);
   auto dhg = Cell::separate_dhg ? at::empty({chunk, p.B, GH}, opts) : dxg;
   p.dxg = mptr<S>(dxg);
   p.dhg = mptr<S>(dhg);
+  Tensor dln;  // layer-normalised cells: the gradients of the norms' outputs, a chunk of steps
+  if constexpr (Cell::rows) {
+    dln = at::empty({chunk, p.B, Cell::N * p.H}, opts);
+    p.dln = mptr<S>(dln);
+  }
   // dy as given where it is contiguous, else a chunk at a time (y.sum()'s is an expanded scalar: a
   // contiguous copy would be a [T, B, P] tensor of ones)
   if (whole) b.dy = b.dy.contiguous();
@@ -152,12 +169,20 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
     b.db_ih.add_(dxg_c.sum(0));
     if (Cell::separate_dhg) b.db_hh.add_(dhg_c.sum(0));
+    if constexpr (Cell::rows) {  // the norms' weights and biases, summed in the math type
+      const auto acc = c10::CppTypeToScalarType<A>::value;
+      const auto dln_c = steps(dln, 0, t1 - t0).to(acc);
+      b.dln_w.add_(at::mul(dln_c, steps(b.ln_norm, t0, t1).to(acc)).sum(0));
+      b.dln_b.add_(dln_c.sum(0));
+    }
   };
-  if (whole) {
-    hold(0, p.T);
-    if (L::template persistent_backward<Cell>(path, p, b.w_hh, b.dh)) {
-      gradients(0, p.T);
-      return;
+  if constexpr (!Cell::rows) {
+    if (whole) {
+      hold(0, p.T);
+      if (L::template persistent_backward<Cell>(path, p, b.w_hh, b.dh)) {
+        gradients(0, p.T);
+        return;
+      }
     }
   }
   const auto device = b.dh.device();
@@ -176,7 +201,10 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
         L::gemm(dr, dhp[t], w_hr, Tensor());
         dh_cell = cptr<S>(dr);
       }
-      L::run(device, p.B, p.H, Cell::bwd(p, t, dh_cell, proj));
+      if constexpr (Cell::rows)
+        L::run_rows(device, p.B, Cell::bwd(p, t, dh_cell, proj));
+      else
+        L::run(device, p.B, p.H, Cell::bwd(p, t, dh_cell, proj));
       L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
     }
     gradients(t0, t1);

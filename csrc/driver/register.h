@@ -23,6 +23,10 @@ void register_ops(torch::Library& m) {
   m.impl("mgru_cell_backward", &mgru_cell_backward<L>);
   m.impl("mgru_seq", &mgru_seq<L>);
   m.impl("mgru_seq_backward", &mgru_seq_backward<L>);
+  m.impl("lnlstm_seq", &lnlstm_seq<L>);
+  m.impl("lnlstm_seq_backward", &lnlstm_seq_backward<L>);
+  m.impl("lngru_seq", &lngru_seq<L>);
+  m.impl("lngru_seq_backward", &lngru_seq_backward<L>);
 }
 
 }  // namespace rnnext

@@ -17,6 +17,8 @@
 //   save     false: no backward will follow (no_grad); c_all and saved are then [0, B, .] and not written
 //   r        [T, B, H]    LSTM with w_hr: cell outputs o*tanh(c) before the projection; else [0]
 //   path     0 auto, 1 per-step, 2 persistent (where the device has it and the plan fits; else per-step)
+//   ln_w, ln_b    [N*H] the layer-normalised cells' norms (cells/layernorm.h: LSTM N = 5, GRU N = 6), eps;
+//                 norm [T, B, N*H] and rstd [T, B, 2] (float, double for double) what their backward needs
 //   zoneout_mask  [T, B, Z*H] keep weights (Z = 2 LSTM: h then c; 1 GRU), optional; else zoneout: the keep
 //                 weight of every unit (eval's mixture); see cells/step.h. LSTM and GRU only, not with w_hr
 // Backward needs the state before each step only where the step is within its sequence, and there it
@@ -318,6 +320,146 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(
     });
   });
   return gradients(b, false);
+}
+
+// ---- layer-normalised cells -------------------------------------------------------------------------
+
+// ln_w, ln_b [N*H]; returns them contiguous.
+inline std::pair<Tensor, Tensor> check_ln(const Checks& c, const Tensor& ln_w, const Tensor& ln_b, int64_t N,
+                                          const Dims& d) {
+  c.shape("ln_w", ln_w, {N * d.H});
+  c.shape("ln_b", ln_b, {N * d.H});
+  return {ln_w.contiguous(), ln_b.contiguous()};
+}
+
+// What a layer-normalised forward saved: norm [T, B, N*H] (empty when it ran with save=False) and rstd
+// [T, B, 2] in the math type.
+inline void check_ln_saved(const Checks& c, const Tensor& norm, const Tensor& rstd, int64_t N, const Dims& d) {
+  TORCH_CHECK(!(norm.dim() == 3 && norm.size(0) == 0 && d.T > 0), c.op,
+              ": norm is empty: the forward ran with save=False, which saves nothing for backward");
+  c.shape("norm", norm, {d.T, d.B, N * d.H});
+  const auto acc = c.ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(rstd.sizes() == at::IntArrayRef({d.T, d.B, 2}) && rstd.scalar_type() == acc, c.op,
+              ": expected rstd of dtype ", dtype_name(acc), " and shape [", d.T, ", ", d.B, ", 2], got ",
+              dtype_name(rstd.scalar_type()), " ", rstd.sizes());
+  TORCH_CHECK(rstd.device() == c.ref.device(), c.op, ": rstd is on ", rstd.device(), " but ", c.ref_name, " is on ",
+              c.ref.device());
+}
+
+// Forward of LayerNormLSTM (c0 given) and LayerNormGRU: (y, h_n, c_n or empty, c_all or empty, norm, rstd).
+template <typename L, typename Cell>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_seq(
+    const char* op, const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor* c0, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& ln_w_, const Tensor& ln_b_, const OptTensor& lengths,
+    double eps, double clip, bool save, int64_t path, const OptTensor& zoneout_mask, double zoneout) {
+  const Checks ck{op, "x", x};
+  const Dims d = check_seq(op, Cell::G, x, w_ih, h0, c0, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
+  const auto [ln_w, ln_b] = check_ln(ck, ln_w_, ln_b_, Cell::N, d);
+  TORCH_CHECK(eps > 0, op, ": expected eps > 0, got ", eps);
+  const Path how = check_path(op, path);
+  const auto z = check_zoneout(ck, zoneout_mask, zoneout, c0 ? 2 : 1, d, false);
+  auto f = fwd_tensors(d, 0, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, c0 != nullptr);
+  const int64_t Ts = save ? d.T : 0;
+  auto norm = at::empty({Ts, d.B, Cell::N * d.H}, x.options());
+  auto rstd = at::empty({Ts, d.B, 2}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  Tensor c;
+  RNNEXT_DISPATCH(x.scalar_type(), "ln_seq", [&] {
+    using S = scalar_t;
+    using A = at::opmath_type<S>;
+    if (c0) c = c0->to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
+    auto p = fwd_pointers<S, A>(d, f, c, save, z);
+    p.ln_w = cptr<S>(ln_w);
+    p.ln_b = cptr<S>(ln_b);
+    p.eps = A(eps);
+    p.ln_norm = save ? mptr<S>(norm) : nullptr;
+    p.ln_rstd = save ? mptr<A>(rstd) : nullptr;
+    forward<L, Cell>(how, p, f);
+  });
+  return {f.y, f.h, c0 ? c.to(x.scalar_type()) : at::empty({0}, x.options()), f.c_all, norm, rstd};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lnlstm_seq(
+    const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& ln_w, const Tensor& ln_b, const OptTensor& lengths,
+    double eps, double clip, bool save, int64_t path, const OptTensor& zoneout_mask, double zoneout) {
+  return ln_seq<L, cells::LNLSTM>("lnlstm_seq", x, w_ih, h0, &c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip,
+                                  save, path, zoneout_mask, zoneout);
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor> lngru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0,
+                                                     const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                                     const Tensor& ln_w, const Tensor& ln_b, const OptTensor& lengths,
+                                                     double eps, double clip, bool save, int64_t path,
+                                                     const OptTensor& zoneout_mask, double zoneout) {
+  auto [y, hn, cn, c_all, norm, rstd] = ln_seq<L, cells::LNGRU>("lngru_seq", x, w_ih, h0, nullptr, w_hh, b_ih, b_hh,
+                                                                ln_w, ln_b, lengths, eps, clip, save, path,
+                                                                zoneout_mask, zoneout);
+  return {y, hn, norm, rstd};
+}
+
+// Backward of ln_seq: dx, dw_ih, dh0, dc0 (LSTM; else empty), dw_hh, db_ih, db_hh, dln_w, dln_b.
+template <typename L, typename Cell>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_seq_backward(
+    const char* op, const Tensor& dy, const Tensor& dhn, const Tensor* dcn, const Tensor& x, const Tensor& w_ih,
+    const Tensor& y, const Tensor& h0, const Tensor* c0_, const Tensor* c_all_, const Tensor& norm, const Tensor& rstd,
+    const Tensor& w_hh, const Tensor& ln_w_, const Tensor& ln_b_, const OptTensor& lengths, double clip, int64_t path,
+    const OptTensor& zoneout_mask, double zoneout) {
+  const Checks ck{op, "y", y};
+  const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
+  if (dcn) {
+    ck.shape("dcn", *dcn, {d.B, d.H});
+    ck.shape("c0", *c0_, {d.B, d.H});
+    ck.shape("c_all", *c_all_, {d.T, d.B, d.H});
+  }
+  check_ln_saved(ck, norm, rstd, Cell::N, d);
+  const auto [ln_w, ln_b] = check_ln(ck, ln_w_, ln_b_, Cell::N, d);
+  const Path how = check_path(op, path);
+  const auto z = check_zoneout(ck, zoneout_mask, zoneout, dcn ? 2 : 1, d, false);
+  auto b = bwd_tensors(d, Cell::G, !dcn || lengths.has_value() || z.on(), dy, dhn, x, w_ih, y, h0, y, w_hh, lengths);
+  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  b.ln_norm = norm.contiguous();
+  b.dln_w = at::zeros({Cell::N * d.H}, y.options().dtype(acc));
+  b.dln_b = at::zeros({Cell::N * d.H}, y.options().dtype(acc));
+  auto c_all = c_all_ ? c_all_->contiguous() : Tensor(), c0 = c0_ ? c0_->contiguous() : Tensor();
+  const auto rs = rstd.contiguous();
+  Tensor dc;
+  RNNEXT_DISPATCH(y.scalar_type(), "ln_seq_backward", [&] {
+    using S = scalar_t;
+    using A = at::opmath_type<S>;
+    if (dcn) dc = dcn->to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
+    auto p = bwd_pointers<S, A>(d, b, c_all, c0, dc, clip, z);
+    p.ln_w = cptr<S>(ln_w);
+    p.ln_b = cptr<S>(ln_b);
+    p.ln_norm = cptr<S>(b.ln_norm);
+    p.ln_rstd = cptr<A>(rs);
+    backward<L, Cell>(how, p, b, Tensor(), Tensor());
+  });
+  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients(b, Cell::separate_dhg);
+  return {dx, dw_ih, dh0, dcn ? dc.to(y.scalar_type()) : at::empty({0}, y.options()), dw_hh, db_ih, db_hh,
+          b.dln_w.to(y.scalar_type()), b.dln_b.to(y.scalar_type())};
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lnlstm_seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
+    const Tensor& h0, const Tensor& c0, const Tensor& c_all, const Tensor& norm, const Tensor& rstd,
+    const Tensor& w_hh, const Tensor& ln_w, const Tensor& ln_b, const OptTensor& lengths, double clip, int64_t path,
+    const OptTensor& zoneout_mask, double zoneout) {
+  return ln_seq_backward<L, cells::LNLSTM>("lnlstm_seq_backward", dy, dhn, &dcn, x, w_ih, y, h0, &c0, &c_all, norm,
+                                           rstd, w_hh, ln_w, ln_b, lengths, clip, path, zoneout_mask, zoneout);
+}
+
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lngru_seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
+    const Tensor& norm, const Tensor& rstd, const Tensor& w_hh, const Tensor& ln_w, const Tensor& ln_b,
+    const OptTensor& lengths, double clip, int64_t path, const OptTensor& zoneout_mask, double zoneout) {
+  auto [dx, dw_ih, dh0, dc0, dw_hh, db_ih, db_hh, dln_w, dln_b] = ln_seq_backward<L, cells::LNGRU>(
+      "lngru_seq_backward", dy, dhn, nullptr, x, w_ih, y, h0, nullptr, nullptr, norm, rstd, w_hh, ln_w, ln_b, lengths,
+      clip, path, zoneout_mask, zoneout);
+  return {dx, dw_ih, dh0, dw_hh, db_ih, db_hh, dln_w, dln_b};
 }
 
 }  // namespace rnnext

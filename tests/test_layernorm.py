@@ -1,0 +1,303 @@
+"""LayerNormLSTM (torchaudio's RNN-T formulation) and LayerNormGRU (Haste's): fused ops vs the reference,
+the layers vs independent Python loops written after those libraries' code, every option of the layers."""
+import functools
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnext
+from rnnext import ops, reference
+from conftest import close, cpu_and_cuda
+
+BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
+CELLS = {"LNLSTM": (4, 5, 2), "LNGRU": (3, 6, 1)}  # gates, norms' values per unit, zoneout parts
+LAYERS = {"LNLSTM": rnnext.LayerNormLSTM, "LNGRU": rnnext.LayerNormGRU}
+
+
+def make_args(mode, T, B, H, device, lengths, seed, I=4, dtype=torch.float64):
+    G, N, _ = CELLS[mode]
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s, sc=0.5: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(device, dtype)  # noqa: E731
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+        lens = lens.to(device)
+    args = dict(x=t(T, B, I), w_ih=t(G * H, I), h0=t(B, H), c0=t(B, H) if mode == "LNLSTM" else None,
+                w_hh=t(G * H, H), b_ih=t(G * H), b_hh=t(G * H), ln_w=1 + t(N * H, sc=0.3), ln_b=t(N * H, sc=0.3))
+    for v in args.values():
+        if v is not None:
+            v.requires_grad_()
+    return dict(mode=mode, lengths=lens, **args)
+
+
+def outputs_and_grads(fn, args, **kw):
+    y, h, c = fn(**args, **kw)
+    outs = [y, h] + ([c] if c is not None else [])
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    return outs + list(torch.autograd.grad(loss, leaves))
+
+
+@BUILT
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("mode", list(CELLS))
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("zoneout", ["none", "mask", "mixture"])
+@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (6, 4, 7), (3, 2, 33)])
+def test_fused_matches_reference(device, mode, lengths, reverse, zoneout, T, B, H):
+    args = make_args(mode, T, B, H, device, lengths, seed=T + B + H)
+    g = torch.Generator().manual_seed(2)
+    kw = dict(reverse=reverse, clip=0.8, eps=1e-4)
+    if zoneout == "mask":
+        kw["zoneout_mask"] = torch.bernoulli(torch.full((T, B, CELLS[mode][2] * H), 0.3, dtype=torch.float64),
+                                             generator=g).to(device)
+    elif zoneout == "mixture":
+        kw["zoneout"] = 0.3
+    got = outputs_and_grads(ops.recurrence, args, **kw)
+    want = outputs_and_grads(reference.recurrence, args, **kw)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@BUILT
+@pytest.mark.parametrize("mode", list(CELLS))
+@pytest.mark.parametrize("lengths", [False, True])
+def test_gradcheck_and_opcheck(mode, lengths):
+    args = make_args(mode, 3, 2, 3, "cpu", lengths, seed=5)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def f(*tensors):
+        y, h, c = ops.recurrence(**dict(args, **dict(zip(names, tensors))), eps=1e-3)
+        return (y, h) if c is None else (y, h, c)
+
+    assert torch.autograd.gradcheck(f, [args[k] for k in names])
+    a = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    if mode == "LNLSTM":
+        op, call = torch.ops.rnnext.lnlstm_seq, (a["x"], a["w_ih"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"],
+                                                 a["ln_w"], a["ln_b"], a["lengths"], 1e-3, 0.5, True, 1, None, 0.2)
+    else:
+        op, call = torch.ops.rnnext.lngru_seq, (a["x"], a["w_ih"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["ln_w"],
+                                                a["ln_b"], a["lengths"], 1e-3, 0.5, True, 1, None, 0.2)
+    torch.library.opcheck(op, call)
+    out = op(*call)
+    d = lambda t: torch.randn_like(t)  # noqa: E731
+    if mode == "LNLSTM":
+        y, hn, cn, c_all, norm, rstd = out
+        torch.library.opcheck(torch.ops.rnnext.lnlstm_seq_backward,
+                              (d(y), d(hn), d(cn), a["x"], a["w_ih"], y, a["h0"], a["c0"], c_all, norm, rstd,
+                               a["w_hh"], a["ln_w"], a["ln_b"], a["lengths"], 0.5, 1, None, 0.2))
+    else:
+        y, hn, norm, rstd = out
+        torch.library.opcheck(torch.ops.rnnext.lngru_seq_backward,
+                              (d(y), d(hn), a["x"], a["w_ih"], y, a["h0"], norm, rstd, a["w_hh"], a["ln_w"], a["ln_b"],
+                               a["lengths"], 0.5, 1, None, 0.2))
+
+
+class TorchaudioLSTM(nn.Module):
+    """torchaudio.models.rnnt._CustomLSTM(layer_norm=True), transcribed (one layer, one direction), with the
+    input bias of torch's parameter layout."""
+
+    def __init__(self, layer, eps):
+        super().__init__()
+        H = layer.hidden_size
+        self.x2g = nn.Linear(layer.input_size, 4 * H).double()
+        self.p2g = nn.Linear(H, 4 * H).double()
+        self.g_norm = nn.LayerNorm(4 * H, eps=eps).double()
+        self.c_norm = nn.LayerNorm(H, eps=eps).double()
+        with torch.no_grad():
+            self.x2g.weight.copy_(layer.weight_ih_l0), self.x2g.bias.copy_(layer.bias_ih_l0)
+            self.p2g.weight.copy_(layer.weight_hh_l0), self.p2g.bias.copy_(layer.bias_hh_l0)
+            self.g_norm.weight.copy_(layer.ln_gates_weight_l0), self.g_norm.bias.copy_(layer.ln_gates_bias_l0)
+            self.c_norm.weight.copy_(layer.ln_cell_weight_l0), self.c_norm.bias.copy_(layer.ln_cell_bias_l0)
+
+    def forward(self, x, h, c):
+        gated_input = self.x2g(x)
+        outputs = []
+        for gates in gated_input.unbind(0):
+            gates = self.g_norm(gates + self.p2g(h))
+            input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, 1)
+            c = forget_gate.sigmoid() * c + input_gate.sigmoid() * cell_gate.tanh()
+            c = self.c_norm(c)
+            h = output_gate.sigmoid() * c.tanh()
+            outputs.append(h)
+        return torch.stack(outputs), h, c
+
+
+class HasteGRU(nn.Module):
+    """Haste's LayerNormGRU as a Python loop: separate norms of the input and hidden projections."""
+
+    def __init__(self, layer, eps):
+        super().__init__()
+        H = layer.hidden_size
+        self.layer = layer
+        self.x_norm = nn.LayerNorm(3 * H, eps=eps).double()
+        self.h_norm = nn.LayerNorm(3 * H, eps=eps).double()
+        with torch.no_grad():
+            self.x_norm.weight.copy_(layer.ln_input_weight_l0), self.x_norm.bias.copy_(layer.ln_input_bias_l0)
+            self.h_norm.weight.copy_(layer.ln_hidden_weight_l0), self.h_norm.bias.copy_(layer.ln_hidden_bias_l0)
+
+    def forward(self, x, h):
+        m = self.layer
+        outputs = []
+        for xt in x.unbind(0):
+            u = self.x_norm(nn.functional.linear(xt, m.weight_ih_l0, m.bias_ih_l0))
+            v = self.h_norm(nn.functional.linear(h, m.weight_hh_l0, m.bias_hh_l0))
+            (ur, uz, un), (vr, vz, vn) = u.chunk(3, 1), v.chunk(3, 1)
+            r, z = (ur + vr).sigmoid(), (uz + vz).sigmoid()
+            n = (un + r * vn).tanh()
+            h = (1 - z) * n + z * h
+            outputs.append(h)
+        return torch.stack(outputs), h
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=BUILT)])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_layer_matches_the_libraries_formulation(backend, mode):
+    torch.manual_seed(6)
+    layer = LAYERS[mode](5, 7, eps=1e-3).double()
+    with torch.no_grad():  # parameters away from their initial values
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(9, 3, 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 3, 7, dtype=torch.float64)
+    with rnnext.use_backend(backend):
+        if mode == "LNLSTM":
+            c0 = torch.randn(1, 3, 7, dtype=torch.float64)
+            y, (h, c) = layer(x, (h0, c0))
+            y_want, h_want, c_want = TorchaudioLSTM(layer, 1e-3)(x, h0[0], c0[0])
+            torch.testing.assert_close(c[0], c_want)
+        else:
+            y, h = layer(x, h0)
+            y_want, h_want = HasteGRU(layer, 1e-3)(x, h0[0])
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(h[0], h_want)
+    g, = torch.autograd.grad(y.square().sum(), x)
+    g_want, = torch.autograd.grad(y_want.square().sum(), x)
+    torch.testing.assert_close(g, g_want)
+
+
+def layer_outputs_and_grads(model, x, hx, backend):
+    with rnnext.use_backend(backend):
+        out, hidden = model(x, hx)
+    data = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
+    outs = [data] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+    g = torch.Generator().manual_seed(3)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
+    xin = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+    return outs + list(torch.autograd.grad(loss, [xin] + list(model.parameters())))
+
+
+@BUILT
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("mode", list(CELLS))
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias", list(itertools.product([1, 2], [False, True],
+                                                                                            [False, True], [True, False])))
+def test_layer_options_fused_vs_reference(device, mode, num_layers, bidirectional, batch_first, bias):
+    torch.manual_seed(num_layers + 2 * bidirectional + 4 * batch_first)
+    model = LAYERS[mode](4, 5, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
+                         bias=bias, dropout=0.0, device=device, dtype=torch.float64)
+    x = torch.randn((3, 6, 4) if batch_first else (6, 3, 4), device=device, dtype=torch.float64, requires_grad=True)
+    got = layer_outputs_and_grads(model, x, None, "fused")
+    want = layer_outputs_and_grads(model, x, None, "reference")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@BUILT
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("mode", list(CELLS))
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_sequence(device, mode, enforce_sorted):
+    torch.manual_seed(8)
+    model = LAYERS[mode](4, 5, bidirectional=True, device=device, dtype=torch.float64)
+    lengths = [6, 4, 2] if enforce_sorted else [2, 6, 4]
+    x = torch.randn(6, 3, 4, device=device, dtype=torch.float64)
+    packed = pack_padded_sequence(x.requires_grad_(), lengths, enforce_sorted=enforce_sorted)
+    got = layer_outputs_and_grads(model, packed, None, "fused")
+    want = layer_outputs_and_grads(model, packed, None, "reference")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@BUILT
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_fp32_and_low_precision(mode):
+    torch.manual_seed(9)
+    model = LAYERS[mode](8, 16, num_layers=2).double()
+    x = torch.randn(10, 4, 8, dtype=torch.float64, requires_grad=True)
+    exact = layer_outputs_and_grads(model, x, None, "reference")
+    got32 = layer_outputs_and_grads(model.float(), x.detach().float().requires_grad_(), None, "fused")
+    for a, b in zip(got32, exact, strict=True):
+        close(a.double(), b, rtol=1e-5)
+    for dtype in (torch.bfloat16, torch.float16):  # DESIGN.md's rule, against the reference at the same dtype
+        xl = x.detach().to(dtype).requires_grad_()
+        got = layer_outputs_and_grads(model.to(dtype), xl, None, "fused")
+        base = layer_outputs_and_grads(model.to(dtype), xl, None, "reference")
+        rms = lambda t: t.double().pow(2).mean().sqrt().item()  # noqa: E731
+        for g, b, e in zip(got, base, exact, strict=True):
+            assert g.dtype == dtype
+            assert rms(g.double() - e) <= 2 * rms(b.double() - e) + 1e-4 * rms(e)
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_cells_are_one_step_of_the_layer(mode):
+    torch.manual_seed(10)
+    cell = (rnnext.LayerNormLSTMCell if mode == "LNLSTM" else rnnext.LayerNormGRUCell)(4, 5).double()
+    layer = LAYERS[mode](4, 5).double()
+    layer.load_state_dict(cell.state_dict())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    h = torch.randn(3, 5, dtype=torch.float64)
+    if mode == "LNLSTM":
+        c = torch.randn(3, 5, dtype=torch.float64)
+        got = cell(x, (h, c))
+        _, (hn, cn) = layer(x[None], (h[None], c[None]))
+        torch.testing.assert_close(got[0], hn[0]), torch.testing.assert_close(got[1], cn[0])
+        torch.testing.assert_close(cell(x[0], (h[0], c[0]))[0], hn[0, 0])  # unbatched
+    else:
+        _, hn = layer(x[None], h[None])
+        torch.testing.assert_close(cell(x, h), hn[0])
+        torch.testing.assert_close(cell(x[0], h[0]), hn[0, 0])
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_state_dict_compile_and_zoneout(mode):
+    torch.manual_seed(11)
+    model = LAYERS[mode](4, 5, num_layers=2, zoneout=0.2)
+    other = LAYERS[mode](4, 5, num_layers=2, zoneout=0.2)
+    other.load_state_dict(model.state_dict())
+    x = torch.randn(6, 2, 4)
+    model.eval(), other.eval()
+    torch.testing.assert_close(model(x)[0], other(x)[0])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x)[0], model(x)[0])
+    model.train()
+    torch.manual_seed(1)
+    first = model(x)[0]
+    torch.manual_seed(1)
+    assert torch.equal(model(x)[0], first)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="proj_size is not supported by LayerNormLSTM"):
+        rnnext.LayerNormLSTM(3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        rnnext.LayerNormGRU(3, 4, eps=0.0)
+    with pytest.raises(ValueError, match="LayerNormLSTMCell: Expected input to be 1D or 2D"):
+        rnnext.LayerNormLSTMCell(3, 4)(torch.randn(2, 2, 3))
+
+
+def test_norms_initialised_and_reset():
+    m = rnnext.LayerNormLSTM(3, 4, bidirectional=True)
+    names = {n for n, _ in m.named_parameters()}
+    assert {"ln_gates_weight_l0", "ln_cell_bias_l0_reverse"} <= names
+    assert torch.equal(m.ln_gates_weight_l0_reverse, torch.ones(16))
+    with torch.no_grad():
+        m.ln_cell_bias_l0.fill_(3.0)
+    m.reset_parameters()
+    assert torch.equal(m.ln_cell_bias_l0, torch.zeros(4)) and torch.equal(m.ln_cell_weight_l0, torch.ones(4))
