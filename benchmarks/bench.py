@@ -4,6 +4,9 @@
     python benchmarks/bench.py --full          # batch 1..256, hidden 64..1024, T up to 1000
     python benchmarks/bench.py --device cuda --dtype bfloat16 --cells lstm,gru
 
+Cells: lstm, gru, rnn vs torch.nn; lnlstm, lngru (rnnext.LayerNormLSTM/GRU) and zlstm (rnnext.LSTM with
+zoneout 0.1, training) vs the Python loops a user writes today (loops.py), in the "torch.nn" column.
+
 Times are medians of torch.utils.benchmark measurements (with torch's thread count: torch.nn uses
 every core), the candidates interleaved round by round so that drift hits all alike. fwd runs under
 no_grad; fwd+bwd is forward plus backward of the output's sum. Peak memory is what fwd+bwd adds on
@@ -12,6 +15,7 @@ its own process): for the long-sequence configs of MEMORY, and with --full for e
 """
 import argparse
 import csv
+import functools
 import datetime
 import math
 import os
@@ -24,10 +28,16 @@ import torch
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rnnext  # noqa: E402
+import loops  # noqa: E402
 
+# cell: (rnnext's, the baseline, gates). For what torch.nn lacks the baseline (the "torch.nn" column) is
+# the Python loop a user writes today (loops.py).
 CELLS = {"lstm": (rnnext.LSTM, torch.nn.LSTM, 4), "gru": (rnnext.GRU, torch.nn.GRU, 3),
-         "rnn": (rnnext.RNN, torch.nn.RNN, 1)}
+         "rnn": (rnnext.RNN, torch.nn.RNN, 1), "lnlstm": (rnnext.LayerNormLSTM, loops.LayerNormLSTMLoop, 4),
+         "lngru": (rnnext.LayerNormGRU, loops.LayerNormGRULoop, 3),
+         "zlstm": (functools.partial(rnnext.LSTM, zoneout=0.1), loops.ZoneoutLSTMLoop, 4)}
 CANDIDATES = ("rnnext", "rnnext-persistent", "torch.nn", "reference")
 # rnnext's backend per candidate; the persistent kernels exist on CUDA only (on CPU an emulation for tests)
 BACKEND = {"rnnext": "auto", "rnnext-persistent": "persistent", "reference": "reference"}
@@ -146,7 +156,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    p.add_argument("--cells", default="lstm,gru,rnn")
+    p.add_argument("--cells", default="lstm,gru,rnn,lnlstm,lngru,zlstm")
     p.add_argument("--full", action="store_true", help="the larger sweep (minutes to hours on a CPU)")
     p.add_argument("--quick", action="store_true", help="fewer rounds")
     p.add_argument("--smoke", action="store_true", help="one tiny config: checks the script end to end")

@@ -158,7 +158,7 @@ def zoneout_masks(p, T, B, parts, H, like):
     """Zoneout's keep mask of one layer-direction in training: ``[T, B, parts*H]``, 1 = keep the previous
     value, each with probability p, from torch's default generator (``torch.manual_seed`` reproduces it).
     Drawn per layer, then per direction; in the order the direction processes its steps."""
-    return torch.bernoulli(torch.full((T, B, parts * H), p, dtype=like.dtype, device=like.device))
+    return torch.empty(T, B, parts * H, dtype=like.dtype, device=like.device).bernoulli_(p)
 
 
 def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,

@@ -26,7 +26,7 @@ def _zoned(new, old, zoneout, training):
     training (a mask from torch's generator), the mixture zoneout*old + (1-zoneout)*new in eval."""
     if not zoneout:
         return new
-    keep = torch.bernoulli(torch.full_like(new, zoneout)) if training else zoneout
+    keep = torch.empty_like(new).bernoulli_(zoneout) if training else zoneout
     return keep * old + (1 - keep) * new
 
 

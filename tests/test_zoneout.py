@@ -143,7 +143,7 @@ def test_cells(device, cell_cls, ours, train):
     new = theirs(x, hx)
     torch.manual_seed(5)
     pairs = list(zip(new, hx)) if cell_cls is nn.LSTMCell else [(new, hx)]
-    want = [(k := torch.bernoulli(torch.full_like(n, 0.4)) if train else 0.4) * o + (1 - k) * n for n, o in pairs]
+    want = [(k := torch.empty_like(n).bernoulli_(0.4) if train else 0.4) * o + (1 - k) * n for n, o in pairs]
     for a, b in zip(got if isinstance(got, tuple) else (got,), want, strict=True):
         torch.testing.assert_close(a, b)
 

@@ -37,6 +37,7 @@ struct Lanes {
   static RNNEXT_HD V relu(V x) { return x < V(0) ? V(0) : x; }  // keeps NaN, as torch.relu does
   static RNNEXT_HD V relu_grad(V dh, V h) { return h > V(0) ? dh : V(0); }
   static RNNEXT_HD V clamp(V x, V lo, V hi) { return x < lo ? lo : (x > hi ? hi : x); }
+  static RNNEXT_HD V sum(V x) { return x; }  // over the lanes
 };
 
 template <typename V>

@@ -26,6 +26,7 @@ struct SeqFwd {
   A eps;
   S* ln_norm;
   A* ln_rstd;
+  A* ln_work;  // [B, 2H] (LSTM) scratch of the row functors
 };
 
 template <typename S, typename A>
@@ -44,7 +45,8 @@ struct SeqBwd {
   A keep_p;
   const S *ln_w, *ln_b, *ln_norm;  // layer-normalised cells, as in SeqFwd
   const A* ln_rstd;
-  S* dln;  // [steps t0.., B, N*H]: gradients of the norms' outputs
+  S* dln;       // [steps t0.., B, N*H]: gradients of the norms' outputs
+  A* ln_work;   // [B, 3H] (LSTM) scratch of the row functors
 };
 
 // Step t's zoneout keep weights (Z parts per unit).
@@ -149,7 +151,7 @@ struct LNLSTM {
             .w = p.ln_w, .b = p.ln_b, .eps = p.eps, .c_prev = p.c, .h_prev = h_prev, .c = p.c,
             .c_out = p.c_all ? p.c_all + t * n : nullptr, .h = h, .y = p.y + t * n,
             .norm = p.ln_norm ? p.ln_norm + t * N * n : nullptr, .rstd = p.ln_rstd ? p.ln_rstd + t * 2 * p.B : nullptr,
-            .keep = keep_of<S, A>(p, t, 2)};
+            .keep = keep_of<S, A>(p, t, 2), .work = p.ln_work};
   }
   template <typename S, typename A>
   static RNNEXT_HD LNLSTMBwd<S, A> bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool) {
@@ -157,7 +159,7 @@ struct LNLSTM {
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .norm = p.ln_norm + t * N * n,
             .w = p.ln_w, .b = p.ln_b, .c_prev = t ? p.c_all + (t - 1) * n : p.c0, .rstd = p.ln_rstd + t * 2 * p.B,
             .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .dln = p.dln + held(p, t) * N * n, .direct = p.direct,
-            .clip = p.clip, .keep = keep_of<S, A>(p, t, 2)};
+            .clip = p.clip, .keep = keep_of<S, A>(p, t, 2), .work = p.ln_work};
   }
 };
 

@@ -59,6 +59,7 @@ struct Lanes<at::vec::Vectorized<S>> {
   static V relu(V x) { return at::vec::maximum(x, V(0)); }
   static V relu_grad(V dh, V h) { return V::blendv(V(0), dh, h > V(0)); }
   static V clamp(V x, V lo, V hi) { return at::vec::clamp(x, lo, hi); }
+  static S sum(V x) { return at::vec::vec_reduce_all<S>([](V a, V b) { return a + b; }, x); }
 };
 
 }  // namespace cells
@@ -147,10 +148,25 @@ struct CpuLauncher {
     for (; j < j1; ++j) f.template apply<typename F::acc>(b, j);
   }
 
+  // cells/layernorm.h's row executor: one thread per row, its loops in vectors, then scalars.
+  struct VecRow {
+    template <typename A, typename Fn>
+    void loop(int64_t n, const Fn& fn) const {
+      using V = at::vec::Vectorized<A>;
+      int64_t k = 0;
+      for (; k + V::size() <= n; k += V::size()) fn.template operator()<V>(k);
+      for (; k < n; ++k) fn.template operator()<A>(k);
+    }
+    template <typename A>
+    A sum(A v) const {
+      return v;
+    }
+  };
+
   template <typename F>
   static void run_rows(c10::Device, int64_t B, const F& f) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) f.row(b, cells::SerialRow{});
+      for (int64_t b = b0; b < b1; ++b) f.row(b, VecRow{});
     });
   }
 

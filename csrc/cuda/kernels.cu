@@ -20,10 +20,10 @@ __global__ void elementwise_kernel(int64_t n, int64_t H, F f) {
 
 // One block per row (cells/layernorm.h's executor): loops strided over the threads, sums over the block.
 struct BlockRow {
-  template <typename Fn>
+  template <typename A, typename Fn>
   RNNEXT_HD void loop(int64_t n, const Fn& fn) const {
 #if defined(__CUDA_ARCH__)
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) fn(k);
+    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) fn.template operator()<A>(k);
 #endif
   }
   template <typename A>

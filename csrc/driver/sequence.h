@@ -363,6 +363,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_seq(
   auto norm = at::empty({Ts, d.B, Cell::N * d.H}, x.options());
   auto rstd = at::empty({Ts, d.B, 2}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   Tensor c;
+  auto work = at::empty({d.B, 2 * d.H}, rstd.options());  // the row functors' scratch
   RNNEXT_DISPATCH(x.scalar_type(), "ln_seq", [&] {
     using S = scalar_t;
     using A = at::opmath_type<S>;
@@ -373,6 +374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_seq(
     p.eps = A(eps);
     p.ln_norm = save ? mptr<S>(norm) : nullptr;
     p.ln_rstd = save ? mptr<A>(rstd) : nullptr;
+    p.ln_work = mptr<A>(work);
     forward<L, Cell>(how, p, f);
   });
   return {f.y, f.h, c0 ? c.to(x.scalar_type()) : at::empty({0}, x.options()), f.c_all, norm, rstd};
@@ -424,6 +426,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   b.dln_b = at::zeros({Cell::N * d.H}, y.options().dtype(acc));
   auto c_all = c_all_ ? c_all_->contiguous() : Tensor(), c0 = c0_ ? c0_->contiguous() : Tensor();
   const auto rs = rstd.contiguous();
+  auto work = at::empty({d.B, 3 * d.H}, rs.options());  // the row functors' scratch
   Tensor dc;
   RNNEXT_DISPATCH(y.scalar_type(), "ln_seq_backward", [&] {
     using S = scalar_t;
@@ -434,6 +437,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     p.ln_b = cptr<S>(ln_b);
     p.ln_norm = cptr<S>(b.ln_norm);
     p.ln_rstd = cptr<A>(rs);
+    p.ln_work = mptr<A>(work);
     backward<L, Cell>(how, p, b, Tensor(), Tensor());
   });
   auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients(b, Cell::separate_dhg);
