@@ -18,7 +18,7 @@ def test_bench_smoke(tmp_path, capsys):
         assert f.readline().startswith("# rnnext benchmark:")
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "cpu-float32-smoke.png").stat().st_size > 0
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("- rnn fwd+bwd: geometric-mean")
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"- {list(bench.CELLS)[-1]} fwd+bwd: geometric-mean")
 
 
 def test_bench_rejects_unknown_cell(tmp_path):
