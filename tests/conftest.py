@@ -22,3 +22,16 @@ def same_error(ours, theirs):
     with pytest.raises(type(want.value)) as got:
         ours()
     assert str(got.value) == str(want.value)
+
+
+def outputs_and_grads(fn, args, plain_sum=False, **kw):
+    """fn(**args, **kw) -> (y, h, c or None), a recurrence: its outputs and the gradients of a random
+    projection of them (plain_sum: of their sum, whose gradient is expanded, non-contiguous) w.r.t. every
+    tensor of args that requires grad."""
+    y, h, c = fn(**args, **kw)
+    outs = [y, h] + ([c] if c is not None else [])
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o if plain_sum else o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
+               for o in outs)
+    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    return outs + list(torch.autograd.grad(loss, leaves))

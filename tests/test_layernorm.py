@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
 from rnnext import ops, reference
-from conftest import close, cpu_and_cuda
+from conftest import close, cpu_and_cuda, outputs_and_grads
 
 BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 CELLS = {"LNLSTM": (4, 5, 2), "LNGRU": (3, 6, 1)}  # gates, norms' values per unit, zoneout parts
@@ -32,15 +32,6 @@ def make_args(mode, T, B, H, device, lengths, seed, I=4, dtype=torch.float64):
         if v is not None:
             v.requires_grad_()
     return dict(mode=mode, lengths=lens, **args)
-
-
-def outputs_and_grads(fn, args, **kw):
-    y, h, c = fn(**args, **kw)
-    outs = [y, h] + ([c] if c is not None else [])
-    g = torch.Generator().manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
-    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-    return outs + list(torch.autograd.grad(loss, leaves))
 
 
 @BUILT

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rnnext import ops, reference
+import conftest
 from conftest import close, cpu_and_cuda
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
@@ -39,15 +40,7 @@ def fused(path):
 
 
 def outputs_and_grads(fn, args, reverse, clip=0.0, plain_sum=False):
-    """Outputs and the gradients of a random projection of them (plain_sum: of their sum, whose gradient
-    is an expanded, non-contiguous tensor)."""
-    y, h, c = fn(**args, reverse=reverse, clip=clip)
-    outs = [y, h] + ([c] if c is not None else [])
-    g = torch.Generator().manual_seed(1)
-    loss = sum((o if plain_sum else o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
-               for o in outs)
-    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-    return outs + list(torch.autograd.grad(loss, leaves))
+    return conftest.outputs_and_grads(fn, args, plain_sum, reverse=reverse, clip=clip)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -8,7 +8,7 @@ from torch import nn
 
 import rnnext
 from rnnext import functional, ops, reference
-from conftest import cpu_and_cuda
+from conftest import cpu_and_cuda, outputs_and_grads
 
 BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 MODES = {"LSTM": 2, "GRU": 1}  # mode: parts of the mask (h, c)
@@ -26,15 +26,6 @@ def make_args(mode, T, B, H, device, lengths, seed, I=3):
     mask = torch.bernoulli(torch.full((T, B, MODES[mode] * H), 0.3, dtype=torch.float64), generator=g).to(device)
     return dict(mode=mode, x=t(T, B, I), w_ih=t(G * H, I), h0=t(B, H), c0=t(B, H) if mode == "LSTM" else None,
                 w_hh=t(G * H, H), b_ih=t(G * H), b_hh=t(G * H), lengths=lens), mask
-
-
-def outputs_and_grads(fn, args, **kw):
-    y, h, c = fn(**args, **kw)
-    outs = [y, h] + ([c] if c is not None else [])
-    g = torch.Generator().manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outs)
-    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-    return outs + list(torch.autograd.grad(loss, leaves))
 
 
 @BUILT
