@@ -292,3 +292,22 @@ def test_norms_initialised_and_reset():
         m.ln_cell_bias_l0.fill_(3.0)
     m.reset_parameters()
     assert torch.equal(m.ln_cell_bias_l0, torch.zeros(4)) and torch.equal(m.ln_cell_weight_l0, torch.ones(4))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=BUILT)])
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_unbatched_and_dropout(backend, mode):
+    torch.manual_seed(12)
+    model = LAYERS[mode](4, 5, num_layers=2, dropout=0.5).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with rnnext.use_backend(backend):
+        model.eval()
+        y, hidden = model(x)  # unbatched: [T, I] -> [T, H]
+        y_batched, _ = model(x.unsqueeze(1))
+        torch.testing.assert_close(y, y_batched[:, 0])
+        model.train()
+        torch.manual_seed(3)
+        first = model(x)[0]
+        torch.manual_seed(3)
+        assert torch.equal(model(x)[0], first)  # dropout between layers, seeded
+        assert not torch.allclose(first, y)

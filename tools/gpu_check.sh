@@ -52,9 +52,12 @@ if step build 300 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
   persistent=()
   step tests_persistent 200 "$OUT/tests.log" env RNNEXT_CUDA_PATH=persistent "${PYTEST[@]}" -k "cuda or CUDA" tests \
     || persistent=(--no-persistent)
+  # fp32: every cell (the layer-normalised ones and zoneout against Python loops too); 16-bit: vs torch.nn
   for dtype in float32 bfloat16 float16; do
-    step "bench_$dtype" 120 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --dtype "$dtype" --quick \
-      --no-reference "${persistent[@]}" --out "$BENCH"
+    cells=lstm,gru,rnn limit=120
+    [ "$dtype" = float32 ] && cells=lstm,gru,rnn,lnlstm,lngru,zlstm limit=200
+    step "bench_$dtype" "$limit" "$OUT/bench.log" "$PY" benchmarks/bench.py --device cuda --dtype "$dtype" --quick \
+      --no-reference --cells "$cells" "${persistent[@]}" --out "$BENCH"
     cp "$BENCH/cuda-$dtype.md" "$OUT/" 2>/dev/null
   done
 fi
