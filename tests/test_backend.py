@@ -75,3 +75,17 @@ def test_bad_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         with rnnext.use_backend("cudnn"):
             pass
+
+
+def test_unvalidated_cuda_kernels_are_opt_in():
+    """The layer-normalised cells' CUDA kernels never ran on a GPU: "auto" runs the reference on CUDA,
+    "fused" opts in; on CPU both run fused."""
+    with FakeTensorMode():
+        x = torch.empty(3, device="cuda")
+        assert functional._impl("LNLSTM", x, "auto") is reference
+        assert functional._impl("LSTM", x, "auto") is (ops if "cuda" in ops.DEVICES else reference)
+    cpu = torch.empty(3)
+    assert functional._impl("LNGRU", cpu, "auto") is (ops if ops.LOAD_ERROR is None else reference)
+    if "cuda" in ops.DEVICES:
+        with FakeTensorMode():
+            assert functional._impl("LNGRU", torch.empty(3, device="cuda"), "fused") is ops
