@@ -13,7 +13,7 @@ def _check(cond, msg):
 
 
 class Checks:
-    """Every tensor of an op is checked against one reference tensor (xg in forward, y in backward)."""
+    """Every tensor of an op is checked against one reference tensor (x in forward, y in backward)."""
 
     def __init__(self, op, ref_name, ref):
         self.op, self.ref_name, self.ref = op, ref_name, ref

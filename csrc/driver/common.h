@@ -35,7 +35,7 @@ inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Every tensor of an op is checked against one reference tensor (xg in forward, y in backward),
+// Every tensor of an op is checked against one reference tensor (x in forward, y in backward),
 // which fixes the device and dtype of all of them.
 struct Checks {
   const char* op;
