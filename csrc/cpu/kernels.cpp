@@ -89,11 +89,31 @@ inline bool have_brgemm() {
   return ok;
 }
 
+// m.contiguous(); for a transposed float matrix (stride(0) == 1) 16x16 register transposes in 64x64 blocks
+// over the threads: ATen's transposing copy ran at 4-6 GB/s here (60 us for 256x256, the weight
+// gradients' operands of every chunk of steps).
+inline Tensor contiguous(const Tensor& m) {
+  if (m.scalar_type() != at::kFloat || m.dim() != 2 || m.stride(1) == 1 || m.stride(0) != 1) return m.contiguous();
+  constexpr int64_t kBlock = 64;
+  const int64_t M = m.size(0), N = m.size(1), ld = m.stride(1), blocks_n = (N + kBlock - 1) / kBlock;
+  auto out = at::empty({M, N}, m.options());
+  const float* src = m.const_data_ptr<float>();  // m[i][j] at src[j * ld + i]
+  float* dst = out.mutable_data_ptr<float>();
+  at::parallel_for(0, (M + kBlock - 1) / kBlock * blocks_n, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk / blocks_n * kBlock, j0 = blk % blocks_n * kBlock;
+      at::vec::transpose_mxn<float>(src + j0 * ld + i0, ld, dst + i0 * N + j0, N, int(std::min(kBlock, N - j0)),
+                                    int(std::min(kBlock, M - i0)));
+    }
+  });
+  return out;
+}
+
 // out = add + a @ b (add may be out itself): tiles of kTileM x kTileN over the threads, K in blocks
 // accumulated in place. brgemm wants row-major operands: a transposed view is copied first.
 inline void brgemm_gemm(Tensor& out, const Tensor& a_, const Tensor& b_, const Tensor& add) {
   constexpr int64_t kTileM = 128, kBlockK = 512;  // tuned here: 64-128 x 128-256 x 256-1024 within 5%
-  const auto a = a_.stride(1) == 1 ? a_ : a_.contiguous(), b = b_.stride(1) == 1 ? b_ : b_.contiguous();
+  const auto a = a_.stride(1) == 1 ? a_ : contiguous(a_), b = b_.stride(1) == 1 ? b_ : contiguous(b_);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1), lda = a.stride(0), ldb = b.stride(0),
                 ldc = out.stride(0);
   // Columns per tile: 256, fewer (down to 64) where too few row tiles keep every thread busy (the step
@@ -122,6 +142,7 @@ struct CpuLauncher {
     return (int64_t(1) << 20) / std::max<int64_t>(1, B * GH * elem);
   }
   static bool wants_persistent(Path path) { return path == Path::Persistent; }
+  static Tensor contiguous(const Tensor& m) { return rnnext::contiguous(m); }
 
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
     if (out.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 && a.size(1) > 0 && have_brgemm())
@@ -205,22 +226,26 @@ struct CpuLauncher {
     return packed;
   }
 
+  // Thread blk's part of a fused step's cell: its hidden units of every row, or (Rows) its rows whole.
+  template <bool Rows, typename F>
+  static void cell_part(const F& f, int64_t B, int64_t blk, int64_t blocks, int64_t j0, int64_t j1) {
+    if constexpr (Rows) {
+      for (int64_t r = B * blk / blocks; r < B * (blk + 1) / blocks; ++r) f.row(r, VecRow{});
+    } else {
+      for (int64_t r = 0; r < B; ++r) apply_row(f, r, j0, j1);
+    }
+  }
+
   // Steps t0..t1-1 of the forward (see driver/loops.h). float: one parallel region for all of them,
   // each thread the GEMM of its hidden units' gate columns then the cell on them while they are in
-  // cache, a barrier between steps (a fork/join per step cost ~9% here, perf).
-  template <typename MakeF>
+  // cache, a barrier between steps (a fork/join per step cost ~9% here, perf). Rows: the cell needs
+  // every column of its rows, a barrier before it too.
+  template <bool Rows, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
-                              const Tensor& w_step, int64_t G, int64_t H, const MakeF& make_f) {
-    const int64_t B = h.size(0), K = h.size(1);
+                              const Tensor& w_step, int64_t H, const MakeF& make_f) {
+    const int64_t B = h.size(0), K = h.size(1), G = hg.size(1) / std::max<int64_t>(H, 1);
     if (B == 0) return;
-    if (!fused_steps(w_step, H)) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const Tensor& prev = t % 2 ? other : h;
-        gemm(hg, prev, w_step, Tensor());
-        run(hg.device(), B, H, make_f(t, prev, t % 2 ? h : other));
-      }
-      return;
-    }
+    if (!fused_steps(w_step, H)) return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
     const auto [units, blocks] = unit_blocks(H);
     const float* W = w_step.const_data_ptr<float>();
     float* C = hg.mutable_data_ptr<float>();
@@ -232,9 +257,43 @@ struct CpuLauncher {
         for (int64_t g = 0; g < G; ++g)
           at::native::cpublas::brgemm(B, j1 - j0, K, K, units, hg.stride(0), false, prev.const_data_ptr<float>(),
                                       W + (blk * G + g) * K * units, C + g * H + j0, false);
-        const auto f = make_f(t, prev, t % 2 ? h : other);
-        for (int64_t r = 0; r < B; ++r) apply_row(f, r, j0, j1);
+        if constexpr (Rows) {
 #pragma omp barrier
+        }
+        cell_part<Rows>(make_f(t, prev, t % 2 ? h : other), B, blk, blocks, j0, j1);
+#pragma omp barrier
+      }
+    }
+  }
+
+  // Steps t1-1 down to t0 of the backward (see driver/loops.h). float: one parallel region, each thread
+  // the cell of its hidden units, a barrier, then the same units' columns of dh = direct + dhg @ w_hh:
+  // the dh and direct each thread's cell reads are what it wrote itself. Rows: a cell reads every column
+  // of its rows of dh, a barrier after the GEMM too.
+  template <bool Rows, typename MakeF>
+  static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
+                              const Tensor& w_step, int64_t H, const MakeF& make_f) {
+    const int64_t B = dh.size(0), K = dhg.size(2);
+    if (B == 0) return;
+    if (!fused_steps(w_step, H))
+      return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
+    const auto [units, blocks] = unit_blocks(H);
+    const float *W = w_step.const_data_ptr<float>(), *D = dhg.const_data_ptr<float>(),
+                *R = direct.defined() ? direct.const_data_ptr<float>() : nullptr;
+    float* C = dh.mutable_data_ptr<float>();
+#pragma omp parallel num_threads(blocks)
+    {
+      const int64_t blk = omp_get_thread_num(), j0 = blk * units, j1 = std::min(H, j0 + units);
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        cell_part<Rows>(make_f(t), B, blk, blocks, j0, j1);
+#pragma omp barrier
+        if (R)
+          for (int64_t r = 0; r < B; ++r) std::copy(R + r * H + j0, R + r * H + j1, C + r * H + j0);
+        at::native::cpublas::brgemm(B, j1 - j0, K, K, units, H, R != nullptr, D + (t - t0) * B * K,
+                                    W + blk * K * units, C + j0, false);
+        if constexpr (Rows) {
+#pragma omp barrier
+        }
       }
     }
   }

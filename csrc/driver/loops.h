@@ -2,18 +2,28 @@
 // (cpu/kernels.cpp, cuda/kernels.cu) provides
 //   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
 //       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
+//   static Tensor contiguous(const Tensor& m);
+//       m.contiguous() (the CPU's is faster for a transposed float matrix)
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H);
-//       w_hh^T [P, G*H] in the layout gemm_cell_steps wants, made once per sequence
-//   template <typename MakeF> static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h,
-//                                                         const Tensor& other, const Tensor& w_step, int64_t G,
-//                                                         int64_t H, const MakeF& make_f);
-//       steps t0..t1-1, each: hg = prev @ w_hh^T (columns: G gate blocks of H), then the cell functor
-//       make_f(t, prev, next) over [B, H]; the state alternates between h (read at even steps) and other
-//       (the CPU runs the steps in one parallel region, each thread its hidden units' GEMM and cell)
+//       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
+//   template <bool Rows, typename MakeF>
+//   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
+//                               const Tensor& w_step, int64_t H, const MakeF& make_f);
+//       forward steps t0..t1-1, each: hg = prev @ w_hh^T (columns: G gate blocks of H), then the cell functor
+//       make_f(t, prev, next) over [B, H] (Rows: over whole rows, cells/layernorm.h); the state alternates
+//       between h (read at even steps) and other (the CPU runs the steps in one parallel region)
+//   template <bool Rows, typename MakeF>
+//   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
+//                               const Tensor& w_step, int64_t H, const MakeF& make_f);
+//       backward steps t1-1 down to t0, each: the cell functor make_f(t) (reads dh, writes dhg[t - t0]), then
+//       dh = direct + dhg[t - t0] @ w_hh (direct undefined: 0); w_step = step_weights(w_hh, 1, H)
+//   (gemm_cell_each_step, cell_gemm_each_step below do them step by step)
 //   static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem);
 //       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
 //       in cache and [T, B, G*H] is never allocated; CUDA all of them (one GEMM)
 //   static bool wants_persistent(Path);
+//   template <typename F> static void run(c10::Device, int64_t B, int64_t H, const F& f);
+//       f.apply(b, j) for every row b and hidden unit j
 //   template <typename F> static void run_rows(c10::Device, int64_t B, const F& f);
 //       f.row(b, executor) for every row: the layer-normalised cells (cells/layernorm.h)
 // and may run a whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests), with the
@@ -30,6 +40,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <ATen/record_function.h>
 
 #include "cells/seq.h"
 #include "driver/common.h"
@@ -40,7 +51,10 @@ enum class Path : int64_t { Auto = 0, Step = 1, Persistent = 2 };
 
 // MKL packs a transposed right operand on every call; a contiguous [K, N] one it reads as is
 // (measured: [32,256]x[256,1024] 85 us vs 120 us). Transposed once per sequence, used every step.
-inline Tensor right_operand(const Tensor& w) { return w.t().contiguous(); }
+template <typename L>
+Tensor right_operand(const Tensor& w) {
+  return L::contiguous(w.t());
+}
 
 // out = add + a @ b through ATen (cuBLAS, MKL): what a launcher's gemm does where it has nothing better.
 inline void aten_gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
@@ -53,6 +67,34 @@ inline void aten_gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tenso
 // Steps [t0, t1) of a contiguous time-major [T, B, F] tensor as a [(t1 - t0) * B, F] matrix.
 inline Tensor steps(const Tensor& t, int64_t t0, int64_t t1) {
   return t.narrow(0, t0, t1 - t0).view({(t1 - t0) * t.size(1), t.size(2)});
+}
+
+// A step's cell over [B, H]: per element, or (Rows) per whole row.
+template <typename L, bool Rows, typename F>
+void run_cell(c10::Device device, int64_t B, int64_t H, const F& f) {
+  if constexpr (Rows)
+    L::run_rows(device, B, f);
+  else
+    L::run(device, B, H, f);
+}
+
+// gemm_cell_steps and cell_gemm_steps one step at a time: a GEMM and a cell launch per step.
+template <typename L, bool Rows, typename MakeF>
+void gemm_cell_each_step(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other, const Tensor& w_t,
+                         int64_t H, const MakeF& make_f) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const Tensor& prev = t % 2 ? other : h;
+    L::gemm(hg, prev, w_t, Tensor());
+    run_cell<L, Rows>(hg.device(), h.size(0), H, make_f(t, prev, t % 2 ? h : other));
+  }
+}
+template <typename L, bool Rows, typename MakeF>
+void cell_gemm_each_step(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
+                         const Tensor& w_hh, int64_t H, const MakeF& make_f) {
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    run_cell<L, Rows>(dh.device(), dh.size(0), H, make_f(t));
+    L::gemm(dh, dhg[t - t0], w_hh, direct);
+  }
 }
 
 // What a forward reads and writes (contiguous; w_hr, r undefined without a projection). h: the carried
@@ -76,8 +118,9 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = f.y.options();
   auto xg = at::empty({chunk, p.B, GH}, opts);
-  const auto w_ih_t = right_operand(f.w_ih);
+  const auto w_ih_t = right_operand<L>(f.w_ih);
   auto project = [&](int64_t t0, int64_t t1) {  // xg = x @ w_ih^T for steps [t0, t1)
+    RECORD_FUNCTION("rnnext::fwd_project", std::vector<c10::IValue>());
     auto out = steps(xg, 0, t1 - t0);
     L::gemm(out, steps(f.x, t0, t1), w_ih_t, Tensor());
     p.xg = cptr<S>(xg);
@@ -91,31 +134,26 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   }
   const auto device = f.h.device();
   auto hg = at::empty({p.B, GH}, opts);
-  const auto w_t = right_operand(f.w_hh);
-  const auto wr_t = proj ? right_operand(f.w_hr) : Tensor();
+  const auto w_t = right_operand<L>(f.w_hh);
+  const auto wr_t = proj ? right_operand<L>(f.w_hr) : Tensor();
   auto hp = proj ? at::empty({p.B, p.P}, opts) : Tensor();
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
   auto other = proj ? Tensor() : at::empty_like(f.h);
-  const auto w_step = proj || Cell::rows ? Tensor() : L::step_weights(w_t, Cell::G, p.H);
+  const auto w_step = proj ? Tensor() : L::step_weights(w_t, Cell::G, p.H);
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
     if (!whole) project(t0, t1);
-    if constexpr (Cell::rows) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const Tensor& prev = t % 2 ? other : f.h;
-        L::gemm(hg, prev, w_t, Tensor());
-        L::run_rows(device, p.B, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(t % 2 ? f.h : other)));
-      }
-    } else if (!proj) {
-      L::gemm_cell_steps(t0, t1, hg, f.h, other, w_step, Cell::G, p.H,
-                         [&](int64_t t, const Tensor& prev, const Tensor& next) {
-                           return Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
-                         });
+    if (!proj) {
+      RECORD_FUNCTION("rnnext::fwd_steps", std::vector<c10::IValue>());
+      L::template gemm_cell_steps<Cell::rows>(t0, t1, hg, f.h, other, w_step, p.H,
+                                              [&](int64_t t, const Tensor& prev, const Tensor& next) {
+                                                return Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
+                                              });
     } else {
       for (int64_t t = t0; t < t1; ++t) {  // LSTM with projection: the cell, the projection GEMM, the carry
         L::gemm(hg, f.h, w_t, Tensor());
-        L::run(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
+        run_cell<L, Cell::rows>(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
         L::gemm(hp, f.r[t], wr_t, Tensor());
         L::run(device, p.B, p.P,
                cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(f.h),
@@ -157,6 +195,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   };
   // From the chunk of steps [t0, t1): dx of those steps, and their part of the weight and bias gradients.
   auto gradients = [&](int64_t t0, int64_t t1) {
+    RECORD_FUNCTION("rnnext::bwd_gradients", std::vector<c10::IValue>());
     const auto dxg_c = steps(dxg, 0, t1 - t0), dhg_c = steps(dhg, 0, t1 - t0);
     auto dx = steps(b.dx, t0, t1);
     L::gemm(dx, dxg_c, b.w_ih, Tensor());
@@ -187,25 +226,25 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   }
   const auto device = b.dh.device();
   auto dr = proj ? at::empty({p.B, p.H}, opts) : Tensor();
+  const auto w_step = proj ? Tensor() : L::step_weights(b.w_hh, 1, p.H);
   for (int64_t t1 = p.T; t1 > 0; t1 -= chunk) {
     const int64_t t0 = std::max<int64_t>(0, t1 - chunk);
     hold(t0, t1);
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      const S* dh_cell = cptr<S>(b.dh);
-      if (proj) {
+    if (!proj) {
+      RECORD_FUNCTION("rnnext::bwd_steps", std::vector<c10::IValue>());
+      L::template cell_gemm_steps<Cell::rows>(t0, t1, b.dh, dhg, b.direct, w_step, p.H,
+                                              [&](int64_t t) { return Cell::bwd(p, t, cptr<S>(b.dh), false); });
+    } else {
+      for (int64_t t = t1 - 1; t >= t0; --t) {  // LSTM with projection: the carry, the projection GEMM, the cell
         L::run(device, p.B, p.P,
                cells::CarryBwd<S, A>{.step = {p.lengths, t, p.P}, .dh_next = cptr<S>(b.dh),
                                      .dy = p.dy + cells::held(p, t) * p.B * p.P,
                                      .dhp = mptr<S>(dhp) + t * p.B * p.P,
                                      .direct = p.direct, .clip = p.clip});
         L::gemm(dr, dhp[t], w_hr, Tensor());
-        dh_cell = cptr<S>(dr);
+        run_cell<L, Cell::rows>(device, p.B, p.H, Cell::bwd(p, t, cptr<S>(dr), true));
+        L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
       }
-      if constexpr (Cell::rows)
-        L::run_rows(device, p.B, Cell::bwd(p, t, dh_cell, proj));
-      else
-        L::run(device, p.B, p.H, Cell::bwd(p, t, dh_cell, proj));
-      L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
     }
     gradients(t0, t1);
   }

@@ -227,8 +227,9 @@ cells::SeqBwd<S, A> bwd_pointers(const Dims& d, BwdTensors& b, const Tensor& c_a
 }
 
 // dx, dw_ih, dh0, dw_hh, db_ih, db_hh: the gradients every cell returns.
-inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gradients(BwdTensors& b, bool separate_dhg) {
-  return {b.dx, b.dw_ih_t.t().contiguous(), b.dh, b.dw_hh_t.t().contiguous(), b.db_ih,
+template <typename L>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gradients(BwdTensors& b, bool separate_dhg) {
+  return {b.dx, L::contiguous(b.dw_ih_t.t()), b.dh, L::contiguous(b.dw_hh_t.t()), b.db_ih,
           separate_dhg ? b.db_hh : b.db_ih.clone()};
 }
 
@@ -262,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
   });
   auto dw_hr = proj ? at::empty({P, H}, y.options()) : at::empty({0}, y.options());
   if (proj) L::gemm(dw_hr, dhp.reshape({T * B, P}).t(), r.reshape({T * B, H}), Tensor());  // over all steps
-  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients(b, false);
+  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients<L>(b, false);
   return {dx, dw_ih, dh0, dc.to(y.scalar_type()), dw_hh, db_ih, db_hh, dw_hr};
 }
 
@@ -283,7 +284,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(
     using A = at::opmath_type<scalar_t>;
     backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip, z), b, none, none);
   });
-  return gradients(b, Cell::separate_dhg);
+  return gradients<L>(b, Cell::separate_dhg);
 }
 
 template <typename L>
@@ -319,7 +320,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(
                                                     none, none);
     });
   });
-  return gradients(b, false);
+  return gradients<L>(b, false);
 }
 
 // ---- layer-normalised cells -------------------------------------------------------------------------
@@ -440,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     p.ln_work = mptr<A>(work);
     backward<L, Cell>(how, p, b, Tensor(), Tensor());
   });
-  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients(b, Cell::separate_dhg);
+  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients<L>(b, Cell::separate_dhg);
   return {dx, dw_ih, dh0, dcn ? dc.to(y.scalar_type()) : at::empty({0}, y.options()), dw_hh, db_ih, db_hh,
           b.dln_w.to(y.scalar_type()), b.dln_b.to(y.scalar_type())};
 }

@@ -1,0 +1,46 @@
+"""The CPU's fused float32 steps (cpu/kernels.cpp gemm_cell_steps, cell_gemm_steps): one parallel region per
+chunk of steps, each thread a block of 16-unit columns (the last one ragged) and, for the layer-normalised
+cells, a share of the rows. Three threads on 37 hidden units and 5 rows split both unevenly; lengths and a
+zoneout mask exercise the gradient that bypasses the GEMM (`direct`)."""
+import pytest
+import torch
+
+from rnnext import ops, reference
+from conftest import close, outputs_and_grads
+from test_layernorm import make_args as ln_args
+from test_zoneout import make_args as zoneout_args
+
+BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
+
+
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+@BUILT
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "LNLSTM", "LNGRU"])
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("zoneout", [False, True])
+def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, zoneout):
+    T, B, H = 11, 5, 37
+    if mode.startswith("LN"):
+        args = ln_args(mode, T, B, H, "cpu", lengths, seed=3, I=19)
+        parts = 2 if mode == "LNLSTM" else 1
+        mask = torch.bernoulli(torch.full((T, B, parts * H), 0.3, dtype=torch.float64),
+                               generator=torch.Generator().manual_seed(5))
+    else:
+        args, mask = zoneout_args(mode, T, B, H, "cpu", lengths, seed=3, I=19)
+    kw = dict(reverse=reverse, clip=0.9, zoneout_mask=mask if zoneout else None)
+    low = {k: v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+           for k, v in args.items()}
+    got = outputs_and_grads(ops.recurrence, low, **dict(kw, zoneout_mask=mask.float() if zoneout else None))
+    want = outputs_and_grads(reference.recurrence, args, **kw)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        close(a.double(), b, rtol=1e-5)
