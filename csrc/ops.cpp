@@ -34,6 +34,10 @@ TORCH_LIBRARY(rnnext, m) {
         "int smem_per_block, int threads, int min_rows, bool align_units) -> int[]",
         &persistent_plan);
 
+  // Zoneout's keep masks on CPU (cpu/kernels.cpp; rnnext.reference.keep_mask is its transcription): 1 with
+  // probability p, from a counter-based hash of seed (a one-element int64 CPU tensor).
+  m.def("keep_mask(Tensor seed, int[] size, float p, ScalarType dtype) -> Tensor");
+
   // Single-step cells. xg, hg: [B, G*H] input and hidden projections (biases included);
   // cx/hx: [B, H] previous state; saved: [B, 4*H] what backward needs (activated gates).
   m.def("lstm_cell(Tensor xg, Tensor hg, Tensor cx) -> (Tensor hy, Tensor cy, Tensor saved)");

@@ -85,6 +85,17 @@ def _new(t, *shape):
     return t.new_empty(shape)
 
 
+def register_keep_mask(lib):
+    @torch.library.register_fake(lib + "keep_mask")
+    def _(seed, size, p, dtype):
+        _check(seed.numel() == 1 and seed.dtype == torch.int64 and seed.device.type == "cpu",
+               lambda: f"keep_mask: expected seed a one-element int64 CPU tensor, got shape {list(seed.shape)}, "
+                       f"dtype {seed.dtype}, device {seed.device}")
+        _check(0 <= p <= 1, lambda: f"keep_mask: expected p in [0, 1], got {p}")
+        _check(dtype.is_floating_point, lambda: f"keep_mask: expected a floating dtype, got {dtype}")
+        return seed.new_empty(size, dtype=dtype)
+
+
 def register_cells(lib):
     @torch.library.register_fake(lib + "lstm_cell")
     def _(xg, hg, cx):

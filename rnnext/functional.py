@@ -167,9 +167,21 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", b
 
 def zoneout_masks(p, T, B, parts, H, like):
     """Zoneout's keep mask of one layer-direction in training: ``[T, B, parts*H]``, 1 = keep the previous
-    value, each with probability p, from torch's default generator (``torch.manual_seed`` reproduces it).
-    Drawn per layer, then per direction; in the order the direction processes its steps."""
-    return torch.empty(T, B, parts * H, dtype=like.dtype, device=like.device).bernoulli_(p)
+    value, each with probability p. Drawn per layer, then per direction; in the order the direction
+    processes its steps. See :func:`keep_mask`."""
+    return keep_mask(p, (T, B, parts * H), like)
+
+
+def keep_mask(p, size, like):
+    """1 with probability p, of like's dtype and device, from torch's default generator (``torch.manual_seed``
+    reproduces it). CPU: a counter-based hash of one 64-bit draw (``torch.ops.rnnext.keep_mask``, threaded;
+    ``bernoulli_`` on torch's CPU generator runs on one thread, ~4 ns an element); CUDA: ``bernoulli_``."""
+    if like.device.type != "cpu":
+        return torch.empty(size, dtype=like.dtype, device=like.device).bernoulli_(p)
+    seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64)
+    if ops.LOAD_ERROR is None:
+        return torch.ops.rnnext.keep_mask(seed, list(size), p, like.dtype)
+    return reference.keep_mask(seed, size, p, like.dtype)
 
 
 def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,

@@ -23,10 +23,11 @@ def _check_zoneout(zoneout, proj_size=0):
 
 def _zoned(new, old, zoneout, training):
     """Zoneout of one step (the cells): each unit keeps its previous value with probability zoneout in
-    training (a mask from torch's generator), the mixture zoneout*old + (1-zoneout)*new in eval."""
+    training (a mask from torch's generator, :func:`rnnext.functional.keep_mask`), the mixture
+    zoneout*old + (1-zoneout)*new in eval."""
     if not zoneout:
         return new
-    keep = torch.empty_like(new).bernoulli_(zoneout) if training else zoneout
+    keep = functional.keep_mask(zoneout, new.shape, new) if training else zoneout
     return keep * old + (1 - keep) * new
 
 

@@ -282,6 +282,7 @@ def _autograd_cells(lib):
 
 
 if LOAD_ERROR is None:
+    _fake.register_keep_mask("rnnext::")
     _fake.register_cells("rnnext::")
     _fake.register_lstm_seq("rnnext::")
     _fake.register_gated_seq("rnnext::", "gru_seq", 3, 4)

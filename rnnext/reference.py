@@ -4,10 +4,13 @@ Same formulas and gate layouts as torch.nn. Two levels, with the fused ops' sign
 :mod:`rnnext.ops`), so that :mod:`rnnext.functional` runs either:
 
 - cells: ``lstm_cell``, ``gru_cell``, ``mgru_cell``, ``rnn_cell``;
-- ``recurrence``: one layer-direction over a sequence, with variable lengths.
+- ``recurrence``: one layer-direction over a sequence, with variable lengths;
+- ``keep_mask``: zoneout's masks as the CPU kernel draws them.
 
 Whole multi-layer sequences on these: ``rnnext.functional.lstm(..., backend="reference")``.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -132,3 +135,25 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
         y = flip_within(y, lengths)
     return y, h, c
 
+
+
+def _u64(c):
+    """A 64-bit constant as the int64 with its bits (torch multiplies int64 modulo 2^64)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z, k):
+    """Logical right shift of int64 bits."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def keep_mask(seed, size, p, dtype):
+    """``torch.ops.rnnext.keep_mask`` (cpu/kernels.cpp) in PyTorch, bit for bit: element i is 1 where half
+    i % 2 (low, high) of splitmix64 of counter i // 2 (seed + counter * golden ratio) is below p * 2^32."""
+    n = math.prod(size)
+    z = seed.reshape(()) + torch.arange((n + 1) // 2, dtype=torch.int64) * _u64(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _u64(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    halves = torch.stack([z & 0xFFFFFFFF, _shr(z, 32)], 1).flatten()[:n]
+    return (halves < int(math.ldexp(p, 32))).to(dtype).view(size)

@@ -134,7 +134,7 @@ def test_cells(device, cell_cls, ours, train):
     new = theirs(x, hx)
     torch.manual_seed(5)
     pairs = list(zip(new, hx)) if cell_cls is nn.LSTMCell else [(new, hx)]
-    want = [(k := torch.empty_like(n).bernoulli_(0.4) if train else 0.4) * o + (1 - k) * n for n, o in pairs]
+    want = [(k := functional.keep_mask(0.4, n.shape, n) if train else 0.4) * o + (1 - k) * n for n, o in pairs]
     for a, b in zip(got if isinstance(got, tuple) else (got,), want, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -170,3 +170,58 @@ def test_compile_fullgraph_with_zoneout():
     want = model(x)[0]
     torch.manual_seed(0)
     torch.testing.assert_close(compiled(x)[0], want)
+
+
+@BUILT
+@pytest.mark.parametrize("size", [(1,), (7,), (3, 5, 7), (100, 32, 50)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_keep_mask_matches_transcription(size, p, dtype):
+    """The CPU kernel and rnnext.reference.keep_mask agree bit for bit, whatever the thread count."""
+    for seed in (0, 12345678901, -2 ** 63, 2 ** 63 - 1):
+        s = torch.tensor(seed, dtype=torch.int64)
+        want = reference.keep_mask(s, size, p, dtype)
+        assert want.shape == size and want.dtype == dtype
+        before = torch.get_num_threads()
+        try:
+            for threads in (1, 3):
+                torch.set_num_threads(threads)
+                assert torch.equal(torch.ops.rnnext.keep_mask(s, list(size), p, dtype), want)
+        finally:
+            torch.set_num_threads(before)
+        if p in (0.0, 1.0):
+            assert torch.equal(want, torch.full(size, p, dtype=dtype))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_statistics(p):
+    """Mean p, neighbours (within a 64-bit word, across words, across rows) uncorrelated: within 5 sigma."""
+    n = 1 << 20
+    torch.manual_seed(0)
+    m = functional.keep_mask(p, (n,), torch.empty(0, dtype=torch.float64))
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(m.mean().item() - p) < 5 * sigma
+    c = m - p
+    for lag in (1, 2, 512):
+        assert abs((c[lag:] * c[:-lag]).mean().item()) < 5 * p * (1 - p) / n ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(functional.keep_mask(p, (n,), m), m)  # seeded by torch's generator
+    assert not torch.equal(functional.keep_mask(p, (n,), m), m)  # a new draw
+
+
+@BUILT
+@pytest.mark.parametrize("seed,p,dtype", [
+    (torch.zeros(2, dtype=torch.int64), 0.5, torch.float32),
+    (torch.zeros((), dtype=torch.int32), 0.5, torch.float32),
+    (torch.zeros(()), 0.5, torch.float32),
+    (torch.zeros((), dtype=torch.int64), -0.1, torch.float32),
+    (torch.zeros((), dtype=torch.int64), 1.5, torch.float32),
+    (torch.zeros((), dtype=torch.int64), 0.5, torch.int32),
+])
+def test_keep_mask_bad_arguments(seed, p, dtype):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with pytest.raises(RuntimeError, match="keep_mask: expected") as eager:
+        torch.ops.rnnext.keep_mask(seed, [4], p, dtype)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError) as fake:
+        torch.ops.rnnext.keep_mask(mode.from_tensor(seed), [4], p, dtype)
+    assert str(fake.value) == str(eager.value)
