@@ -44,3 +44,19 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32
         close(a.double(), b, rtol=1e-5)
+
+
+@BUILT
+def test_fewer_openmp_threads_than_blocks():
+    """OpenMP may give a fused region fewer threads than it asks for (here OMP_THREAD_LIMIT=1 against three
+    blocks): the blocks then go round robin, every one still computed."""
+    import os
+    import subprocess
+    import sys
+    script = ("import sys, torch; sys.path.insert(0, 'tests'); import test_fused_steps as t; torch.set_num_threads(3); "
+              "t.test_float32_threads_match_reference(None, 'LNLSTM', True, False, True); "
+              "t.test_float32_threads_match_reference(None, 'LSTM', True, True, True); print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_THREAD_LIMIT="1"))
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
