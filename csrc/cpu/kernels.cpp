@@ -212,18 +212,21 @@ struct CpuLauncher {
     const int64_t units = ((H + threads - 1) / threads + 15) / 16 * 16;
     return {units, (H + units - 1) / units};
   }
-  static bool fused_steps(const Tensor& w_t, int64_t H) {
-    return w_t.scalar_type() == at::kFloat && w_t.size(0) > 0 && H > 0 && have_brgemm();
-  }
-
-  // W_hh^T [K, G*H] as each thread reads it in gemm_cell_steps: [blocks, G, K, units], a block's gates
-  // contiguous. Read in place, a gate's columns are rows 4*H floats apart, 4 KB at H = 256: they thrash
-  // the L1 sets (measured: 59 us per step at B=32, H=256 for ~23 us of work).
-  static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H) {
-    if (!fused_steps(w_t, H)) return w_t;
-    const auto [units, blocks] = unit_blocks(H);
+  // W_hh^T [K, G*H] as each thread reads it in the fused regions: [blocks, G, K, units] float, a block's
+  // gates contiguous (4-D: the steps run fused; else w_t as given, step by step). Read in place, a gate's
+  // columns are rows 4*H floats apart, 4 KB at H = 256: they thrash the L1 sets (measured: 59 us per step
+  // at B=32, H=256 for ~23 us of work). Fused: float both ways; the 16-bit forward with its GEMM in float
+  // where the step GEMM is small (measured, bf16 LSTM forward vs at::mm per step: 0.35x time at B=8,
+  // H=128; 0.99x at B=32, H=256; 1.19x at B=64, H=512, where oneDNN's bf16 instructions win).
+  static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B, bool forward) {
+    const auto type = w_t.scalar_type();
     const int64_t K = w_t.size(0);
-    auto packed = at::zeros({blocks, G, K, units}, w_t.options());
+    const bool small = B * K * G * H <= (int64_t(1) << 24);
+    if (!(type == at::kFloat || (forward && small && at::isReducedFloatingType(type))) || K == 0 || H == 0 ||
+        !have_brgemm())
+      return w_t;
+    const auto [units, blocks] = unit_blocks(H);
+    auto packed = at::zeros({blocks, G, K, units}, w_t.options().dtype(at::kFloat));
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t j0 = blk * units, n = std::min(H, j0 + units) - j0;
@@ -252,29 +255,57 @@ struct CpuLauncher {
     }
   }
 
-  // Steps t0..t1-1 of the forward (see driver/loops.h). float: one parallel region for all of them,
-  // each thread the GEMM of its hidden units' gate columns then the cell on them while they are in
+  // Steps t0..t1-1 of the forward (see driver/loops.h). Packed weights: one parallel region for all of
+  // them, each thread the GEMM of its hidden units' gate columns then the cell on them while they are in
   // cache, a barrier between steps (a fork/join per step cost ~9% here, perf). Rows: the cell needs
   // every column of its rows, a barrier before it too.
-  template <bool Rows, typename MakeF>
+  template <bool Rows, typename S, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
-    const int64_t B = h.size(0), K = h.size(1), G = hg.size(1) / std::max<int64_t>(H, 1);
-    if (B == 0) return;
-    if (!fused_steps(w_step, H))
-      return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
+    if (h.size(0) == 0) return;
+    if constexpr (!std::is_same_v<S, double>) {
+      if (w_step.dim() == 4) return gemm_cell_region<Rows, S>(t0, t1, hg, h, other, w_step, H, make_f);
+    }
+    gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
+  }
+
+  // 16-bit S: the GEMM in float (the products of 16-bit values are exact in float, as in a 16-bit GEMM
+  // with float accumulation, and hg is rounded back to S as such a GEMM's output is): each thread converts
+  // h_{t-1} for itself and its columns of hg back. at::mm per step was what made the bf16 LSTM forward
+  // 1.3-3.8x torch.nn's here.
+  template <bool Rows, typename S, typename MakeF>
+  static void gemm_cell_region(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
+                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
+    constexpr bool to_float = !std::is_same_v<S, float>;
+    const int64_t B = h.size(0), K = h.size(1), GH = hg.size(1), G = GH / H;
     const auto [units, blocks] = unit_blocks(H);
+    const auto fopts = h.options().dtype(at::kFloat);
+    const Tensor hf = to_float ? at::empty({blocks, B, K}, fopts) : Tensor(),
+                 hgf = to_float ? at::empty({B, GH}, fopts) : hg;
     const float* W = w_step.const_data_ptr<float>();
-    float* C = hg.mutable_data_ptr<float>();
+    float* C = hgf.mutable_data_ptr<float>();
+    S* out = hg.mutable_data_ptr<S>();
 #pragma omp parallel num_threads(blocks)
     {
       const Blocks mine{units, blocks, H};
       for (int64_t t = t0; t < t1; ++t) {
         const Tensor& prev = t % 2 ? other : h;
         mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
+          const float* A;
+          if constexpr (to_float) {
+            float* a = hf.mutable_data_ptr<float>() + blk * B * K;
+            at::vec::convert(prev.const_data_ptr<S>(), a, B * K);
+            A = a;
+          } else {
+            A = prev.const_data_ptr<float>();
+          }
           for (int64_t g = 0; g < G; ++g)
-            at::native::cpublas::brgemm(B, j1 - j0, K, K, units, hg.stride(0), false, prev.const_data_ptr<float>(),
-                                        W + (blk * G + g) * K * units, C + g * H + j0, false);
+            at::native::cpublas::brgemm(B, j1 - j0, K, K, units, GH, false, A, W + (blk * G + g) * K * units,
+                                        C + g * H + j0, false);
+          if constexpr (to_float)
+            for (int64_t r = 0; r < B; ++r)
+              for (int64_t g = 0; g < G; ++g)
+                at::vec::convert(C + r * GH + g * H + j0, out + r * GH + g * H + j0, j1 - j0);
         });
         if constexpr (Rows) {
 #pragma omp barrier
@@ -295,7 +326,7 @@ struct CpuLauncher {
                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
     const int64_t B = dh.size(0), K = dhg.size(2);
     if (B == 0) return;
-    if (!fused_steps(w_step, H))
+    if (w_step.dim() != 4)
       return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
     const auto [units, blocks] = unit_blocks(H);
     const float *W = w_step.const_data_ptr<float>(), *D = dhg.const_data_ptr<float>(),
