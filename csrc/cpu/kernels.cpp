@@ -215,15 +215,14 @@ struct CpuLauncher {
   // W_hh^T [K, G*H] as each thread reads it in the fused regions: [blocks, G, K, units] float, a block's
   // gates contiguous (4-D: the steps run fused; else w_t as given, step by step). Read in place, a gate's
   // columns are rows 4*H floats apart, 4 KB at H = 256: they thrash the L1 sets (measured: 59 us per step
-  // at B=32, H=256 for ~23 us of work). Fused: float both ways; the 16-bit forward with its GEMM in float
-  // where the step GEMM is small (measured, bf16 LSTM forward vs at::mm per step: 0.35x time at B=8,
-  // H=128; 0.99x at B=32, H=256; 1.19x at B=64, H=512, where oneDNN's bf16 instructions win).
-  static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B, bool forward) {
+  // at B=32, H=256 for ~23 us of work). Fused: float; 16-bit with the GEMM in float where the step GEMM is
+  // small (measured, bf16 LSTM forward vs at::mm per step: 0.35x time at B=8, H=128; 0.99x at B=32, H=256;
+  // 1.19x at B=64, H=512, where oneDNN's bf16 instructions win).
+  static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B) {
     const auto type = w_t.scalar_type();
     const int64_t K = w_t.size(0);
     const bool small = B * K * G * H <= (int64_t(1) << 24);
-    if (!(type == at::kFloat || (forward && small && at::isReducedFloatingType(type))) || K == 0 || H == 0 ||
-        !have_brgemm())
+    if (!(type == at::kFloat || (small && at::isReducedFloatingType(type))) || K == 0 || H == 0 || !have_brgemm())
       return w_t;
     const auto [units, blocks] = unit_blocks(H);
     auto packed = at::zeros({blocks, G, K, units}, w_t.options().dtype(at::kFloat));
@@ -317,21 +316,33 @@ struct CpuLauncher {
     }
   }
 
-  // Steps t1-1 down to t0 of the backward (see driver/loops.h). float: one parallel region, each thread
-  // the cell of its hidden units, a barrier, then the same units' columns of dh = direct + dhg @ w_hh:
+  // Steps t1-1 down to t0 of the backward (see driver/loops.h). Packed weights: one parallel region, each
+  // thread the cell of its hidden units, a barrier, then the same units' columns of dh = direct + dhg @ w_hh:
   // the dh and direct each thread's cell reads are what it wrote itself. Rows: a cell reads every column
-  // of its rows of dh, a barrier after the GEMM too.
-  template <bool Rows, typename MakeF>
+  // of its rows of dh, a barrier after the GEMM too. 16-bit S: the GEMM in float as in the forward.
+  template <bool Rows, typename S, typename MakeF>
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
+    if (dh.size(0) == 0) return;
+    if constexpr (!std::is_same_v<S, double>) {
+      if (w_step.dim() == 4) return cell_gemm_region<Rows, S>(t0, t1, dh, dhg, direct, w_step, H, make_f);
+    }
+    cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
+  }
+
+  template <bool Rows, typename S, typename MakeF>
+  static void cell_gemm_region(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
+                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
+    constexpr bool to_float = !std::is_same_v<S, float>;
     const int64_t B = dh.size(0), K = dhg.size(2);
-    if (B == 0) return;
-    if (w_step.dim() != 4)
-      return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
     const auto [units, blocks] = unit_blocks(H);
-    const float *W = w_step.const_data_ptr<float>(), *D = dhg.const_data_ptr<float>(),
-                *R = direct.defined() ? direct.const_data_ptr<float>() : nullptr;
-    float* C = dh.mutable_data_ptr<float>();
+    const auto fopts = dh.options().dtype(at::kFloat);
+    const Tensor dgf = to_float ? at::empty({blocks, B, K}, fopts) : Tensor(),
+                 dhf = to_float ? at::empty({B, H}, fopts) : dh;
+    const float* W = w_step.const_data_ptr<float>();
+    const S *D = dhg.const_data_ptr<S>(), *R = direct.defined() ? direct.const_data_ptr<S>() : nullptr;
+    float* C = dhf.mutable_data_ptr<float>();
+    S* out = dh.mutable_data_ptr<S>();
 #pragma omp parallel num_threads(blocks)
     {
       const Blocks mine{units, blocks, H};
@@ -340,10 +351,20 @@ struct CpuLauncher {
         mine.each([&](int64_t blk, int64_t j0, int64_t j1) { cell_part<Rows>(f, B, blk, blocks, j0, j1); });
 #pragma omp barrier
         mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
+          const S* dg = D + (t - t0) * B * K;
+          const float* A;
+          if constexpr (to_float) {
+            float* a = dgf.mutable_data_ptr<float>() + blk * B * K;
+            at::vec::convert(dg, a, B * K);
+            A = a;
+          } else {
+            A = dg;
+          }
           if (R)
-            for (int64_t r = 0; r < B; ++r) std::copy(R + r * H + j0, R + r * H + j1, C + r * H + j0);
-          at::native::cpublas::brgemm(B, j1 - j0, K, K, units, H, R != nullptr, D + (t - t0) * B * K,
-                                      W + blk * K * units, C + j0, false);
+            for (int64_t r = 0; r < B; ++r) at::vec::convert(R + r * H + j0, C + r * H + j0, j1 - j0);
+          at::native::cpublas::brgemm(B, j1 - j0, K, K, units, H, R != nullptr, A, W + blk * K * units, C + j0, false);
+          if constexpr (to_float)
+            for (int64_t r = 0; r < B; ++r) at::vec::convert(C + r * H + j0, out + r * H + j0, j1 - j0);
         });
         if constexpr (Rows) {
 #pragma omp barrier

@@ -69,14 +69,14 @@ struct CudaLauncher {
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) { aten_gemm(out, a, b, add); }
 
   static Tensor contiguous(const Tensor& m) { return m.contiguous(); }
-  static Tensor step_weights(const Tensor& w_t, int64_t, int64_t, int64_t, bool) { return w_t; }
+  static Tensor step_weights(const Tensor& w_t, int64_t, int64_t, int64_t) { return w_t; }
 
   template <bool Rows, typename S, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
                               const Tensor& w_t, int64_t H, const MakeF& make_f) {
     gemm_cell_each_step<CudaLauncher, Rows>(t0, t1, hg, h, other, w_t, H, make_f);
   }
-  template <bool Rows, typename MakeF>
+  template <bool Rows, typename S, typename MakeF>
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
                               const Tensor& w_hh, int64_t H, const MakeF& make_f) {
     cell_gemm_each_step<CudaLauncher, Rows>(t0, t1, dh, dhg, direct, w_hh, H, make_f);

@@ -4,7 +4,7 @@
 //       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
 //   static Tensor contiguous(const Tensor& m);
 //       m.contiguous() (the CPU's is faster for a transposed float matrix)
-//   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B, bool forward);
+//   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
 //       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
 //   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
@@ -12,11 +12,11 @@
 //       forward steps t0..t1-1, each: hg = prev @ w_hh^T (columns: G gate blocks of H), then the cell functor
 //       make_f(t, prev, next) over [B, H] (Rows: over whole rows, cells/layernorm.h); the state alternates
 //       between h (read at even steps) and other (the CPU runs the steps in one parallel region)
-//   template <bool Rows, typename MakeF>
+//   template <bool Rows, typename S, typename MakeF>
 //   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
 //                               const Tensor& w_step, int64_t H, const MakeF& make_f);
 //       backward steps t1-1 down to t0, each: the cell functor make_f(t) (reads dh, writes dhg[t - t0]), then
-//       dh = direct + dhg[t - t0] @ w_hh (direct undefined: 0); w_step = step_weights(w_hh, 1, H, B, false)
+//       dh = direct + dhg[t - t0] @ w_hh (direct undefined: 0); w_step = step_weights(w_hh, 1, H, B)
 //   (gemm_cell_each_step, cell_gemm_each_step below do them step by step)
 //   static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem);
 //       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
@@ -140,7 +140,7 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
   auto other = proj ? Tensor() : at::empty_like(f.h);
-  const auto w_step = proj ? Tensor() : L::step_weights(w_t, Cell::G, p.H, p.B, true);
+  const auto w_step = proj ? Tensor() : L::step_weights(w_t, Cell::G, p.H, p.B);
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
     if (!whole) project(t0, t1);
@@ -226,14 +226,14 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   }
   const auto device = b.dh.device();
   auto dr = proj ? at::empty({p.B, p.H}, opts) : Tensor();
-  const auto w_step = proj ? Tensor() : L::step_weights(b.w_hh, 1, p.H, p.B, false);
+  const auto w_step = proj ? Tensor() : L::step_weights(b.w_hh, 1, p.H, p.B);
   for (int64_t t1 = p.T; t1 > 0; t1 -= chunk) {
     const int64_t t0 = std::max<int64_t>(0, t1 - chunk);
     hold(t0, t1);
     if (!proj) {
       RECORD_FUNCTION("rnnext::bwd_steps", std::vector<c10::IValue>());
-      L::template cell_gemm_steps<Cell::rows>(t0, t1, b.dh, dhg, b.direct, w_step, p.H,
-                                              [&](int64_t t) { return Cell::bwd(p, t, cptr<S>(b.dh), false); });
+      L::template cell_gemm_steps<Cell::rows, S>(t0, t1, b.dh, dhg, b.direct, w_step, p.H,
+                                                 [&](int64_t t) { return Cell::bwd(p, t, cptr<S>(b.dh), false); });
     } else {
       for (int64_t t = t1 - 1; t >= t0; --t) {  // LSTM with projection: the carry, the projection GEMM, the cell
         L::run(device, p.B, p.P,
