@@ -136,7 +136,6 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     return y, h, c
 
 
-
 def _u64(c):
     """A 64-bit constant as the int64 with its bits (torch multiplies int64 modulo 2^64)."""
     return c - (1 << 64) if c >= 1 << 63 else c

@@ -254,64 +254,70 @@ struct CpuLauncher {
     }
   }
 
+  // A fused region's GEMM operand in float: 16-bit src converted into thread blk's slice of buf; float as is.
+  template <typename S>
+  static const float* as_float(const S* src, const Tensor& buf, int64_t blk, int64_t n) {
+    if constexpr (std::is_same_v<S, float>) {
+      return src;
+    } else {
+      float* a = buf.mutable_data_ptr<float>() + blk * n;
+      at::vec::convert(src, a, n);
+      return a;
+    }
+  }
+  // Columns [j0, j1) of B rows (row stride ld) of a float GEMM's output rounded into the 16-bit result.
+  template <typename S>
+  static void columns_back(const float* src, S* dst, int64_t B, int64_t ld, int64_t j0, int64_t j1) {
+    if constexpr (!std::is_same_v<S, float>)
+      for (int64_t r = 0; r < B; ++r) at::vec::convert(src + r * ld + j0, dst + r * ld + j0, j1 - j0);
+  }
+
   // Steps t0..t1-1 of the forward (see driver/loops.h). Packed weights: one parallel region for all of
   // them, each thread the GEMM of its hidden units' gate columns then the cell on them while they are in
   // cache, a barrier between steps (a fork/join per step cost ~9% here, perf). Rows: the cell needs
   // every column of its rows, a barrier before it too.
+  // 16-bit S: the GEMM in float (the products of 16-bit values are exact in float, as in a 16-bit GEMM
+  // with float accumulation, and hg is rounded back to S as such a GEMM's output is): each thread converts
+  // h_{t-1} for itself and its columns of hg back. at::mm per step was what made the bf16 LSTM forward
+  // 1.3-3.8x torch.nn's here. double: never packed (step_weights), its region not compiled.
   template <bool Rows, typename S, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
     if (h.size(0) == 0) return;
-    if constexpr (!std::is_same_v<S, double>) {
-      if (w_step.dim() == 4) return gemm_cell_region<Rows, S>(t0, t1, hg, h, other, w_step, H, make_f);
-    }
-    gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
-  }
-
-  // 16-bit S: the GEMM in float (the products of 16-bit values are exact in float, as in a 16-bit GEMM
-  // with float accumulation, and hg is rounded back to S as such a GEMM's output is): each thread converts
-  // h_{t-1} for itself and its columns of hg back. at::mm per step was what made the bf16 LSTM forward
-  // 1.3-3.8x torch.nn's here.
-  template <bool Rows, typename S, typename MakeF>
-  static void gemm_cell_region(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
-                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
-    constexpr bool to_float = !std::is_same_v<S, float>;
-    const int64_t B = h.size(0), K = h.size(1), GH = hg.size(1), G = GH / H;
-    const auto [units, blocks] = unit_blocks(H);
-    const auto fopts = h.options().dtype(at::kFloat);
-    const Tensor hf = to_float ? at::empty({blocks, B, K}, fopts) : Tensor(),
-                 hgf = to_float ? at::empty({B, GH}, fopts) : hg;
-    const float* W = w_step.const_data_ptr<float>();
-    float* C = hgf.mutable_data_ptr<float>();
-    S* out = hg.mutable_data_ptr<S>();
+    if constexpr (std::is_same_v<S, double>) {
+      gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
+    } else {
+      if (w_step.dim() != 4)
+        return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
+      constexpr bool to_float = !std::is_same_v<S, float>;
+      const int64_t B = h.size(0), K = h.size(1), GH = hg.size(1), G = GH / H;
+      const auto [units, blocks] = unit_blocks(H);
+      const auto fopts = h.options().dtype(at::kFloat);
+      const Tensor hf = to_float ? at::empty({blocks, B, K}, fopts) : Tensor(),
+                   hgf = to_float ? at::empty({B, GH}, fopts) : hg;
+      const float* W = w_step.const_data_ptr<float>();
+      float* C = hgf.mutable_data_ptr<float>();
+      S* out = hg.mutable_data_ptr<S>();
 #pragma omp parallel num_threads(blocks)
-    {
-      const Blocks mine{units, blocks, H};
-      for (int64_t t = t0; t < t1; ++t) {
-        const Tensor& prev = t % 2 ? other : h;
-        mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
-          const float* A;
-          if constexpr (to_float) {
-            float* a = hf.mutable_data_ptr<float>() + blk * B * K;
-            at::vec::convert(prev.const_data_ptr<S>(), a, B * K);
-            A = a;
-          } else {
-            A = prev.const_data_ptr<float>();
+      {
+        const Blocks mine{units, blocks, H};
+        for (int64_t t = t0; t < t1; ++t) {
+          const Tensor& prev = t % 2 ? other : h;
+          mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
+            const float* A = as_float(prev.const_data_ptr<S>(), hf, blk, B * K);
+            for (int64_t g = 0; g < G; ++g) {
+              at::native::cpublas::brgemm(B, j1 - j0, K, K, units, GH, false, A, W + (blk * G + g) * K * units,
+                                          C + g * H + j0, false);
+              columns_back(C + g * H, out + g * H, B, GH, j0, j1);
+            }
+          });
+          if constexpr (Rows) {
+#pragma omp barrier
           }
-          for (int64_t g = 0; g < G; ++g)
-            at::native::cpublas::brgemm(B, j1 - j0, K, K, units, GH, false, A, W + (blk * G + g) * K * units,
-                                        C + g * H + j0, false);
-          if constexpr (to_float)
-            for (int64_t r = 0; r < B; ++r)
-              for (int64_t g = 0; g < G; ++g)
-                at::vec::convert(C + r * GH + g * H + j0, out + r * GH + g * H + j0, j1 - j0);
-        });
-        if constexpr (Rows) {
+          const auto f = make_f(t, prev, t % 2 ? h : other);
+          mine.each([&](int64_t blk, int64_t j0, int64_t j1) { cell_part<Rows>(f, B, blk, blocks, j0, j1); });
 #pragma omp barrier
         }
-        const auto f = make_f(t, prev, t % 2 ? h : other);
-        mine.each([&](int64_t blk, int64_t j0, int64_t j1) { cell_part<Rows>(f, B, blk, blocks, j0, j1); });
-#pragma omp barrier
       }
     }
   }
@@ -324,50 +330,39 @@ struct CpuLauncher {
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
     if (dh.size(0) == 0) return;
-    if constexpr (!std::is_same_v<S, double>) {
-      if (w_step.dim() == 4) return cell_gemm_region<Rows, S>(t0, t1, dh, dhg, direct, w_step, H, make_f);
-    }
-    cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
-  }
-
-  template <bool Rows, typename S, typename MakeF>
-  static void cell_gemm_region(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
-    constexpr bool to_float = !std::is_same_v<S, float>;
-    const int64_t B = dh.size(0), K = dhg.size(2);
-    const auto [units, blocks] = unit_blocks(H);
-    const auto fopts = dh.options().dtype(at::kFloat);
-    const Tensor dgf = to_float ? at::empty({blocks, B, K}, fopts) : Tensor(),
-                 dhf = to_float ? at::empty({B, H}, fopts) : dh;
-    const float* W = w_step.const_data_ptr<float>();
-    const S *D = dhg.const_data_ptr<S>(), *R = direct.defined() ? direct.const_data_ptr<S>() : nullptr;
-    float* C = dhf.mutable_data_ptr<float>();
-    S* out = dh.mutable_data_ptr<S>();
+    if constexpr (std::is_same_v<S, double>) {
+      cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
+    } else {
+      if (w_step.dim() != 4)
+        return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
+      constexpr bool to_float = !std::is_same_v<S, float>;
+      const int64_t B = dh.size(0), K = dhg.size(2);
+      const auto [units, blocks] = unit_blocks(H);
+      const auto fopts = dh.options().dtype(at::kFloat);
+      const Tensor dgf = to_float ? at::empty({blocks, B, K}, fopts) : Tensor(),
+                   dhf = to_float ? at::empty({B, H}, fopts) : dh;
+      const float* W = w_step.const_data_ptr<float>();
+      const S *D = dhg.const_data_ptr<S>(), *R = direct.defined() ? direct.const_data_ptr<S>() : nullptr;
+      float* C = dhf.mutable_data_ptr<float>();
+      S* out = dh.mutable_data_ptr<S>();
 #pragma omp parallel num_threads(blocks)
-    {
-      const Blocks mine{units, blocks, H};
-      for (int64_t t = t1 - 1; t >= t0; --t) {
-        const auto f = make_f(t);
-        mine.each([&](int64_t blk, int64_t j0, int64_t j1) { cell_part<Rows>(f, B, blk, blocks, j0, j1); });
+      {
+        const Blocks mine{units, blocks, H};
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const auto f = make_f(t);
+          mine.each([&](int64_t blk, int64_t j0, int64_t j1) { cell_part<Rows>(f, B, blk, blocks, j0, j1); });
 #pragma omp barrier
-        mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
-          const S* dg = D + (t - t0) * B * K;
-          const float* A;
-          if constexpr (to_float) {
-            float* a = dgf.mutable_data_ptr<float>() + blk * B * K;
-            at::vec::convert(dg, a, B * K);
-            A = a;
-          } else {
-            A = dg;
+          mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
+            const float* A = as_float(D + (t - t0) * B * K, dgf, blk, B * K);
+            if (R)
+              for (int64_t r = 0; r < B; ++r) at::vec::convert(R + r * H + j0, C + r * H + j0, j1 - j0);
+            at::native::cpublas::brgemm(B, j1 - j0, K, K, units, H, R != nullptr, A, W + blk * K * units, C + j0,
+                                        false);
+            columns_back(C, out, B, H, j0, j1);
+          });
+          if constexpr (Rows) {
+#pragma omp barrier
           }
-          if (R)
-            for (int64_t r = 0; r < B; ++r) at::vec::convert(R + r * H + j0, C + r * H + j0, j1 - j0);
-          at::native::cpublas::brgemm(B, j1 - j0, K, K, units, H, R != nullptr, A, W + blk * K * units, C + j0, false);
-          if constexpr (to_float)
-            for (int64_t r = 0; r < B; ++r) at::vec::convert(C + r * H + j0, out + r * H + j0, j1 - j0);
-        });
-        if constexpr (Rows) {
-#pragma omp barrier
         }
       }
     }

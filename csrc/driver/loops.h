@@ -38,9 +38,9 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
-#include <ATen/record_function.h>
 
 #include "cells/seq.h"
 #include "driver/common.h"
