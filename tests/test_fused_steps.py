@@ -47,6 +47,24 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
 
 
 @BUILT
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("lengths", [False, True])
+def test_float32_wide_gates_match_reference(mode, lengths):
+    """H = 512: the GEMMs run over K in blocks (cpu/kernels.cpp brgemm_blocks: the backward step's K = G*H
+    against a thread's 256 columns, dx's K = G*H), and the LSTM's w_ih^T, w_hh^T have rows of 2048 floats,
+    padded (contiguous(pad)). Weights scaled by 1/16 so that the gates do not saturate."""
+    args, _ = zoneout_args(mode, 3, 3, 512, "cpu", lengths, seed=6, I=19)
+    args.update({k: (args[k] / 16).detach().requires_grad_() for k in ("w_ih", "w_hh")})
+    low = {k: v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+           for k, v in args.items()}
+    got = outputs_and_grads(ops.recurrence, low, clip=0.9)
+    want = outputs_and_grads(reference.recurrence, args, clip=0.9)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        close(a.double(), b, rtol=1e-5)
+
+
+@BUILT
 def test_fewer_openmp_threads_than_blocks():
     """OpenMP may give a fused region fewer threads than it asks for (here OMP_THREAD_LIMIT=1 against three
     blocks): the blocks then go round robin, every one still computed."""

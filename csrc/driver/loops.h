@@ -4,6 +4,8 @@
 //       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
 //   static Tensor contiguous(const Tensor& m);
 //       m.contiguous() (the CPU's is faster for a transposed float matrix)
+//   static Tensor right_operand(const Tensor& w);
+//       w^T [K, N] row-major (rows may be padded), once per sequence, the right operand of every step's GEMM
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
 //       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
@@ -48,13 +50,6 @@
 namespace rnnext {
 
 enum class Path : int64_t { Auto = 0, Step = 1, Persistent = 2 };
-
-// MKL packs a transposed right operand on every call; a contiguous [K, N] one it reads as is
-// (measured: [32,256]x[256,1024] 85 us vs 120 us). Transposed once per sequence, used every step.
-template <typename L>
-Tensor right_operand(const Tensor& w) {
-  return L::contiguous(w.t());
-}
 
 // out = add + a @ b through ATen (cuBLAS, MKL): what a launcher's gemm does where it has nothing better.
 inline void aten_gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
@@ -118,7 +113,7 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = f.y.options();
   auto xg = at::empty({chunk, p.B, GH}, opts);
-  const auto w_ih_t = right_operand<L>(f.w_ih);
+  const auto w_ih_t = L::right_operand(f.w_ih);
   auto project = [&](int64_t t0, int64_t t1) {  // xg = x @ w_ih^T for steps [t0, t1)
     RECORD_FUNCTION("rnnext::fwd_project", std::vector<c10::IValue>());
     auto out = steps(xg, 0, t1 - t0);
@@ -134,8 +129,8 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   }
   const auto device = f.h.device();
   auto hg = at::empty({p.B, GH}, opts);
-  const auto w_t = right_operand<L>(f.w_hh);
-  const auto wr_t = proj ? right_operand<L>(f.w_hr) : Tensor();
+  const auto w_t = L::right_operand(f.w_hh);
+  const auto wr_t = proj ? L::right_operand(f.w_hr) : Tensor();
   auto hp = proj ? at::empty({p.B, p.P}, opts) : Tensor();
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
