@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #include <ATen/Dispatch.h>
@@ -121,17 +122,28 @@ inline bool have_brgemm() {
 
 // m.contiguous(); for a transposed float matrix (stride(0) == 1) 16x16 register transposes in 64x64 blocks
 // over the threads: ATen's transposing copy ran at 4-6 GB/s here (60 us for 256x256, the weight
-// gradients' operands of every chunk of steps). pad: rows of a multiple of 4 KB get 64 bytes more (a
-// GEMM's right operand: brgemm reads a column block down its rows, and rows 4 KB apart share L1 sets;
-// one thread, [3200,256]x[256,1024] 181 -> 198 GFLOP/s, [512,512]x[512,2048] 214 -> 239).
+// gradients' operands of every chunk of steps). pad (a GEMM's right operand, float): rows 4 KB apart, or a
+// multiple of that, are copied 64 bytes apart: brgemm reads a column block down B's rows, and rows 4 KB
+// apart share L1 sets (one thread, GFLOP/s: [3200,256]x[256,1024] 181 -> 198, [512,512]x[512,2048] 214 ->
+// 239; the copy of a chunk's [512,2048] gate gradients costs less than it saves, 2% of an LSTM's backward).
 inline Tensor contiguous(const Tensor& m, bool pad = false) {
-  if (m.scalar_type() != at::kFloat || m.dim() != 2 || m.stride(1) == 1 || m.stride(0) != 1) return m.contiguous();
-  constexpr int64_t kBlock = 64;
-  const int64_t M = m.size(0), N = m.size(1), ld = m.stride(1), blocks_n = (N + kBlock - 1) / kBlock;
+  if (m.scalar_type() != at::kFloat || m.dim() != 2) return m.contiguous();
+  const int64_t M = m.size(0), N = m.size(1);
   const int64_t ldo = pad && N % 1024 == 0 ? N + 16 : N;
+  const bool transposed = m.stride(1) != 1 && m.stride(0) == 1;
+  if (!transposed && !(pad && m.stride(1) == 1 && m.stride(0) % 1024 == 0 && M > 1)) return m.contiguous();
   auto out = at::empty({M, ldo}, m.options()).narrow(1, 0, N);
-  const float* src = m.const_data_ptr<float>();  // m[i][j] at src[j * ld + i]
   float* dst = out.mutable_data_ptr<float>();
+  if (!transposed) {  // rows ld apart to rows ldo apart
+    const float* src = m.const_data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * ldo, src + r * m.stride(0), N * sizeof(float));
+    });
+    return out;
+  }
+  constexpr int64_t kBlock = 64;
+  const int64_t ld = m.stride(1), blocks_n = (N + kBlock - 1) / kBlock;
+  const float* src = m.const_data_ptr<float>();  // m[i][j] at src[j * ld + i]
   at::parallel_for(0, (M + kBlock - 1) / kBlock * blocks_n, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk / blocks_n * kBlock, j0 = blk % blocks_n * kBlock;
@@ -191,7 +203,7 @@ struct CpuLauncher {
   }
   static bool wants_persistent(Path path) { return path == Path::Persistent; }
   static Tensor contiguous(const Tensor& m) { return rnnext::contiguous(m); }
-  static Tensor right_operand(const Tensor& w) { return rnnext::contiguous(w.t(), true); }
+  static Tensor right_operand(const Tensor& m) { return rnnext::contiguous(m, true); }
 
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
     if (out.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 && a.size(1) > 0 && have_brgemm())

@@ -69,7 +69,7 @@ struct CudaLauncher {
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) { aten_gemm(out, a, b, add); }
 
   static Tensor contiguous(const Tensor& m) { return m.contiguous(); }
-  static Tensor right_operand(const Tensor& w) { return w.t().contiguous(); }
+  static Tensor right_operand(const Tensor& m) { return m.contiguous(); }
   static Tensor step_weights(const Tensor& w_t, int64_t, int64_t, int64_t) { return w_t; }
 
   template <bool Rows, typename S, typename MakeF>

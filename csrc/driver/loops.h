@@ -4,8 +4,8 @@
 //       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
 //   static Tensor contiguous(const Tensor& m);
 //       m.contiguous() (the CPU's is faster for a transposed float matrix)
-//   static Tensor right_operand(const Tensor& w);
-//       w^T [K, N] row-major (rows may be padded), once per sequence, the right operand of every step's GEMM
+//   static Tensor right_operand(const Tensor& m);
+//       m [K, N] row-major in the layout gemm reads fastest as its right operand b (the CPU pads some rows)
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
 //       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
@@ -113,7 +113,7 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = f.y.options();
   auto xg = at::empty({chunk, p.B, GH}, opts);
-  const auto w_ih_t = L::right_operand(f.w_ih);
+  const auto w_ih_t = L::right_operand(f.w_ih.t());
   auto project = [&](int64_t t0, int64_t t1) {  // xg = x @ w_ih^T for steps [t0, t1)
     RECORD_FUNCTION("rnnext::fwd_project", std::vector<c10::IValue>());
     auto out = steps(xg, 0, t1 - t0);
@@ -129,8 +129,8 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   }
   const auto device = f.h.device();
   auto hg = at::empty({p.B, GH}, opts);
-  const auto w_t = L::right_operand(f.w_hh);
-  const auto wr_t = proj ? L::right_operand(f.w_hr) : Tensor();
+  const auto w_t = L::right_operand(f.w_hh.t());
+  const auto wr_t = proj ? L::right_operand(f.w_hr.t()) : Tensor();
   auto hp = proj ? at::empty({p.B, p.P}, opts) : Tensor();
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
@@ -194,13 +194,16 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     const auto dxg_c = steps(dxg, 0, t1 - t0), dhg_c = steps(dhg, 0, t1 - t0);
     auto dx = steps(b.dx, t0, t1);
     L::gemm(dx, dxg_c, b.w_ih, Tensor());
-    L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_c, b.dw_ih_t);
+    const auto dxg_r = L::right_operand(dxg_c), dhg_r = Cell::separate_dhg ? L::right_operand(dhg_c) : dxg_r;
+    L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_r, b.dw_ih_t);
     int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
     if (t0 == 0) {
-      L::gemm(b.dw_hh_t, b.h0.t(), dhg[0], b.dw_hh_t);
+      L::gemm(b.dw_hh_t, b.h0.t(), dhg_r.narrow(0, 0, p.B), b.dw_hh_t);
       s0 = 1;
     }
-    if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
+    if (t1 > s0)
+      L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), dhg_r.narrow(0, (s0 - t0) * p.B, (t1 - s0) * p.B),
+              b.dw_hh_t);
     b.db_ih.add_(dxg_c.sum(0));
     if (Cell::separate_dhg) b.db_hh.add_(dhg_c.sum(0));
     if constexpr (Cell::rows) {  // the norms' weights and biases, summed in the math type
