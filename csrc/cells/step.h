@@ -67,6 +67,13 @@ RNNEXT_HD V preact(const S* xg, const S* b_ih, const S* hg, const S* b_hh, int64
   return load_gate<V>(xg, b_ih, G, H, b, j, k) + load_gate<V>(hg, b_hh, G, H, b, j, k);
 }
 
+// v... to gates 0, 1, ... of a [B, G*H] row, p at gate 0 of this row and column.
+template <typename V, typename S, typename... Vs>
+RNNEXT_HD void store_gates(S* p, int64_t H, Vs... v) {
+  int64_t k = 0;
+  (Lanes<V>::store(p + H * k++, v), ...);
+}
+
 // Zoneout's keep weights of one step (see above); off when mask is null and p is 0.
 template <typename scalar_t, typename acc_t>
 struct Keep {
@@ -104,8 +111,7 @@ struct LSTMFwd {
       if (h) L::store(h + s, L::load(h_prev + s));
       if (c_out) L::store(c_out + s, V(0));
       L::store(y + s, V(0));
-      if (saved)
-        for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
+      if (saved) store_gates<V>(saved + g, H, V(0), V(0), V(0), V(0));
       return;
     }
     LSTMGates<V> a;
@@ -123,11 +129,7 @@ struct LSTMFwd {
     if (c_out) L::store(c_out + s, cn);
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
-    if (!saved) return;
-    L::store(saved + g, a.i);
-    L::store(saved + g + H, a.f);
-    L::store(saved + g + 2 * H, a.g);
-    L::store(saved + g + 3 * H, a.o);
+    if (saved) store_gates<V>(saved + g, H, a.i, a.f, a.g, a.o);
   }
 };
 
@@ -149,7 +151,7 @@ struct LSTMBwd {
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 4 * b * H + j;
     if (!step.active(b)) {
-      for (int k = 0; k < 4; ++k) L::store(dgates + g + k * H, V(0));
+      store_gates<V>(dgates + g, H, V(0), V(0), V(0), V(0));
       if (direct) L::store(direct + s, L::load(dh_next + s));
       return;
     }
@@ -165,10 +167,7 @@ struct LSTMBwd {
       L::store(dc + s, lstm_backward((V(1) - kh) * dh, (V(1) - kc) * dcn, a, cp, a.f * cp + a.i * a.g, d) + kc * dcn);
       L::store(direct + s, kh * dh);
     }
-    L::store(dgates + g, d.i);
-    L::store(dgates + g + H, d.f);
-    L::store(dgates + g + 2 * H, d.g);
-    L::store(dgates + g + 3 * H, d.o);
+    store_gates<V>(dgates + g, H, d.i, d.f, d.g, d.o);
   }
 };
 
@@ -189,8 +188,7 @@ struct GRUFwd {
     if (!step.active(b)) {
       if (h) L::store(h + s, L::load(h_prev + s));
       L::store(y + s, V(0));
-      if (saved)
-        for (int k = 0; k < 4; ++k) L::store(saved + g + k * H, V(0));
+      if (saved) store_gates<V>(saved + g, H, V(0), V(0), V(0), V(0));
       return;
     }
     GRUGates<V> a;
@@ -204,11 +202,7 @@ struct GRUFwd {
     }
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
-    if (!saved) return;
-    L::store(saved + g, a.r);
-    L::store(saved + g + H, a.z);
-    L::store(saved + g + 2 * H, a.n);
-    L::store(saved + g + 3 * H, a.hn);
+    if (saved) store_gates<V>(saved + g, H, a.r, a.z, a.n, a.hn);
   }
 };
 
@@ -227,10 +221,8 @@ struct GRUBwd {
     using L = Lanes<V>;
     const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
     if (!step.active(b)) {
-      for (int k = 0; k < 3; ++k) {
-        L::store(dxg + x + k * H, V(0));
-        L::store(dhg + x + k * H, V(0));
-      }
+      store_gates<V>(dxg + x, H, V(0), V(0), V(0));
+      store_gates<V>(dhg + x, H, V(0), V(0), V(0));
       L::store(direct + s, L::load(dh_next + s));
       return;
     }
@@ -243,12 +235,8 @@ struct GRUBwd {
       const V k = keep.template at<V>(b, j, H, 0);
       L::store(direct + s, gru_backward((V(1) - k) * dh, a, L::load(h_prev + s), dxr, dxz, dxn, dhn) + k * dh);
     }
-    L::store(dxg + x, dxr);
-    L::store(dxg + x + H, dxz);
-    L::store(dxg + x + 2 * H, dxn);
-    L::store(dhg + x, dxr);
-    L::store(dhg + x + H, dxz);
-    L::store(dhg + x + 2 * H, dhn);
+    store_gates<V>(dxg + x, H, dxr, dxz, dxn);
+    store_gates<V>(dhg + x, H, dxr, dxz, dhn);
   }
 };
 
@@ -312,10 +300,7 @@ struct MGRUFwd {
     if (!step.active(b)) {
       if (h) L::store(h + s, L::load(h_prev + s));
       L::store(y + s, V(0));
-      if (saved) {
-        L::store(saved + g, V(0));
-        L::store(saved + g + H, V(0));
-      }
+      if (saved) store_gates<V>(saved + g, H, V(0), V(0));
       return;
     }
     V u, cand;
@@ -323,9 +308,7 @@ struct MGRUFwd {
                         L::load(h_prev + s), u, cand);
     if (h) L::store(h + s, hn);
     L::store(y + s, hn);
-    if (!saved) return;
-    L::store(saved + g, u);
-    L::store(saved + g + H, cand);
+    if (saved) store_gates<V>(saved + g, H, u, cand);
   }
 };
 
@@ -343,16 +326,14 @@ struct MGRUBwd {
     using L = Lanes<V>;
     const int64_t s = b * H + j, g = 2 * b * H + j;
     if (!step.active(b)) {
-      L::store(dgates + g, V(0));
-      L::store(dgates + g + H, V(0));
+      store_gates<V>(dgates + g, H, V(0), V(0));
       L::store(direct + s, L::load(dh_next + s));
       return;
     }
     V dpu, dpc;
     L::store(direct + s, mgru_backward(state_grad<V>(dh_next, dy, s, clip), L::load(saved + g),
                                        L::load(saved + g + H), L::load(h_prev + s), dpu, dpc));
-    L::store(dgates + g, dpu);
-    L::store(dgates + g + H, dpc);
+    store_gates<V>(dgates + g, H, dpu, dpc);
   }
 };
 
