@@ -70,7 +70,7 @@ def want_cuda():
 CPU_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
                "-DCPU_CAPABILITY_AVX512"],
-    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],  # f16c: at::vec's Half
     "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
 
@@ -88,7 +88,7 @@ def cpu_capability():
         return "default"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
         return "avx512"
-    if {"avx2", "fma"} <= flags:
+    if {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "default"
 
