@@ -51,9 +51,8 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
 @pytest.mark.parametrize("lengths", [False, True])
 def test_float32_wide_gates_match_reference(mode, lengths):
     """H = 512: the GEMMs run over K in blocks (cpu/kernels.cpp brgemm_blocks: the backward step's K = G*H
-    against a thread's 256 columns, dx's K = G*H), and the LSTM's right operands (w_ih^T, w_hh^T, the gate
-    gradients of the weight-gradient GEMMs) have rows of 2048 floats, copied padded (contiguous(pad)).
-    Weights scaled by 1/16 so that the gates do not saturate."""
+    against a thread's 256 columns, dx's K = G*H), and the LSTM's right operands w_ih^T, w_hh^T have rows of
+    2048 floats, copied padded (contiguous(pad)). Weights scaled by 1/16 so that the gates do not saturate."""
     args, _ = zoneout_args(mode, 3, 3, 512, "cpu", lengths, seed=6, I=19)
     args.update({k: (args[k] / 16).detach().requires_grad_() for k in ("w_ih", "w_hh")})
     low = {k: v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v

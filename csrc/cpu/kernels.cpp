@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 
 #include <ATen/Dispatch.h>
@@ -123,25 +122,14 @@ inline bool have_brgemm() {
 
 // m.contiguous(); for a transposed float matrix (stride(0) == 1) 16x16 register transposes in 64x64 blocks
 // over the threads: ATen's transposing copy ran at 4-6 GB/s here (60 us for 256x256, the weight
-// gradients' operands of every chunk of steps). pad (a GEMM's right operand, float): rows 4 KB apart, or a
-// multiple of that, are copied 64 bytes apart: brgemm reads a column block down B's rows, and rows 4 KB
-// apart share L1 sets (one thread, GFLOP/s: [3200,256]x[256,1024] 181 -> 198, [512,512]x[512,2048] 214 ->
-// 239; the copy of a chunk's [512,2048] gate gradients costs less than it saves, 2% of an LSTM's backward).
+// gradients' operands of every chunk of steps). pad (a GEMM's right operand): rows of a multiple of 4 KB
+// get 64 bytes more, because brgemm reads a column block down B's rows and rows 4 KB apart share L1 sets
+// (one thread, GFLOP/s: [3200,256]x[256,1024] 181 -> 198, [3200,512]x[512,2048] 190 -> 217).
 inline Tensor contiguous(const Tensor& m, bool pad = false) {
-  if (m.scalar_type() != at::kFloat || m.dim() != 2) return m.contiguous();
-  const int64_t M = m.size(0), N = m.size(1);
-  const int64_t ldo = pad && N % 1024 == 0 ? N + 16 : N;
-  const bool transposed = m.stride(1) != 1 && m.stride(0) == 1;
-  if (!transposed && !(pad && m.stride(1) == 1 && m.stride(0) % 1024 == 0 && M > 1)) return m.contiguous();
+  if (m.scalar_type() != at::kFloat || m.dim() != 2 || m.stride(1) == 1 || m.stride(0) != 1) return m.contiguous();
+  const int64_t M = m.size(0), N = m.size(1), ldo = pad && N % 1024 == 0 ? N + 16 : N;
   auto out = at::empty({M, ldo}, m.options()).narrow(1, 0, N);
   float* dst = out.mutable_data_ptr<float>();
-  if (!transposed) {  // rows ld apart to rows ldo apart
-    const float* src = m.const_data_ptr<float>();
-    at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * ldo, src + r * m.stride(0), N * sizeof(float));
-    });
-    return out;
-  }
   constexpr int64_t kBlock = 64;
   const int64_t ld = m.stride(1), blocks_n = (N + kBlock - 1) / kBlock;
   const float* src = m.const_data_ptr<float>();  // m[i][j] at src[j * ld + i]

@@ -5,7 +5,8 @@
 //   static Tensor contiguous(const Tensor& m);
 //       m.contiguous() (the CPU's is faster for a transposed float matrix)
 //   static Tensor right_operand(const Tensor& m);
-//       m [K, N] row-major in the layout gemm reads fastest as its right operand b (the CPU pads some rows)
+//       m [K, N] (a transposed weight) in the layout gemm reads fastest as its right operand b, once per
+//       sequence (the CPU pads rows that are a multiple of 4 KB)
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
 //       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
@@ -194,16 +195,13 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     const auto dxg_c = steps(dxg, 0, t1 - t0), dhg_c = steps(dhg, 0, t1 - t0);
     auto dx = steps(b.dx, t0, t1);
     L::gemm(dx, dxg_c, b.w_ih, Tensor());
-    const auto dxg_r = L::right_operand(dxg_c), dhg_r = Cell::separate_dhg ? L::right_operand(dhg_c) : dxg_r;
-    L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_r, b.dw_ih_t);
+    L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_c, b.dw_ih_t);
     int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
     if (t0 == 0) {
-      L::gemm(b.dw_hh_t, b.h0.t(), dhg_r.narrow(0, 0, p.B), b.dw_hh_t);
+      L::gemm(b.dw_hh_t, b.h0.t(), dhg[0], b.dw_hh_t);
       s0 = 1;
     }
-    if (t1 > s0)
-      L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), dhg_r.narrow(0, (s0 - t0) * p.B, (t1 - s0) * p.B),
-              b.dw_hh_t);
+    if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
     b.db_ih.add_(dxg_c.sum(0));
     if (Cell::separate_dhg) b.db_hh.add_(dhg_c.sum(0));
     if constexpr (Cell::rows) {  // the norms' weights and biases, summed in the math type
