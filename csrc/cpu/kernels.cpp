@@ -328,11 +328,9 @@ struct CpuLauncher {
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
     if (h.size(0) == 0) return;
-    if constexpr (std::is_same_v<S, double>) {
-      gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
-    } else {
-      if (w_step.dim() != 4)
-        return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
+    if (std::is_same_v<S, double> || w_step.dim() != 4)
+      return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
+    if constexpr (!std::is_same_v<S, double>) {
       constexpr bool to_float = !std::is_same_v<S, float>;
       const int64_t B = h.size(0), K = h.size(1), GH = hg.size(1), G = GH / H;
       const auto [units, blocks] = unit_blocks(H);
@@ -373,11 +371,9 @@ struct CpuLauncher {
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
                               const Tensor& w_step, int64_t H, const MakeF& make_f) {
     if (dh.size(0) == 0) return;
-    if constexpr (std::is_same_v<S, double>) {
-      cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
-    } else {
-      if (w_step.dim() != 4)
-        return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
+    if (std::is_same_v<S, double> || w_step.dim() != 4)
+      return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, make_f);
+    if constexpr (!std::is_same_v<S, double>) {
       constexpr bool to_float = !std::is_same_v<S, float>;
       const int64_t B = dh.size(0), K = dhg.size(2);
       const auto [units, blocks] = unit_blocks(H);
