@@ -3,7 +3,10 @@
 // kernels.cpp VecRow), and CUDA with one block per row (cuda/kernels.cu BlockRow):
 //   e.template loop<A>(n, fn)   fn.template operator()<V>(k) for k < n, V a vector of A at k..k+lanes or
 //                               A itself, the work shared by E's threads
-//   e.sum(v)                    the sum of v over E's threads, to all of them (a barrier: loops before are done)
+//   e.template sums<A, M>(n, fn)   fn.template operator()<V>(k, acc) for k < n as loop does, adding into
+//                               its M accumulators V acc[M]; their totals over k and E's threads, to all of
+//                               them (a barrier: loops before are done). Accumulated in V and reduced once:
+//                               a horizontal sum per vector was a dependency chain that cost ~30% of a step
 // LN(v) = (v - mean(v)) / sqrt(var(v) + eps) * w + b over the row's features (biased variance).
 //
 // LayerNormLSTM (torchaudio's RNN-T LSTM, layer_norm=True): gates and cell normalised, the normalised
@@ -16,9 +19,11 @@
 // Zoneout (cells/step.h) applies to the carried state: c = k*c' + (1-k)*LN_c(c~), h = k*h' + (1-k)*o*tanh(...).
 // Each row's scratch (`work`, in the math type) keeps gates between a row's loops instead of computing
 // them twice. Saved for backward per row: the normalised values (before w, b), `norm` [5H] (LSTM: gates, then cell) or
-// [6H] (GRU: u, then v), and the two reciprocal standard deviations `rstd` [2]. Backward writes the
-// gradients of the layer norms' outputs (`dln`, laid out as norm) from which the driver sums the
-// gradients of w and b.
+// [6H] (GRU: u, then v), and the two reciprocal standard deviations `rstd` [2]. Backward adds each
+// row's part of the norms' weight and bias gradients into that row's sums over the steps (`dw`, `db`
+// [B, 5H or 6H], laid out as norm; a row is the same thread's or block's at every step, so no two
+// writers meet), which the driver adds over the rows once: a pass over the gradients of the norms'
+// outputs per chunk of steps (ATen's mul and sums) cost ~5% of a LayerNormLSTM's fwd+bwd.
 #pragma once
 #include "cells/step.h"
 
@@ -34,18 +39,21 @@ RNNEXT_HD V at_(const Fn& fn, int64_t k) {
   return fn.template operator()<V>(k);
 }
 
+// M totals of a row executor's sums.
+template <typename A, int M>
+struct Sums {
+  A v[M];
+};
+
 // Mean and reciprocal standard deviation of pre(k), k < n (two passes: no cancellation).
 template <typename A, typename E, typename Pre>
 RNNEXT_HD void moments(const E& e, int64_t n, const Pre& pre, A eps, A& mean, A& rstd) {
-  A s = A(0);
-  e.template loop<A>(n, [&]<typename V>(int64_t k) { s += Lanes<V>::sum(at_<V>(pre, k)); });
-  mean = e.sum(s) / A(n);
-  A v = A(0);
-  e.template loop<A>(n, [&]<typename V>(int64_t k) {
-    const V d = at_<V>(pre, k) - V(mean);
-    v += Lanes<V>::sum(d * d);
-  });
-  rstd = rsqrt_(e.sum(v) / A(n) + eps);
+  mean = e.template sums<A, 1>(n, [&]<typename V>(int64_t k, V* s) { s[0] = s[0] + at_<V>(pre, k); }).v[0] / A(n);
+  const A var = e.template sums<A, 1>(n, [&]<typename V>(int64_t k, V* s) {
+                   const V d = at_<V>(pre, k) - V(mean);
+                   s[0] = s[0] + d * d;
+                 }).v[0] / A(n);
+  rstd = rsqrt_(var + eps);
 }
 
 // Layer norm's backward for one element: the gradient of its input from dxw (the gradient of its output
@@ -58,6 +66,13 @@ RNNEXT_HD V ln_input_grad(V dxw, V xhat, A rstd, A s1, A s2, int64_t n) {
 template <typename V, typename S>
 RNNEXT_HD V affine(V xhat, const S* w, const S* b, int64_t k) {
   return xhat * Lanes<V>::load(w + k) + Lanes<V>::load(b + k);
+}
+
+// A row's sums of its norms' weight and bias gradients at feature k: d the gradient of the norm's output.
+template <typename V, typename A>
+RNNEXT_HD void add_ln_grads(A* dw, A* db, int64_t k, V d, V xhat) {
+  Lanes<V>::store(dw + k, Lanes<V>::load(dw + k) + d * xhat);
+  Lanes<V>::store(db + k, Lanes<V>::load(db + k) + d);
 }
 
 template <typename S, typename A>
@@ -137,8 +152,8 @@ struct LNLSTMFwd {
 };
 
 // dc [B, H] in/out (A): the gradient of c, then of c'. dgates [B, 4H]: of the gate pre-activations (both
-// projections'); dln [B, 5H]: of the layer norms' outputs; direct [B, H]: of h' not through hg (nullable
-// where that is 0: no lengths, no zoneout).
+// projections'); direct [B, H]: of h' not through hg (nullable where that is 0: no lengths, no zoneout);
+// dw, db [B, 5H] in/out (A): the rows' sums of the norms' weight and bias gradients.
 template <typename S, typename A>
 struct LNLSTMBwd {
   using scalar = S;
@@ -147,17 +162,17 @@ struct LNLSTMBwd {
   const S *dh_next, *dy, *norm, *w, *b, *c_prev;
   const A* rstd;
   A* dc;
-  S *dgates, *dln, *direct;
+  S *dgates, *direct;
   A clip;
   Keep<S, A> keep;
-  A* work;  // [B, 3H] scratch: each unit's i, f, g
+  A* work;  // [B, 5H] scratch: each unit's i, f, g, then the gradients of the norms' outputs (as norm)
+  A *dw, *db;
 
   template <typename E>
   RNNEXT_HD void row(int64_t r, const E& e) const {
     const int64_t H = step.H, s0 = r * H, g0 = 4 * r * H, n0 = 5 * r * H;
     if (!step.active(r)) {
       e.template loop<A>(4 * H, [&]<typename V>(int64_t k) { Lanes<V>::store(dgates + g0 + k, V(0)); });
-      e.template loop<A>(5 * H, [&]<typename V>(int64_t k) { Lanes<V>::store(dln + n0 + k, V(0)); });
       if (direct)
         e.template loop<A>(H, [&]<typename V>(int64_t j) {
           Lanes<V>::store(direct + s0 + j, Lanes<V>::load(dh_next + s0 + j));
@@ -165,19 +180,18 @@ struct LNLSTMBwd {
       return;
     }
     const A rg = rstd[2 * r], rc = rstd[2 * r + 1];
-    A* ifg = work + 3 * s0;
-    // 1. Through h = o*tanh(c) and zoneout to the cell norm's output: dln's cell part, a_o's gradient.
-    A s1 = A(0), s2 = A(0);
-    e.template loop<A>(H, [&]<typename V>(int64_t j) {
+    A* dn = work + n0;
+    // 1. Through h = o*tanh(c) and zoneout to the cell norm's output and a_o's gradient.
+    const auto s = e.template sums<A, 2>(H, [&]<typename V>(int64_t j, V* acc) {
       using L = Lanes<V>;
       LSTMGates<V> a;
       a.i = sigmoid(affine(L::load(norm + n0 + j), w, b, j));
       a.f = sigmoid(affine(L::load(norm + n0 + H + j), w, b, H + j));
       a.g = L::tanh(affine(L::load(norm + n0 + 2 * H + j), w, b, 2 * H + j));
       a.o = sigmoid(affine(L::load(norm + n0 + 3 * H + j), w, b, 3 * H + j));
-      L::store(ifg + j, a.i);
-      L::store(ifg + H + j, a.f);
-      L::store(ifg + 2 * H + j, a.g);
+      L::store(dn + j, a.i);
+      L::store(dn + H + j, a.f);
+      L::store(dn + 2 * H + j, a.g);
       const V chat = L::load(norm + n0 + 4 * H + j), tc = L::tanh(affine(chat, w, b, 4 * H + j));
       V dh = state_grad<V>(dh_next, dy, s0 + j, clip), dct = L::load(dc + s0 + j);
       if (keep.on()) {
@@ -189,42 +203,39 @@ struct LNLSTMBwd {
         L::store(direct + s0 + j, V(0));
       }
       const V dcl = dct + dh * a.o * dtanh(tc);
-      L::store(dln + n0 + 4 * H + j, dcl);
-      L::store(dln + n0 + 3 * H + j, dh * tc * dsigmoid(a.o));
+      L::store(dn + 4 * H + j, dcl);
+      L::store(dn + 3 * H + j, dh * tc * dsigmoid(a.o));
+      add_ln_grads(dw + n0, db + n0, 4 * H + j, dcl, chat);
       const V dxw = dcl * L::load(w + 4 * H + j);
-      s1 += L::sum(dxw);
-      s2 += L::sum(dxw * chat);
+      acc[0] = acc[0] + dxw;
+      acc[1] = acc[1] + dxw * chat;
     });
-    s1 = e.sum(s1);
-    s2 = e.sum(s2);
     // 2. Through the cell norm to c~ = f*c' + i*g: the other gates, dc'.
-    A t1 = A(0), t2 = A(0);
-    e.template loop<A>(H, [&]<typename V>(int64_t j) {
+    const auto t = e.template sums<A, 2>(H, [&]<typename V>(int64_t j, V* acc) {
       using L = Lanes<V>;
       LSTMGates<V> a;
-      a.i = L::load(ifg + j);
-      a.f = L::load(ifg + H + j);
-      a.g = L::load(ifg + 2 * H + j);
+      a.i = L::load(dn + j);
+      a.f = L::load(dn + H + j);
+      a.g = L::load(dn + 2 * H + j);
       const V chat = L::load(norm + n0 + 4 * H + j), cp = L::load(c_prev + s0 + j);
-      const V dcn = ln_input_grad(L::load(dln + n0 + 4 * H + j) * L::load(w + 4 * H + j), chat, rc, s1, s2, H);
+      const V dcn = ln_input_grad(L::load(dn + 4 * H + j) * L::load(w + 4 * H + j), chat, rc, s.v[0], s.v[1], H);
       const V da[4] = {dcn * a.g * dsigmoid(a.i), dcn * cp * dsigmoid(a.f), dcn * a.i * dtanh(a.g),
-                       L::load(dln + n0 + 3 * H + j)};
+                       L::load(dn + 3 * H + j)};
       const V kc = keep.on() ? keep.template at<V>(r, j, H, 1) : V(0);
       L::store(dc + s0 + j, dcn * a.f + kc * L::load(dc + s0 + j));
       for (int k = 0; k < 4; ++k) {
-        if (k < 3) L::store(dln + n0 + k * H + j, da[k]);
-        const V dxw = da[k] * L::load(w + k * H + j);
-        t1 += L::sum(dxw);
-        t2 += L::sum(dxw * L::load(norm + n0 + k * H + j));
+        if (k < 3) L::store(dn + k * H + j, da[k]);
+        const V xhat = L::load(norm + n0 + k * H + j), dxw = da[k] * L::load(w + k * H + j);
+        add_ln_grads(dw + n0, db + n0, k * H + j, da[k], xhat);
+        acc[0] = acc[0] + dxw;
+        acc[1] = acc[1] + dxw * xhat;
       }
     });
-    t1 = e.sum(t1);
-    t2 = e.sum(t2);
     // 3. Through the gates' norm to the pre-activations.
     e.template loop<A>(4 * H, [&]<typename V>(int64_t k) {
       using L = Lanes<V>;
       L::store(dgates + g0 + k,
-               ln_input_grad(L::load(dln + n0 + k) * L::load(w + k), L::load(norm + n0 + k), rg, t1, t2, 4 * H));
+               ln_input_grad(L::load(dn + k) * L::load(w + k), L::load(norm + n0 + k), rg, t.v[0], t.v[1], 4 * H));
     });
   }
 };
@@ -297,7 +308,8 @@ struct LNGRUFwd {
   }
 };
 
-// dxg, dhg [B, 3H]: gradients of the two projections; dln [B, 6H]; direct [B, H] (of h' not through hg).
+// dxg, dhg [B, 3H]: gradients of the two projections; direct [B, H] (of h' not through hg); dw, db [B, 6H]
+// as LNLSTMBwd's.
 template <typename S, typename A>
 struct LNGRUBwd {
   using scalar = S;
@@ -305,9 +317,11 @@ struct LNGRUBwd {
   Step step;
   const S *dh_next, *dy, *norm, *w, *b, *h_prev;
   const A* rstd;
-  S *dxg, *dhg, *dln, *direct;
+  S *dxg, *dhg, *direct;
   A clip;
   Keep<S, A> keep;
+  A* work;  // [B, 6H] scratch: the gradients of the norms' outputs (as norm)
+  A *dw, *db;
 
   template <typename E>
   RNNEXT_HD void row(int64_t r, const E& e) const {
@@ -317,15 +331,14 @@ struct LNGRUBwd {
         Lanes<V>::store(dxg + g0 + k, V(0));
         Lanes<V>::store(dhg + g0 + k, V(0));
       });
-      e.template loop<A>(6 * H, [&]<typename V>(int64_t k) { Lanes<V>::store(dln + n0 + k, V(0)); });
       e.template loop<A>(H, [&]<typename V>(int64_t j) {
         Lanes<V>::store(direct + s0 + j, Lanes<V>::load(dh_next + s0 + j));
       });
       return;
     }
-    // 1. Through the cell to the norms' outputs u, v (dln), with the sums layer norm's backward needs.
-    A ux1 = A(0), ux2 = A(0), uh1 = A(0), uh2 = A(0);
-    e.template loop<A>(H, [&]<typename V>(int64_t j) {
+    // 1. Through the cell to the norms' outputs u, v, with the sums layer norm's backward needs.
+    A* dn = work + n0;
+    const auto s = e.template sums<A, 4>(H, [&]<typename V>(int64_t j, V* acc) {
       using L = Lanes<V>;
       V u[3], v[3];
       for (int k = 0; k < 3; ++k) {
@@ -346,27 +359,27 @@ struct LNGRUBwd {
       dv[0] = du[0];
       dv[1] = du[1];
       for (int k = 0; k < 3; ++k) {
-        L::store(dln + n0 + k * H + j, du[k]);
-        L::store(dln + n0 + 3 * H + k * H + j, dv[k]);
-        const V dxu = du[k] * L::load(w + k * H + j), dxv = dv[k] * L::load(w + 3 * H + k * H + j);
-        ux1 += L::sum(dxu);
-        ux2 += L::sum(dxu * L::load(norm + n0 + k * H + j));
-        uh1 += L::sum(dxv);
-        uh2 += L::sum(dxv * L::load(norm + n0 + 3 * H + k * H + j));
+        const int64_t ku = k * H + j, kv = 3 * H + k * H + j;
+        L::store(dn + ku, du[k]);
+        L::store(dn + kv, dv[k]);
+        const V xu = L::load(norm + n0 + ku), xv = L::load(norm + n0 + kv);
+        add_ln_grads(dw + n0, db + n0, ku, du[k], xu);
+        add_ln_grads(dw + n0, db + n0, kv, dv[k], xv);
+        const V dxu = du[k] * L::load(w + ku), dxv = dv[k] * L::load(w + kv);
+        acc[0] = acc[0] + dxu;
+        acc[1] = acc[1] + dxu * xu;
+        acc[2] = acc[2] + dxv;
+        acc[3] = acc[3] + dxv * xv;
       }
     });
-    ux1 = e.sum(ux1);
-    ux2 = e.sum(ux2);
-    uh1 = e.sum(uh1);
-    uh2 = e.sum(uh2);
     // 2. Through each norm to its projection.
     const A rx = rstd[2 * r], rh = rstd[2 * r + 1];
     e.template loop<A>(3 * H, [&]<typename V>(int64_t k) {
       using L = Lanes<V>;
       L::store(dxg + g0 + k,
-               ln_input_grad(L::load(dln + n0 + k) * L::load(w + k), L::load(norm + n0 + k), rx, ux1, ux2, 3 * H));
-      L::store(dhg + g0 + k, ln_input_grad(L::load(dln + n0 + 3 * H + k) * L::load(w + 3 * H + k),
-                                           L::load(norm + n0 + 3 * H + k), rh, uh1, uh2, 3 * H));
+               ln_input_grad(L::load(dn + k) * L::load(w + k), L::load(norm + n0 + k), rx, s.v[0], s.v[1], 3 * H));
+      L::store(dhg + g0 + k, ln_input_grad(L::load(dn + 3 * H + k) * L::load(w + 3 * H + k),
+                                           L::load(norm + n0 + 3 * H + k), rh, s.v[2], s.v[3], 3 * H));
     });
   }
 };

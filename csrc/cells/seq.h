@@ -45,8 +45,8 @@ struct SeqBwd {
   A keep_p;
   const S *ln_w, *ln_b, *ln_norm;  // layer-normalised cells, as in SeqFwd
   const A* ln_rstd;
-  S* dln;       // [steps t0.., B, N*H]: gradients of the norms' outputs
-  A* ln_work;   // [B, 3H] (LSTM) scratch of the row functors
+  A* ln_work;          // [B, N*H] scratch of the row functors
+  A *ln_dw, *ln_db;    // [B, N*H] in/out: each row's sums over the steps of the norms' weight and bias gradients
 };
 
 // Step t's zoneout keep weights (Z parts per unit).
@@ -158,8 +158,8 @@ struct LNLSTM {
     const int64_t n = p.B * p.H;
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .norm = p.ln_norm + t * N * n,
             .w = p.ln_w, .b = p.ln_b, .c_prev = t ? p.c_all + (t - 1) * n : p.c0, .rstd = p.ln_rstd + t * 2 * p.B,
-            .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .dln = p.dln + held(p, t) * N * n, .direct = p.direct,
-            .clip = p.clip, .keep = keep_of<S, A>(p, t, 2), .work = p.ln_work};
+            .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .direct = p.direct, .clip = p.clip,
+            .keep = keep_of<S, A>(p, t, 2), .work = p.ln_work, .dw = p.ln_dw, .db = p.ln_db};
   }
 };
 
@@ -179,8 +179,8 @@ struct LNGRU {
     const int64_t n = p.B * p.H;
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .norm = p.ln_norm + t * N * n,
             .w = p.ln_w, .b = p.ln_b, .h_prev = t ? p.y + (t - 1) * n : p.h0, .rstd = p.ln_rstd + t * 2 * p.B,
-            .dxg = p.dxg + held(p, t) * 3 * n, .dhg = p.dhg + held(p, t) * 3 * n, .dln = p.dln + held(p, t) * N * n,
-            .direct = p.direct, .clip = p.clip, .keep = keep_of<S, A>(p, t, 1)};
+            .dxg = p.dxg + held(p, t) * 3 * n, .dhg = p.dhg + held(p, t) * 3 * n, .direct = p.direct,
+            .clip = p.clip, .keep = keep_of<S, A>(p, t, 1), .work = p.ln_work, .dw = p.ln_dw, .db = p.ln_db};
   }
 };
 

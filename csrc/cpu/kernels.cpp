@@ -228,9 +228,18 @@ struct CpuLauncher {
       for (; k + V::size() <= n; k += V::size()) fn.template operator()<V>(k);
       for (; k < n; ++k) fn.template operator()<A>(k);
     }
-    template <typename A>
-    A sum(A v) const {
-      return v;
+    template <typename A, int M, typename Fn>
+    cells::Sums<A, M> sums(int64_t n, const Fn& fn) const {
+      using V = at::vec::Vectorized<A>;
+      V acc[M];
+      A tail[M];
+      for (int m = 0; m < M; ++m) acc[m] = V(A(0)), tail[m] = A(0);
+      int64_t k = 0;
+      for (; k + V::size() <= n; k += V::size()) fn.template operator()<V>(k, acc);
+      for (; k < n; ++k) fn.template operator()<A>(k, tail);
+      cells::Sums<A, M> out;
+      for (int m = 0; m < M; ++m) out.v[m] = cells::Lanes<V>::sum(acc[m]) + tail[m];
+      return out;
     }
   };
 

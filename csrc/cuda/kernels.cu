@@ -26,6 +26,15 @@ struct BlockRow {
     for (int64_t k = threadIdx.x; k < n; k += blockDim.x) fn.template operator()<A>(k);
 #endif
   }
+  template <typename A, int M, typename Fn>
+  RNNEXT_HD cells::Sums<A, M> sums(int64_t n, const Fn& fn) const {
+    cells::Sums<A, M> s;
+    for (int m = 0; m < M; ++m) s.v[m] = A(0);
+    loop<A>(n, [&]<typename V>(int64_t k) { fn.template operator()<V>(k, s.v); });
+    for (int m = 0; m < M; ++m) s.v[m] = sum(s.v[m]);
+    return s;
+  }
+  // v summed over the block, to every thread
   template <typename A>
   RNNEXT_HD A sum(A v) const {
 #if defined(__CUDA_ARCH__)

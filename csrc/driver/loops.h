@@ -38,7 +38,6 @@
 #pragma once
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
@@ -104,7 +103,6 @@ struct FwdTensors {
 // (dw^T = operand^T @ dgates: the operand a row-major GEMM has to transpose is the smaller one).
 struct BwdTensors {
   Tensor dy, y, h0, saved, w_hh, x, w_ih, lengths, dh, direct, dx, dw_ih_t, dw_hh_t, db_ih, db_hh;
-  Tensor ln_norm, dln_w, dln_b;  // layer-normalised cells: the saved normalised values, their norms' gradients
 };
 
 template <typename L, typename Cell, typename S, typename A>
@@ -171,11 +169,6 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   auto dhg = Cell::separate_dhg ? at::empty({chunk, p.B, GH}, opts) : dxg;
   p.dxg = mptr<S>(dxg);
   p.dhg = mptr<S>(dhg);
-  Tensor dln;  // layer-normalised cells: the gradients of the norms' outputs, a chunk of steps
-  if constexpr (Cell::rows) {
-    dln = at::empty({chunk, p.B, Cell::N * p.H}, opts);
-    p.dln = mptr<S>(dln);
-  }
   // dy as given where it is contiguous, else a chunk at a time (y.sum()'s is an expanded scalar: a
   // contiguous copy would be a [T, B, P] tensor of ones)
   if (whole) b.dy = b.dy.contiguous();
@@ -204,12 +197,6 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
     b.db_ih.add_(dxg_c.sum(0));
     if (Cell::separate_dhg) b.db_hh.add_(dhg_c.sum(0));
-    if constexpr (Cell::rows) {  // the norms' weights and biases, summed in the math type
-      const auto acc = c10::CppTypeToScalarType<A>::value;
-      const auto dln_c = steps(dln, 0, t1 - t0).to(acc);
-      b.dln_w.add_(at::mul(dln_c, steps(b.ln_norm, t0, t1).to(acc)).sum(0));
-      b.dln_b.add_(dln_c.sum(0));
-    }
   };
   if constexpr (!Cell::rows) {
     if (whole) {

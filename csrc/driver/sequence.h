@@ -421,13 +421,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Path how = check_path(op, path);
   const auto z = check_zoneout(ck, zoneout_mask, zoneout, dcn ? 2 : 1, d, false);
   auto b = bwd_tensors(d, Cell::G, !dcn || lengths.has_value() || z.on(), dy, dhn, x, w_ih, y, h0, y, w_hh, lengths);
-  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  b.ln_norm = norm.contiguous();
-  b.dln_w = at::zeros({Cell::N * d.H}, y.options().dtype(acc));
-  b.dln_b = at::zeros({Cell::N * d.H}, y.options().dtype(acc));
   auto c_all = c_all_ ? c_all_->contiguous() : Tensor(), c0 = c0_ ? c0_->contiguous() : Tensor();
-  const auto rs = rstd.contiguous();
-  auto work = at::empty({d.B, 3 * d.H}, rs.options());  // the row functors' scratch
+  const auto rs = rstd.contiguous(), norm_c = norm.contiguous();
+  // the row functors' scratch; each row's sums of the norms' weight and bias gradients
+  auto work = at::empty({d.B, Cell::N * d.H}, rs.options()), dw = at::zeros({d.B, Cell::N * d.H}, rs.options()),
+       db = at::zeros({d.B, Cell::N * d.H}, rs.options());
   Tensor dc;
   RNNEXT_DISPATCH(y.scalar_type(), "ln_seq_backward", [&] {
     using S = scalar_t;
@@ -436,14 +434,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     auto p = bwd_pointers<S, A>(d, b, c_all, c0, dc, clip, z);
     p.ln_w = cptr<S>(ln_w);
     p.ln_b = cptr<S>(ln_b);
-    p.ln_norm = cptr<S>(b.ln_norm);
+    p.ln_norm = cptr<S>(norm_c);
     p.ln_rstd = cptr<A>(rs);
     p.ln_work = mptr<A>(work);
+    p.ln_dw = mptr<A>(dw);
+    p.ln_db = mptr<A>(db);
     backward<L, Cell>(how, p, b, Tensor(), Tensor());
   });
   auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients<L>(b, Cell::separate_dhg);
   return {dx, dw_ih, dh0, dcn ? dc.to(y.scalar_type()) : at::empty({0}, y.options()), dw_hh, db_ih, db_hh,
-          b.dln_w.to(y.scalar_type()), b.dln_b.to(y.scalar_type())};
+          dw.sum(0).to(y.scalar_type()), db.sum(0).to(y.scalar_type())};
 }
 
 template <typename L>
