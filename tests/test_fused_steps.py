@@ -47,13 +47,18 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
 
 
 @BUILT
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "LNLSTM"])
 @pytest.mark.parametrize("lengths", [False, True])
 def test_float32_wide_gates_match_reference(mode, lengths):
     """H = 512: the GEMMs run over K in blocks (cpu/kernels.cpp brgemm_blocks: the backward step's K = G*H
-    against a thread's 256 columns, dx's K = G*H), and the LSTM's right operands w_ih^T, w_hh^T have rows of
-    2048 floats, copied padded (contiguous(pad)). Weights scaled by 1/16 so that the gates do not saturate."""
-    args, _ = zoneout_args(mode, 3, 3, 512, "cpu", lengths, seed=6, I=19)
+    against a thread's 256 columns, dx's K = G*H), and the LSTMs' rows of 2048 floats are padded: the right
+    operands w_ih^T, w_hh^T (contiguous(pad)) and backward's gate gradients (gate_stride), which every
+    backward cell writes and every GEMM reads with that row stride. Weights scaled by 1/16 so that the gates
+    do not saturate."""
+    if mode.startswith("LN"):
+        args = ln_args(mode, 3, 3, 512, "cpu", lengths, seed=6, I=19)
+    else:
+        args, _ = zoneout_args(mode, 3, 3, 512, "cpu", lengths, seed=6, I=19)
     args.update({k: (args[k] / 16).detach().requires_grad_() for k in ("w_ih", "w_hh")})
     low = {k: v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
            for k, v in args.items()}

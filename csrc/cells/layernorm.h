@@ -167,10 +167,11 @@ struct LNLSTMBwd {
   Keep<S, A> keep;
   A* work;  // [B, 5H] scratch: each unit's i, f, g, then the gradients of the norms' outputs (as norm)
   A *dw, *db;
+  int64_t ldg;  // dgates' row stride (cells/step.h)
 
   template <typename E>
   RNNEXT_HD void row(int64_t r, const E& e) const {
-    const int64_t H = step.H, s0 = r * H, g0 = 4 * r * H, n0 = 5 * r * H;
+    const int64_t H = step.H, s0 = r * H, g0 = r * ldg, n0 = 5 * r * H;
     if (!step.active(r)) {
       e.template loop<A>(4 * H, [&]<typename V>(int64_t k) { Lanes<V>::store(dgates + g0 + k, V(0)); });
       if (direct)
@@ -322,10 +323,11 @@ struct LNGRUBwd {
   Keep<S, A> keep;
   A* work;  // [B, 6H] scratch: the gradients of the norms' outputs (as norm)
   A *dw, *db;
+  int64_t ldg;  // dxg's and dhg's row stride (cells/step.h)
 
   template <typename E>
   RNNEXT_HD void row(int64_t r, const E& e) const {
-    const int64_t H = step.H, s0 = r * H, g0 = 3 * r * H, n0 = 6 * r * H;
+    const int64_t H = step.H, s0 = r * H, g0 = r * ldg, n0 = 6 * r * H;
     if (!step.active(r)) {
       e.template loop<A>(3 * H, [&]<typename V>(int64_t k) {
         Lanes<V>::store(dxg + g0 + k, V(0));

@@ -38,6 +38,7 @@ struct SeqBwd {
   const S *y, *h0, *saved, *c_all, *c0;       // forward's (c_all, c0: LSTM)
   A* dc;                                      // LSTM: gradient of the cell state [B, H], dcn on entry
   S *dxg, *dhg;     // [steps t0.., B, G*H]: gradients of xg and of hg (the next GEMM's operand; == dxg but for the GRU)
+  int64_t ldg;      // their row stride: G*H, or more (cells/step.h)
   S* direct;        // [B, P] the part of dh_prev not through hg; null where it is 0 (LSTM/RNN without lengths
                     // or zoneout)
   A clip;
@@ -85,8 +86,8 @@ struct LSTM {
     const int64_t n = p.B * p.H;
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = proj ? nullptr : p.dy + held(p, t) * p.B * p.P,
             .saved = p.saved + t * 4 * n, .c_prev = t ? p.c_all + (t - 1) * n : p.c0, .c = p.c_all + t * n,
-            .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .direct = proj ? nullptr : p.direct,
-            .clip = proj ? A(0) : p.clip, .keep = keep_of<S, A>(p, t, 2)};
+            .dc = p.dc, .dgates = p.dxg + held(p, t) * p.B * p.ldg, .direct = proj ? nullptr : p.direct,
+            .clip = proj ? A(0) : p.clip, .keep = keep_of<S, A>(p, t, 2), .ldg = p.ldg};
   }
 };
 
@@ -112,11 +113,12 @@ struct Gated {
     const S *dy = p.dy + held(p, t) * n, *saved = p.saved + t * SAVED * n, *h_prev = t ? p.y + (t - 1) * n : p.h0;
     if constexpr (separate_dhg)
       return GRUBwd<S, A>{.step = step, .dh_next = dh, .dy = dy, .saved = saved, .h_prev = h_prev,
-                          .dxg = p.dxg + held(p, t) * G * n, .dhg = p.dhg + held(p, t) * G * n, .direct = p.direct,
-                          .clip = p.clip, .keep = keep_of<S, A>(p, t, 1)};
+                          .dxg = p.dxg + held(p, t) * p.B * p.ldg, .dhg = p.dhg + held(p, t) * p.B * p.ldg,
+                          .direct = p.direct, .clip = p.clip, .keep = keep_of<S, A>(p, t, 1), .ldg = p.ldg};
     else
       return MGRUBwd<S, A>{.step = step, .dh_next = dh, .dy = dy, .saved = saved, .h_prev = h_prev,
-                           .dgates = p.dxg + held(p, t) * G * n, .direct = p.direct, .clip = p.clip};
+                           .dgates = p.dxg + held(p, t) * p.B * p.ldg, .direct = p.direct, .clip = p.clip,
+                           .ldg = p.ldg};
   }
 };
 using GRU = Gated<GRUFwd, 3, 4>;
@@ -136,7 +138,7 @@ struct RNN {
   static RNNEXT_HD RNNBwd<Act_, S, A> bwd(const SeqBwd<S, A>& p, int64_t t, const S* dh, bool) {
     const int64_t n = p.B * p.H;
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .y = p.y + t * n,
-            .dpre = p.dxg + held(p, t) * n, .direct = p.direct, .clip = p.clip};
+            .dpre = p.dxg + held(p, t) * p.B * p.ldg, .direct = p.direct, .clip = p.clip, .ldg = p.ldg};
   }
 };
 
@@ -158,8 +160,8 @@ struct LNLSTM {
     const int64_t n = p.B * p.H;
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .norm = p.ln_norm + t * N * n,
             .w = p.ln_w, .b = p.ln_b, .c_prev = t ? p.c_all + (t - 1) * n : p.c0, .rstd = p.ln_rstd + t * 2 * p.B,
-            .dc = p.dc, .dgates = p.dxg + held(p, t) * 4 * n, .direct = p.direct, .clip = p.clip,
-            .keep = keep_of<S, A>(p, t, 2), .work = p.ln_work, .dw = p.ln_dw, .db = p.ln_db};
+            .dc = p.dc, .dgates = p.dxg + held(p, t) * p.B * p.ldg, .direct = p.direct, .clip = p.clip,
+            .keep = keep_of<S, A>(p, t, 2), .work = p.ln_work, .dw = p.ln_dw, .db = p.ln_db, .ldg = p.ldg};
   }
 };
 
@@ -179,8 +181,9 @@ struct LNGRU {
     const int64_t n = p.B * p.H;
     return {.step = {p.lengths, t, p.H}, .dh_next = dh, .dy = p.dy + held(p, t) * n, .norm = p.ln_norm + t * N * n,
             .w = p.ln_w, .b = p.ln_b, .h_prev = t ? p.y + (t - 1) * n : p.h0, .rstd = p.ln_rstd + t * 2 * p.B,
-            .dxg = p.dxg + held(p, t) * 3 * n, .dhg = p.dhg + held(p, t) * 3 * n, .direct = p.direct,
-            .clip = p.clip, .keep = keep_of<S, A>(p, t, 1), .work = p.ln_work, .dw = p.ln_dw, .db = p.ln_db};
+            .dxg = p.dxg + held(p, t) * p.B * p.ldg, .dhg = p.dhg + held(p, t) * p.B * p.ldg, .direct = p.direct,
+            .clip = p.clip, .keep = keep_of<S, A>(p, t, 1), .work = p.ln_work, .dw = p.ln_dw, .db = p.ln_db,
+            .ldg = p.ldg};
   }
 };
 

@@ -4,7 +4,9 @@
 // A launcher calls f.apply<V>(b, j) for every row b < B and column j < H, V being acc_t (one element)
 // or a CPU vector (a segment of row b from j). Loads and stores are in scalar_t, the math in acc_t
 // (float for half/bfloat16). Pointers point at this step's [B, .] slice, contiguous, row-major:
-//   xg, hg, dxg, dhg, dgates   [B, G*H]  gate k of row b at b*G*H + k*H + j
+//   xg, hg                     [B, G*H]  gate k of row b at b*G*H + k*H + j
+//   dxg, dhg, dgates, dpre     [B, G*H]  the same with rows ldg >= G*H apart (the sequence driver's CPU
+//                                        buffers pad rows of a multiple of 4 KB: driver/loops.h)
 //   states and their grads     [B, H]
 //   saved                      [B, 4*H]  activated gates, per cell below
 // b_ih, b_hh [G*H] (nullable): added to xg and hg here, so that the GEMMs are plain mm (addmm first
@@ -145,29 +147,30 @@ struct LSTMBwd {
   scalar_t *dgates, *direct;
   acc_t clip;
   Keep<scalar_t, acc_t> keep;
+  int64_t ldg;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
     using L = Lanes<V>;
-    const int64_t s = b * H + j, g = 4 * b * H + j;
+    const int64_t s = b * H + j, g = 4 * b * H + j, d = b * ldg + j;
     if (!step.active(b)) {
-      store_gates<V>(dgates + g, H, V(0), V(0), V(0), V(0));
+      store_gates<V>(dgates + d, H, V(0), V(0), V(0), V(0));
       if (direct) L::store(direct + s, L::load(dh_next + s));
       return;
     }
     LSTMGates<V> a{L::load(saved + g), L::load(saved + g + H), L::load(saved + g + 2 * H),
                    L::load(saved + g + 3 * H)};
-    LSTMGates<V> d;
+    LSTMGates<V> da;
     const V dh = state_grad<V>(dh_next, dy, s, clip), dcn = L::load(dc + s), cp = L::load(c_prev + s);
     if (!keep.on()) {
-      L::store(dc + s, lstm_backward(dh, dcn, a, cp, L::load(c + s), d));
+      L::store(dc + s, lstm_backward(dh, dcn, a, cp, L::load(c + s), da));
       if (direct) L::store(direct + s, V(0));
     } else {  // through c~ = f*c_prev + i*g (before zoneout) with (1-k) of the gradients; k straight back
       const V kh = keep.template at<V>(b, j, H, 0), kc = keep.template at<V>(b, j, H, 1);
-      L::store(dc + s, lstm_backward((V(1) - kh) * dh, (V(1) - kc) * dcn, a, cp, a.f * cp + a.i * a.g, d) + kc * dcn);
+      L::store(dc + s, lstm_backward((V(1) - kh) * dh, (V(1) - kc) * dcn, a, cp, a.f * cp + a.i * a.g, da) + kc * dcn);
       L::store(direct + s, kh * dh);
     }
-    store_gates<V>(dgates + g, H, d.i, d.f, d.g, d.o);
+    store_gates<V>(dgates + d, H, da.i, da.f, da.g, da.o);
   }
 };
 
@@ -215,11 +218,12 @@ struct GRUBwd {
   scalar_t *dxg, *dhg, *direct;
   acc_t clip;
   Keep<scalar_t, acc_t> keep;  // zoneout
+  int64_t ldg;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
     using L = Lanes<V>;
-    const int64_t s = b * H + j, x = 3 * b * H + j, g = 4 * b * H + j;
+    const int64_t s = b * H + j, x = b * ldg + j, g = 4 * b * H + j;
     if (!step.active(b)) {
       store_gates<V>(dxg + x, H, V(0), V(0), V(0));
       store_gates<V>(dhg + x, H, V(0), V(0), V(0));
@@ -273,13 +277,14 @@ struct RNNBwd {
   const scalar_t *dh_next, *dy, *y;
   scalar_t *dpre, *direct;
   acc_t clip;
+  int64_t ldg;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
     using L = Lanes<V>;
     const int64_t s = b * H + j;
     const bool on = step.active(b);
-    L::store(dpre + s, on ? rnn_backward<A>(state_grad<V>(dh_next, dy, s, clip), L::load(y + s)) : V(0));
+    L::store(dpre + b * ldg + j, on ? rnn_backward<A>(state_grad<V>(dh_next, dy, s, clip), L::load(y + s)) : V(0));
     if (direct) L::store(direct + s, on ? V(0) : L::load(dh_next + s));
   }
 };
@@ -320,20 +325,21 @@ struct MGRUBwd {
   const scalar_t *dh_next, *dy, *saved, *h_prev;
   scalar_t *dgates, *direct;
   acc_t clip;
+  int64_t ldg;
   template <typename V>
   RNNEXT_HD void apply(int64_t b, int64_t j) const {
     const int64_t H = step.H;
     using L = Lanes<V>;
-    const int64_t s = b * H + j, g = 2 * b * H + j;
+    const int64_t s = b * H + j, g = 2 * b * H + j, d = b * ldg + j;
     if (!step.active(b)) {
-      store_gates<V>(dgates + g, H, V(0), V(0));
+      store_gates<V>(dgates + d, H, V(0), V(0));
       L::store(direct + s, L::load(dh_next + s));
       return;
     }
     V dpu, dpc;
     L::store(direct + s, mgru_backward(state_grad<V>(dh_next, dy, s, clip), L::load(saved + g),
                                        L::load(saved + g + H), L::load(h_prev + s), dpu, dpc));
-    store_gates<V>(dgates + g, H, dpu, dpc);
+    store_gates<V>(dgates + d, H, dpu, dpc);
   }
 };
 

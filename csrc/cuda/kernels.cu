@@ -80,6 +80,7 @@ struct CudaLauncher {
   static Tensor contiguous(const Tensor& m) { return m.contiguous(); }
   static Tensor right_operand(const Tensor& m) { return m.contiguous(); }
   static Tensor step_weights(const Tensor& w_t, int64_t, int64_t, int64_t) { return w_t; }
+  static int64_t gate_stride(int64_t GH, at::ScalarType) { return GH; }
 
   template <bool Rows, typename S, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,

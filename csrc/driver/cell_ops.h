@@ -46,7 +46,7 @@ std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& dhy, const Tensor& d
     L::run(cx.device(), c0.size(0), H,
            cells::LSTMBwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
                                                  .c_prev = cptr<S>(c0), .c = cptr<S>(c1), .dc = mptr<S>(dcx),
-                                                 .dgates = mptr<S>(dgates)});
+                                                 .dgates = mptr<S>(dgates), .ldg = 4 * H});
   });
   return {dgates, dcx};
 }
@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& dhy, const Te
     L::run(hx.device(), B, H,
            cells::GRUBwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
                                                 .h_prev = cptr<S>(h0), .dxg = mptr<S>(dxg), .dhg = mptr<S>(dhg),
-                                                .direct = mptr<S>(dhx)});
+                                                .direct = mptr<S>(dhx), .ldg = 3 * H});
   });
   return {dxg, dhg, dhx};
 }
@@ -108,7 +108,7 @@ Tensor rnn_cell_backward(const Tensor& dhy, const Tensor& hy, std::string_view n
       using S = scalar_t;
       L::run(hy.device(), h.size(0), H,
              cells::RNNBwd<decltype(act)::value, S, at::opmath_type<S>>{
-                 .step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .y = cptr<S>(h), .dpre = mptr<S>(dpre)});
+                 .step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .y = cptr<S>(h), .dpre = mptr<S>(dpre), .ldg = H});
     });
   });
   return dpre;
@@ -138,7 +138,7 @@ std::tuple<Tensor, Tensor> mgru_cell_backward(const Tensor& dhy, const Tensor& h
     L::run(hx.device(), h0.size(0), H,
            cells::MGRUBwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
                                                  .h_prev = cptr<S>(h0), .dgates = mptr<S>(dgates),
-                                                 .direct = mptr<S>(dhx)});
+                                                 .direct = mptr<S>(dhx), .ldg = 2 * H});
   });
   return {dgates, dhx};
 }

@@ -7,6 +7,9 @@
 //   static Tensor right_operand(const Tensor& m);
 //       m [K, N] (a transposed weight) in the layout gemm reads fastest as its right operand b, once per
 //       sequence (the CPU pads rows that are a multiple of 4 KB)
+//   static int64_t gate_stride(int64_t GH, at::ScalarType);
+//       the row stride of backward's gate-gradient buffers [steps, B, GH], the right operand of the weight
+//       gradients' GEMMs (the CPU pads float rows of a multiple of 4 KB, as right_operand)
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
 //       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
@@ -165,8 +168,10 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   const bool proj = w_hr.defined(), whole = !Cell::rows && L::wants_persistent(path) && !proj;
   const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = b.y.options();
-  auto dxg = at::empty({chunk, p.B, GH}, opts);
-  auto dhg = Cell::separate_dhg ? at::empty({chunk, p.B, GH}, opts) : dxg;
+  p.ldg = whole ? GH : L::gate_stride(GH, b.y.scalar_type());  // the persistent kernels read rows GH apart
+  auto gate_buffer = [&] { return at::empty({chunk, p.B, p.ldg}, opts).narrow(2, 0, GH); };
+  auto dxg = gate_buffer();
+  auto dhg = Cell::separate_dhg ? gate_buffer() : dxg;
   p.dxg = mptr<S>(dxg);
   p.dhg = mptr<S>(dhg);
   // dy as given where it is contiguous, else a chunk at a time (y.sum()'s is an expanded scalar: a
