@@ -8,6 +8,7 @@ import torch
 from rnnext import ops, reference
 from conftest import close, outputs_and_grads
 from test_layernorm import make_args as ln_args
+from test_sequence import make_args as sequence_args
 from test_zoneout import make_args as zoneout_args
 
 BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
@@ -47,18 +48,22 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
 
 
 @BUILT
-@pytest.mark.parametrize("mode", ["LSTM", "GRU", "LNLSTM"])
+@pytest.mark.parametrize("mode,H", [("LSTM", 512), ("GRU", 512), ("LNLSTM", 512), ("GRU", 1024), ("LNGRU", 1024),
+                                    ("MGRU", 512), ("RNN", 1024)])
 @pytest.mark.parametrize("lengths", [False, True])
-def test_float32_wide_gates_match_reference(mode, lengths):
-    """H = 512: the GEMMs run over K in blocks (cpu/kernels.cpp brgemm_blocks: the backward step's K = G*H
-    against a thread's 256 columns, dx's K = G*H), and the LSTMs' rows of 2048 floats are padded: the right
-    operands w_ih^T, w_hh^T (contiguous(pad)) and backward's gate gradients (gate_stride), which every
-    backward cell writes and every GEMM reads with that row stride. Weights scaled by 1/16 so that the gates
-    do not saturate."""
+def test_float32_wide_gates_match_reference(mode, H, lengths):
+    """Wide layers: the GEMMs run over K in blocks (cpu/kernels.cpp brgemm_blocks: the backward step's K = G*H
+    against a thread's columns, dx's K = G*H), and rows of G*H floats that are a multiple of 1024 are padded:
+    the right operands w_ih^T, w_hh^T (contiguous(pad)) and backward's gate gradients (gate_stride), which
+    every backward cell (LSTM, GRU, MGRU, RNN, LNLSTM, LNGRU: G*H = 2048, 3072, 1024, 1024, 2048, 3072)
+    writes and every GEMM reads with that row stride; GRU at H = 512 (1536) unpadded. Weights scaled by 1/16
+    so that the gates do not saturate."""
     if mode.startswith("LN"):
-        args = ln_args(mode, 3, 3, 512, "cpu", lengths, seed=6, I=19)
+        args = ln_args(mode, 3, 3, H, "cpu", lengths, seed=6, I=19)
+    elif mode in ("LSTM", "GRU"):
+        args, _ = zoneout_args(mode, 3, 3, H, "cpu", lengths, seed=6, I=19)
     else:
-        args, _ = zoneout_args(mode, 3, 3, 512, "cpu", lengths, seed=6, I=19)
+        args = sequence_args({"MGRU": "mgru", "RNN": "rnn_tanh"}[mode], 3, 3, H, "cpu", lengths=lengths, seed=6)
     args.update({k: (args[k] / 16).detach().requires_grad_() for k in ("w_ih", "w_hh")})
     low = {k: v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
            for k, v in args.items()}
