@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "persistent/plan.h"
+#include "persistent/status.h"
 
 // `import rnnext._C` loads this library, which registers the ops below with the dispatcher.
 extern "C" PyObject* PyInit__C(void) {
@@ -17,22 +18,28 @@ extern "C" PyObject* PyInit__C(void) {
 namespace {
 
 // The planner of the persistent kernels (persistent/plan.h), for tests and for users who want to know
-// what would run: [fits, ctas, units, Bp, Np, Kp, kc, smem bytes].
-std::vector<int64_t> persistent_plan(bool backward, int64_t G, int64_t B, int64_t H, int64_t elem, int64_t acc,
-                                     bool mma, int64_t sms, int64_t smem_per_block, int64_t threads, int64_t min_rows,
-                                     bool align_units) {
+// what would run: [fits, ctas, units, MT, NT, KT, ktile, smem bytes, elems].
+std::vector<int64_t> persistent_plan(bool backward, int64_t G, int64_t B, int64_t H, int64_t elem, int64_t mma,
+                                     int64_t parts, int64_t sms, int64_t smem_per_block, int64_t arch) {
   using namespace rnnext::persistent;
-  const Plan pl = make_plan(backward ? Dir::Backward : Dir::Forward, G, B, H, elem, acc, mma,
-                            Capacity{sms, smem_per_block, threads, min_rows, align_units});
-  return {pl.fits, pl.ctas, pl.units, pl.Bp, pl.Np, pl.Kp, pl.kc, pl.smem};
+  const Plan pl = make_plan(backward ? Dir::Backward : Dir::Forward, G, B, H, elem, Mma(mma), parts,
+                            Capacity{sms, smem_per_block, arch});
+  return {pl.fits, pl.ctas, pl.units, pl.MT, pl.NT, pl.KT, pl.ktile, pl.smem, pl.elems};
+}
+
+// Raises where a persistent kernel failed since the last check (after synchronizing the devices that ran
+// one): the kernels report without a host sync per call (persistent/status.h).
+void check_persistent() {
+  for (auto* check : rnnext::persistent::status_checks()) check();
 }
 
 }  // namespace
 
 TORCH_LIBRARY(rnnext, m) {
-  m.def("persistent_plan(bool backward, int G, int B, int H, int elem, int acc, bool mma, int sms, "
-        "int smem_per_block, int threads, int min_rows, bool align_units) -> int[]",
+  m.def("persistent_plan(bool backward, int G, int B, int H, int elem, int mma, int parts, int sms, "
+        "int smem_per_block, int arch) -> int[]",
         &persistent_plan);
+  m.def("check_persistent() -> ()", &check_persistent);
 
   // Zoneout's keep masks on CPU (cpu/kernels.cpp; rnnext.reference.keep_mask is its transcription): 1 with
   // probability p, from a counter-based hash of seed (a one-element int64 CPU tensor).

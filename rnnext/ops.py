@@ -103,6 +103,13 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     return y, hn, cn
 
 
+def check_persistent():
+    """Raises where a persistent CUDA kernel timed out in its grid barrier since the last check (its outputs
+    were NaN), after synchronizing the devices that ran one. The kernels report without a host sync per call:
+    the next persistent launch on that device raises too."""
+    torch.ops.rnnext.check_persistent()
+
+
 def _first_order_only(name):
     """The backward ops have no derivatives of their own: refuse create_graph=True rather than return
     a graph that silently lacks the second-order terms."""

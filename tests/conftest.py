@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# The persistent kernels' CPU emulation runs only where a test asks for it (csrc/cpu/kernels.cpp, emulated::mode):
+# every test that asks for the persistent path on CPU means to run it. tests/test_persistent.py unsets it to
+# check that users never get it.
+os.environ["RNNEXT_TEST_EMULATE_PERSISTENT"] = "1"
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -122,10 +122,10 @@ struct LNLSTMFwd {
       using L = Lanes<V>;
       V x[4];
       for (int k = 0; k < 4; ++k) x[k] = (at_<V>(pre, k * H + j) - V(mg)) * V(rg);
-      const V i = sigmoid(affine(x[0], w, b, j)), f = sigmoid(affine(x[1], w, b, H + j)),
-              g = L::tanh(affine(x[2], w, b, 2 * H + j));
-      L::store(o + j, sigmoid(affine(x[3], w, b, 3 * H + j)));
-      L::store(ct + j, f * L::load(c_prev + s0 + j) + i * g);
+      const auto a = lstm_gates(affine(x[0], w, b, j), affine(x[1], w, b, H + j), affine(x[2], w, b, 2 * H + j),
+                                affine(x[3], w, b, 3 * H + j));
+      L::store(o + j, a.o);
+      L::store(ct + j, lstm_state(a, L::load(c_prev + s0 + j)));
       if (norm)
         for (int k = 0; k < 4; ++k) L::store(norm + 5 * s0 + k * H + j, x[k]);
     });
@@ -133,16 +133,16 @@ struct LNLSTMFwd {
     e.template loop<A>(H, [&]<typename V>(int64_t j) {
       using L = Lanes<V>;
       const V chat = (L::load(ct + j) - V(mc)) * V(rc), cl = affine(chat, w, b, 4 * H + j);
-      V cn = cl, hn = L::load(o + j) * L::tanh(cl);
-      if (keep.on()) {
-        const V kh = keep.template at<V>(r, j, H, 0), kc = keep.template at<V>(r, j, H, 1);
-        cn = kc * L::load(c_prev + s0 + j) + (V(1) - kc) * cn;
-        hn = kh * L::load(h_prev + s0 + j) + (V(1) - kh) * hn;
+      V next[2] = {L::load(o + j) * L::tanh(cl), cl};
+      V k[2];
+      if (keep.template values<2>(r, j, H, k)) {
+        const V prev[2] = {L::load(h_prev + s0 + j), L::load(c_prev + s0 + j)};
+        zoneout_mix<2>(k, prev, next);
       }
-      L::store(c + s0 + j, cn);
-      if (c_out) L::store(c_out + s0 + j, cn);
-      L::store(h + s0 + j, hn);
-      L::store(y + s0 + j, hn);
+      L::store(c + s0 + j, next[1]);
+      if (c_out) L::store(c_out + s0 + j, next[1]);
+      L::store(h + s0 + j, next[0]);
+      L::store(y + s0 + j, next[0]);
       if (norm) L::store(norm + 5 * s0 + 4 * H + j, chat);
     });
     if (rstd) e.template loop<A>(1, [&]<typename V>(int64_t) {
@@ -186,24 +186,19 @@ struct LNLSTMBwd {
     // 1. Through h = o*tanh(c) and zoneout to the cell norm's output and a_o's gradient.
     const auto s = e.template sums<A, 2>(H, [&]<typename V>(int64_t j, V* acc) {
       using L = Lanes<V>;
-      LSTMGates<V> a;
-      a.i = sigmoid(affine(L::load(norm + n0 + j), w, b, j));
-      a.f = sigmoid(affine(L::load(norm + n0 + H + j), w, b, H + j));
-      a.g = L::tanh(affine(L::load(norm + n0 + 2 * H + j), w, b, 2 * H + j));
-      a.o = sigmoid(affine(L::load(norm + n0 + 3 * H + j), w, b, 3 * H + j));
+      const auto a = lstm_gates(affine(L::load(norm + n0 + j), w, b, j), affine(L::load(norm + n0 + H + j), w, b, H + j),
+                                affine(L::load(norm + n0 + 2 * H + j), w, b, 2 * H + j),
+                                affine(L::load(norm + n0 + 3 * H + j), w, b, 3 * H + j));
       L::store(dn + j, a.i);
       L::store(dn + H + j, a.f);
       L::store(dn + 2 * H + j, a.g);
       const V chat = L::load(norm + n0 + 4 * H + j), tc = L::tanh(affine(chat, w, b, 4 * H + j));
-      V dh = state_grad<V>(dh_next, dy, s0 + j, clip), dct = L::load(dc + s0 + j);
-      if (keep.on()) {
-        const V kh = keep.template at<V>(r, j, H, 0), kc = keep.template at<V>(r, j, H, 1);
-        L::store(direct + s0 + j, kh * dh);
-        dh = (V(1) - kh) * dh;
-        dct = (V(1) - kc) * dct;
-      } else if (direct) {
-        L::store(direct + s0 + j, V(0));
-      }
+      V dnext[2] = {state_grad<V>(dh_next, dy, s0 + j, clip), L::load(dc + s0 + j)}, kept[2] = {V(0), V(0)};
+      V k[2];
+      if (keep.template values<2>(r, j, H, k)) zoneout_split<2>(k, dnext, kept);
+      if (direct) L::store(direct + s0 + j, kept[0]);
+      L::store(dc + s0 + j, kept[1]);  // the part of dc' that skips the cell; 2. adds the cell's
+      const V dh = dnext[0], dct = dnext[1];
       const V dcl = dct + dh * a.o * dtanh(tc);
       L::store(dn + 4 * H + j, dcl);
       L::store(dn + 3 * H + j, dh * tc * dsigmoid(a.o));
@@ -215,16 +210,13 @@ struct LNLSTMBwd {
     // 2. Through the cell norm to c~ = f*c' + i*g: the other gates, dc'.
     const auto t = e.template sums<A, 2>(H, [&]<typename V>(int64_t j, V* acc) {
       using L = Lanes<V>;
-      LSTMGates<V> a;
-      a.i = L::load(dn + j);
-      a.f = L::load(dn + H + j);
-      a.g = L::load(dn + 2 * H + j);
+      const LSTMGates<V> a{L::load(dn + j), L::load(dn + H + j), L::load(dn + 2 * H + j), V(0)};
       const V chat = L::load(norm + n0 + 4 * H + j), cp = L::load(c_prev + s0 + j);
       const V dcn = ln_input_grad(L::load(dn + 4 * H + j) * L::load(w + 4 * H + j), chat, rc, s.v[0], s.v[1], H);
-      const V da[4] = {dcn * a.g * dsigmoid(a.i), dcn * cp * dsigmoid(a.f), dcn * a.i * dtanh(a.g),
-                       L::load(dn + 3 * H + j)};
-      const V kc = keep.on() ? keep.template at<V>(r, j, H, 1) : V(0);
-      L::store(dc + s0 + j, dcn * a.f + kc * L::load(dc + s0 + j));
+      LSTMGates<V> d;
+      const V dcp = lstm_state_backward(dcn, a, cp, d);
+      const V da[4] = {d.i, d.f, d.g, L::load(dn + 3 * H + j)};
+      L::store(dc + s0 + j, dcp + L::load(dc + s0 + j));
       for (int k = 0; k < 4; ++k) {
         if (k < 3) L::store(dn + k * H + j, da[k]);
         const V xhat = L::load(norm + n0 + k * H + j), dxw = da[k] * L::load(w + k * H + j);
@@ -288,15 +280,12 @@ struct LNGRUFwd {
         u[k] = affine(xu[k], w, b, k * H + j);
         v[k] = affine(xv[k], w, b, 3 * H + k * H + j);
       }
-      GRUGates<V> a;
-      const V hp = L::load(h_prev + s0 + j);
-      V hn = gru_forward(u[0], u[1], u[2], v[0], v[1], v[2], hp, a);
-      if (keep.on()) {
-        const V k = keep.template at<V>(r, j, H, 0);
-        hn = k * hp + (V(1) - k) * hn;
-      }
-      L::store(h + s0 + j, hn);
-      L::store(y + s0 + j, hn);
+      const V prev[1] = {L::load(h_prev + s0 + j)};
+      V next[1], saved[GRU::SAVED], k[1];
+      const bool zoned = keep.template values<1>(r, j, H, k);
+      forward_unit<GRU>(true, zoned, k, u, v, prev, next, saved);
+      L::store(h + s0 + j, next[0]);
+      L::store(y + s0 + j, next[0]);
       if (!norm) return;
       for (int k = 0; k < 3; ++k) {
         L::store(norm + n0 + k * H + j, xu[k]);
@@ -348,19 +337,13 @@ struct LNGRUBwd {
         u[k] = affine(L::load(norm + n0 + k * H + j), w, b, k * H + j);
         v[k] = affine(L::load(norm + n0 + 3 * H + k * H + j), w, b, 3 * H + k * H + j);
       }
-      GRUGates<V> a;
-      const V hp = L::load(h_prev + s0 + j);
-      gru_forward(u[0], u[1], u[2], v[0], v[1], v[2], hp, a);
-      V dh = state_grad<V>(dh_next, dy, s0 + j, clip), kdh = V(0);
-      if (keep.on()) {
-        const V k = keep.template at<V>(r, j, H, 0);
-        kdh = k * dh;
-        dh = (V(1) - k) * dh;
-      }
+      const V prev[1] = {L::load(h_prev + s0 + j)};
+      V next[1], saved[GRU::SAVED], dnext[1] = {state_grad<V>(dh_next, dy, s0 + j, clip)}, dprev[1], k[1];
+      GRU::forward(u, v, prev, next, saved);  // the gates again, from the saved norms
       V du[3], dv[3];
-      L::store(direct + s0 + j, gru_backward(dh, a, hp, du[0], du[1], du[2], dv[2]) + kdh);
-      dv[0] = du[0];
-      dv[1] = du[1];
+      const bool zoned = keep.template values<1>(r, j, H, k);
+      backward_unit<GRU>(true, zoned, k, saved, prev, next, dnext, du, dv, dprev);
+      L::store(direct + s0 + j, dprev[0]);
       for (int k = 0; k < 3; ++k) {
         const int64_t ku = k * H + j, kv = 3 * H + k * H + j;
         L::store(dn + ku, du[k]);

@@ -1,4 +1,5 @@
-// Elman RNN cell: h = act(xg + hg), act = tanh or relu.
+// Elman RNN: h = act(xg + hg), act = tanh or relu. State h; nothing saved (backward reads the output h);
+// no zoneout.
 #pragma once
 #include "cells/common.h"
 
@@ -7,18 +8,23 @@ namespace cells {
 
 enum class Act { Tanh, Relu };
 
-template <Act A, typename T>
-RNNEXT_HD T rnn_forward(T pre) {
-  if (A == Act::Tanh) return Lanes<T>::tanh(pre);
-  return Lanes<T>::relu(pre);
-}
+template <Act act>
+struct RNN {
+  static constexpr int G = 1, Z = 1, SAVED = 0, ZONED = 0;
+  static constexpr bool separate_hg = false, reads_h_prev = false, reads_out = true, rows = false;
 
-// Gradient of the pre-activation from dh and the cell's output h.
-template <Act A, typename T>
-RNNEXT_HD T rnn_backward(T dh, T h) {
-  if (A == Act::Tanh) return dh * dtanh(h);
-  return Lanes<T>::relu_grad(dh, h);
-}
+  template <typename V>
+  static RNNEXT_HD void forward(const V* x, const V* hp, const V*, V* next, V*) {
+    next[0] = act == Act::Tanh ? Lanes<V>::tanh(x[0] + hp[0]) : Lanes<V>::relu(x[0] + hp[0]);
+  }
+
+  // out [Z]: the step's new state, h.
+  template <typename V>
+  static RNNEXT_HD void backward(const V*, const V*, const V* out, const V* dnext, V* dx, V*, V* dprev) {
+    dx[0] = act == Act::Tanh ? dnext[0] * dtanh(out[0]) : Lanes<V>::relu_grad(dnext[0], out[0]);
+    dprev[0] = V(0);
+  }
+};
 
 }  // namespace cells
 }  // namespace rnnext

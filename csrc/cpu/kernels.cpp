@@ -9,14 +9,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/record_function.h>
 
+#include "cpu/emulation.h"
 #include "driver/register.h"
-#include "persistent/plan.h"
 
 namespace rnnext {
 namespace cells {
@@ -95,12 +97,6 @@ struct Lanes<at::vec::Vectorized<S>> {
 
 }  // namespace cells
 
-namespace emulated {
-template <typename Cell, typename S, typename A>
-bool forward(const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h);
-template <typename Cell, typename S, typename A>
-bool backward(const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh);
-}  // namespace emulated
 
 // float GEMMs through oneDNN's brgemm micro-kernel (ATen's cpublas), tiled and threaded here. Measured
 // on an AMD EPYC (AVX-512, 2 threads), where MKL (at::mm) is slow: the step GEMM [32,256]x[256,1024]
@@ -192,7 +188,10 @@ struct CpuLauncher {
     B = std::max<int64_t>(1, B);
     return std::max((int64_t(1) << 20) / std::max<int64_t>(1, B * GH * elem), (512 + B - 1) / B);
   }
-  static bool wants_persistent(Path path) { return path == Path::Persistent; }
+  static bool wants_persistent(Path path) {
+    const auto s = emulated::settings();  // only the tests' emulation: cpu/emulation.h
+    return s.on && use_persistent(path, s.by_default);
+  }
   static Tensor contiguous(const Tensor& m) { return rnnext::contiguous(m); }
   static Tensor right_operand(const Tensor& m) { return rnnext::contiguous(m, true); }
   // Padded: LSTM fwd+bwd 0.94x time at (100,32,256,256), 0.96x at (50,64,512,512) (interleaved A/B).
@@ -207,11 +206,11 @@ struct CpuLauncher {
 
   template <typename Cell, typename S, typename A>
   static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
-    return path == Path::Persistent && emulated::forward<Cell>(p, w_hh, h);
+    return emulated::forward<Cell>(path, p, w_hh, h);
   }
   template <typename Cell, typename S, typename A>
   static bool persistent_backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
-    return path == Path::Persistent && emulated::backward<Cell>(p, w_hh, dh);
+    return emulated::backward<Cell>(path, p, w_hh, dh);
   }
 
   // f over row b, columns [j0, j1): vectors of the math type (float for 16-bit types), then scalars.
@@ -456,70 +455,12 @@ inline Tensor keep_mask(const Tensor& seed, at::IntArrayRef size, double p, at::
   return out;
 }
 
-// The persistent CUDA kernels' per-CTA code run on the CPU, one CTA after another (a grid barrier is
-// the end of a loop over CTAs), on an emulated device small enough that small problems still split
-// over several CTAs. Only when forced (path 2): it exists to test that code, not to be fast.
-namespace emulated {
-
-constexpr persistent::Capacity kDevice{.sms = 8, .smem_per_block = 48 * 1024, .threads = 1, .min_rows = 1,
-                                       .align_units = false};
-
-struct NoSync {
-  void block() const {}
-};
-
-template <typename S, typename A>
-persistent::Plan plan(persistent::Dir dir, int64_t G, int64_t B, int64_t H) {
-  return persistent::make_plan(dir, G, B, H, sizeof(S), sizeof(A), persistent::uses_mma<S>, kDevice);
-}
-
-// Every CTA's shared memory, with its weight slice loaded.
-template <typename S>
-Tensor shared_memory(const persistent::Plan& pl, const Tensor& w_hh) {
-  auto smem = at::empty({pl.ctas * pl.smem}, w_hh.options().dtype(at::kByte));
-  for (int64_t k = 0; k < pl.ctas; ++k)
-    persistent::load_weights(pl, k, w_hh.const_data_ptr<S>(), reinterpret_cast<S*>(smem.mutable_data_ptr<uint8_t>() + k * pl.smem), 0, 1);
-  return smem;
-}
-
-template <typename Cell, typename S, typename A>
-bool forward(const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
-  const auto pl = plan<S, A>(persistent::Dir::Forward, Cell::G, p.B, p.H);
-  if (!pl.fits) return false;
-  RECORD_FUNCTION("rnnext::persistent_forward", std::vector<c10::IValue>());
-  Tensor smem = shared_memory<S>(pl, w_hh);
-  auto other = at::empty_like(h), hg = at::empty({p.B, Cell::G * p.H}, h.options());
-  for (int64_t t = 0; t < p.T; ++t) {  // even steps read h and write other, odd steps the reverse
-    const S* h_prev = t % 2 ? cptr<S>(other) : cptr<S>(h);
-    S* h_new = t % 2 ? mptr<S>(h) : mptr<S>(other);
-    for (int64_t k = 0; k < pl.ctas; ++k)
-      persistent::forward_step<Cell>(pl, p, k, t, h_prev, h_new, mptr<S>(hg), smem.mutable_data_ptr<uint8_t>() + k * pl.smem,
-                                     0, 1, NoSync{});
-  }
-  if (p.T % 2) h.copy_(other);
-  return true;
-}
-
-template <typename Cell, typename S, typename A>
-bool backward(const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
-  const auto pl = plan<S, A>(persistent::Dir::Backward, Cell::G, p.B, p.H);
-  if (!pl.fits) return false;
-  RECORD_FUNCTION("rnnext::persistent_backward", std::vector<c10::IValue>());
-  Tensor smem = shared_memory<S>(pl, w_hh);
-  for (int64_t t = p.T - 1; t >= 0; --t) {
-    for (int64_t k = 0; k < pl.ctas; ++k) persistent::backward_cell<Cell>(pl, p, k, t, cptr<S>(dh), 0, 1);
-    for (int64_t k = 0; k < pl.ctas; ++k)
-      persistent::backward_gemm(pl, p, k, t, mptr<S>(dh), smem.mutable_data_ptr<uint8_t>() + k * pl.smem, 0, 1,
-                                NoSync{});
-  }
-  return true;
-}
-
-}  // namespace emulated
 
 TORCH_LIBRARY_IMPL(rnnext, CPU, m) {
   register_ops<CpuLauncher>(m);
   m.impl("keep_mask", &keep_mask);
 }
+
+static const bool emulation_status_added = persistent::add_status_check(&emulated::check);
 
 }  // namespace rnnext

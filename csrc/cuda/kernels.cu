@@ -73,7 +73,7 @@ struct CudaLauncher {
 
   // Every step's projection in one GEMM (and the persistent kernel needs them all).
   static int64_t chunk_steps(int64_t, int64_t, int64_t) { return std::numeric_limits<int64_t>::max(); }
-  static bool wants_persistent(Path path) { return path == Path::Persistent || persistent::kByDefault; }
+  static bool wants_persistent(Path path) { return use_persistent(path, persistent::kByDefault); }
 
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) { aten_gemm(out, a, b, add); }
 
@@ -115,5 +115,7 @@ struct CudaLauncher {
 };
 
 TORCH_LIBRARY_IMPL(rnnext, CUDA, m) { register_ops<CudaLauncher>(m); }
+
+static const bool persistent_status_added = persistent::add_status_check(&persistent::check_devices);
 
 }  // namespace rnnext

@@ -1,12 +1,15 @@
-// Persistent CUDA kernels: one cooperative launch per layer-direction. Each CTA keeps its slice of
-// W_hh in shared memory for the whole sequence and runs persistent/cta.h's step for its hidden units;
-// a grid barrier separates the steps (forward: h_t is read by every CTA at t+1; backward: dgates_t by
-// every CTA before dh_{t-1}). The barrier's wait is bounded: a CTA that waits longer than kTimeoutNs
-// sets an error flag, every CTA leaves, and the host raises a RuntimeError naming the kernel.
+// Persistent CUDA kernels: one cooperative launch per layer-direction. Each CTA keeps its slice of W_hh
+// in registers for the whole sequence and runs persistent/cta.h's phases for its hidden units; a grid
+// barrier separates the steps (forward: h_t is read by every CTA at t+1; backward: dhg[t] by every CTA
+// before dh_{t-1}), split into an arrival right after what the others read is written and a wait just
+// before it is needed. The wait is bounded: a CTA that waits longer than kTimeoutNs sets the device's
+// error word, every CTA writes NaN into its outputs and leaves, and the next launch on that device (or
+// rnnext.ops.check_persistent()) raises. No host sync per call, and a CUDA graph's replays report too.
 //
-// Opt-in (path 2, or RNNEXT_PATH=persistent) until tools/gpu_check.sh has passed with it on a GPU at
+// Opt-in (path 2, or RNNEXT_CUDA_PATH=persistent) until tools/gpu_check.sh has passed with it on a GPU at
 // the commit that makes it the default (kByDefault).
 #pragma once
+#include <ATen/Context.h>
 #include <ATen/record_function.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,15 +18,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
+#include <mutex>
 
 #include "driver/loops.h"
 #include "persistent/plan.h"
+#include "persistent/status.h"
 
 namespace rnnext {
 namespace persistent {
 
 constexpr bool kByDefault = false;
-constexpr int kThreads = 256;
 constexpr long long kTimeoutNs = 5'000'000'000LL;  // no step waits 5 s for the others unless something is broken
 
 __device__ __forceinline__ long long now_ns() {
@@ -32,141 +36,223 @@ __device__ __forceinline__ long long now_ns() {
   return t;
 }
 
-// flags[0]: arrivals (monotonic: barrier s waits for (s + 1) * ctas); flags[1]: error. Zeroed per launch.
-struct GridSync {
-  unsigned* arrivals;
-  int* error;
-  unsigned ctas;      // arrivals per barrier
-  long long timeout;  // ns
-
-  __device__ void block() const { __syncthreads(); }
-
-  // false: some CTA gave up waiting; every thread of the block returns (thread 0 decides for all).
-  __device__ bool grid(unsigned s) const {
-    int ok = 0;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();  // this CTA's writes of the step, before its arrival is seen
-      atomicAdd(arrivals, 1u);
-      const unsigned target = (s + 1) * ctas;
-      const long long start = now_ns();
-      while (*reinterpret_cast<volatile unsigned*>(arrivals) < target) {
-        if (*reinterpret_cast<volatile int*>(error)) break;
-        if (now_ns() - start > timeout) {
-          atomicExch(error, 1);
-          break;
-        }
-        __nanosleep(32);
-      }
-      __threadfence();  // the others' writes, before this CTA reads them
-      ok = *reinterpret_cast<volatile int*>(error) == 0;
-    }
-    return __syncthreads_or(ok);  // thread 0's verdict, to every thread (no shared memory: see the plan)
-  }
-};
-
-template <typename Cell, typename S, typename A>
-__global__ void __launch_bounds__(kThreads, 1)
-    forward_kernel(Plan pl, cells::SeqFwd<S, A> p, const S* w_hh, S* h, S* other, S* hg, GridSync sync) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t k = blockIdx.x, tid = threadIdx.x, n = blockDim.x;
-  load_weights(pl, k, w_hh, reinterpret_cast<S*>(smem), tid, n);
+// This CTA's writes of the step (every thread's: the block sync first) released to the others.
+__device__ __forceinline__ void arrive(const Grid& g) {
   __syncthreads();
-  for (int64_t t = 0; t < p.T; ++t) {  // even steps read h and write other, odd steps the reverse
-    forward_step<Cell>(pl, p, k, t, t % 2 ? other : h, t % 2 ? h : other, hg, smem, tid, n, sync);
-    if (!sync.grid(unsigned(t))) return;
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(g.arrivals) : "memory");
+}
+
+// Until every CTA arrived s + 1 times (barrier s), acquiring their writes; false: some CTA gave up.
+__device__ __forceinline__ bool wait(const Grid& g, long long s) {
+  int ok = 1;
+  if (threadIdx.x == 0) {
+    const unsigned long long target = (unsigned long long)(s + 1) * g.ctas;
+    const long long start = now_ns();
+    for (;;) {
+      unsigned long long v;
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(g.arrivals) : "memory");
+      if (v >= target) break;
+      const long long waited = now_ns() - start;
+      if (waited > 1'000'000 && *reinterpret_cast<volatile int*>(g.error)) {  // host memory: not every poll
+        ok = 0;
+        break;
+      }
+      if (waited > g.timeout_ns) {
+        atomicExch_system(g.error, 1);
+        ok = 0;
+        break;
+      }
+      __nanosleep(20);
+    }
   }
-  if (p.T % 2) {  // the final state is in other: this CTA's units to h
-    const int64_t j0 = first_unit(pl, k), nu = units_of(pl, k);
-    for (int64_t i = tid; i < p.B * nu; i += n) h[i / nu * p.H + j0 + i % nu] = other[i / nu * p.H + j0 + i % nu];
-  }
+  return __syncthreads_and(ok);
 }
 
 template <typename Cell, typename S, typename A>
 __global__ void __launch_bounds__(kThreads, 1)
-    backward_kernel(Plan pl, cells::SeqBwd<S, A> p, const S* w_hh, S* dh, GridSync sync) {
+    forward_kernel(Plan pl, cells::SeqFwd<S, A> p, const S* w_hh, const S* h0, S* buf0, S* buf1, S* h_n, Grid grid) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t k = blockIdx.x, tid = threadIdx.x, n = blockDim.x;
-  load_weights(pl, k, w_hh, reinterpret_cast<S*>(smem), tid, n);
-  __syncthreads();
-  for (int64_t t = p.T - 1; t >= 0; --t) {
-    backward_cell<Cell>(pl, p, k, t, dh, tid, n);
-    if (!sync.grid(unsigned(p.T - 1 - t))) return;
-    backward_gemm(pl, p, k, t, dh, smem, tid, n, sync);
+  const int tid = threadIdx.x;
+  const ForwardCTA<Cell, S, A> cta{pl, p, int32_t(blockIdx.x), smem, w_hh, h0, buf0, buf1, h_n, grid};
+  ForwardRegs<Cell, S, A> r;
+  cta.prologue(r, tid);
+  cta.prefetch(0, tid);
+  for (int32_t t = 0; t < p.T; ++t) {
+    if (t > 0 && !wait(grid, t - 1)) return cta.poison(tid);
+    cta.stage(t, tid);
+    copies_done();
+    __syncthreads();
+    cta.template multiply<1>(&r, tid);
+    __syncthreads();
+    cta.cell(r, t);
+    arrive(grid);
+    cta.store(t, tid);
+    cta.prefetch(t + 1, tid);
   }
+  if (!wait(grid, p.T - 1)) return cta.poison(tid);
+  cta.epilogue(r);
+}
+
+template <typename Cell, typename S, typename A>
+__global__ void __launch_bounds__(kThreads, 1)
+    backward_kernel(Plan pl, cells::SeqBwd<S, A> p, const S* w_hh, S* dh, Grid grid) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const BackwardCTA<Cell, S, A> cta{pl, p, int32_t(blockIdx.x), smem, w_hh, dh, grid};
+  BackwardRegs<Cell, S, A> r;
+  cta.prologue(r, tid);
+  cta.prefetch(p.T - 1, tid);
+  for (int32_t t = p.T - 1; t >= 0; --t) {
+    copies_done();
+    __syncthreads();
+    cta.cell(r, t);
+    arrive(grid);
+    cta.prefetch(t - 1, tid);
+    if (!wait(grid, p.T - 1 - t)) return cta.poison(tid);
+    cta.stage(t, tid);
+    copies_done();
+    __syncthreads();
+    cta.template multiply<1>(&r, tid);
+    __syncthreads();
+    cta.gather(r);
+  }
+  cta.epilogue(r);
 }
 
 inline Capacity device_capacity(int device) {
-  int sms = 0, smem = 0;
+  int sms = 0, smem = 0, major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  // The kernels have no static shared memory: the dynamic block starts at 0, aligned for wmma.
-  return {.sms = sms, .smem_per_block = smem, .threads = kThreads, .min_rows = 32, .align_units = true};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return {.sms = sms, .smem_per_block = smem, .arch = 10 * major + minor};
+}
+
+// A kernel's dynamic shared memory limit raised to the device's opt-in maximum, once per device: a limit
+// set per call to that call's size would let two host threads with different shapes undo each other's.
+template <auto kernel>
+void allow_shared_memory(int device, int64_t bytes) {
+  static std::once_flag once[64];
+  TORCH_CHECK(device >= 0 && device < 64, "rnnext: device index ", device, " out of range");
+  std::call_once(once[device], [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  });
+}
+
+// The device's error word: mapped host memory the kernels write and the host reads without a sync (null
+// where none was made and create is false).
+inline int* error_word(int device, bool on_device, bool create = true) {
+  static std::mutex mutex;
+  static int* host[64] = {};
+  static int* mapped[64] = {};
+  TORCH_CHECK(device >= 0 && device < 64, "rnnext: device index ", device, " out of range");
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (!host[device] && create) {
+    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host[device]), sizeof(int),
+                                 cudaHostAllocMapped | cudaHostAllocPortable));
+    *host[device] = 0;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&mapped[device]), host[device], 0));
+  }
+  return on_device ? mapped[device] : host[device];
 }
 
 // The plan for `kernel` on this device, unfit (fits = 0) where its CTAs cannot all be resident at once.
-template <typename Kernel>
-Plan device_plan(Kernel kernel, Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, int64_t acc, bool mma,
-                 int device) {
+template <auto kernel>
+Plan device_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, Mma mma, int64_t parts, int device) {
   const Capacity cap = device_capacity(device);
-  Plan pl = make_plan(dir, G, B, H, elem, acc, mma, cap);
+  Plan pl = make_plan(dir, G, B, H, elem, mma, parts, cap);
   if (!pl.fits) return pl;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem)));
+  allow_shared_memory<kernel>(device, cap.smem_per_block);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, pl.threads, size_t(pl.smem)));
   if (int64_t(per_sm) * cap.sms < pl.ctas) pl.fits = 0;
   return pl;
 }
 
-// Launches kernel(pl, args...) cooperatively on the current stream, then turns a barrier timeout into
-// an error naming it. The check reads the flag back (a sync), except while a CUDA graph is captured.
-// RNNEXT_TEST_BARRIER_TIMEOUT=1 (tests only) makes every barrier wait for one CTA too many, 0.2 s.
+// Errors of a cooperative launch that mean it cannot run here (too many CTAs for the device as it is
+// shared now: MPS, green contexts, another kernel's residency), not that something is broken.
+inline bool cannot_launch_here(cudaError_t e) {
+  return e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported || e == cudaErrorLaunchOutOfResources;
+}
+
+// Launches kernel(pl, args..., grid) cooperatively on the current stream; false: it could not run here
+// (nothing ran; the caller takes the per-step path). RNNEXT_TEST_BARRIER_TIMEOUT=1 (tests only) makes
+// every barrier wait for one CTA too many, 0.2 s.
 template <typename Kernel, typename... Args>
-void launch(const char* name, Kernel kernel, const Plan& pl, const Tensor& flags, Args... args) {
+bool launch(const char* name, Kernel kernel, const Plan& pl, int device, Args... args) {
+  raise_if_failed(error_word(device, false));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  auto arrivals = at::zeros({1}, at::TensorOptions().device(at::kCUDA, device).dtype(at::kLong));
   const bool hang = std::getenv("RNNEXT_TEST_BARRIER_TIMEOUT") != nullptr;
-  GridSync sync{reinterpret_cast<unsigned*>(flags.mutable_data_ptr<int>()), flags.mutable_data_ptr<int>() + 1,
-                unsigned(pl.ctas + hang), hang ? 200'000'000LL : kTimeoutNs};
+  Grid grid{reinterpret_cast<unsigned long long*>(arrivals.mutable_data_ptr<int64_t>()), error_word(device, true),
+            (unsigned long long)(pl.ctas + hang), hang ? 200'000'000LL : kTimeoutNs};
   Plan plan = pl;
-  void* ptrs[] = {&plan, &args..., &sync};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(pl.ctas)),
-                                             dim3(unsigned(pl.threads)), ptrs, size_t(pl.smem), stream));
+  void* ptrs[] = {&plan, &args..., &grid};
+  const cudaError_t e = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(pl.ctas)),
+                                                    dim3(unsigned(pl.threads)), ptrs, size_t(pl.smem), stream);
+  if (cannot_launch_here(e)) {
+    (void)cudaGetLastError();  // not sticky: clear it so that the per-step path's launch checks pass
+    TORCH_WARN_ONCE("rnnext: the persistent kernel ", name, " could not be launched here (", cudaGetErrorString(e),
+                    "); running the per-step path instead");
+    return false;
+  }
+  C10_CUDA_CHECK(e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  cudaStreamCaptureStatus capturing;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
-  if (capturing == cudaStreamCaptureStatusNone)
-    TORCH_CHECK(flags[1].item<int>() == 0, "rnnext: the persistent kernel ", name,
-                " timed out in its grid barrier (a CTA waited more than 5 s for the others); its results are "
-                "invalid. Please report it; rnnext.use_backend('step') avoids that kernel.");
+  return true;
+}
+
+// TF32 where torch allows it for float matmuls; 16-bit types always; double never.
+template <typename S>
+bool has_mma() {
+  if constexpr (mma_of<S> == Mma::None) return false;
+  if constexpr (std::is_same_v<S, float>) return at::globalContext().allowTF32CuBLAS();
+  return true;
 }
 
 template <typename Cell, typename S, typename A>
 bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
-  if (path != Path::Persistent && !kByDefault) return false;
-  c10::cuda::CUDAGuard device_guard(h.device());
-  auto kernel = forward_kernel<Cell, S, A>;
-  const Plan pl = device_plan(kernel, Dir::Forward, Cell::G, p.B, p.H, sizeof(S), sizeof(A), uses_mma<S>,
-                              h.get_device());
-  if (!pl.fits) return false;
-  RECORD_FUNCTION("rnnext::persistent_forward", std::vector<c10::IValue>());
-  auto flags = at::zeros({2}, h.options().dtype(at::kInt));
-  auto other = at::empty_like(h), hg = at::empty({p.B, Cell::G * p.H}, h.options());
-  launch("persistent_forward", kernel, pl, flags, p, cptr<S>(w_hh), mptr<S>(h), mptr<S>(other), mptr<S>(hg));
-  return true;
+  if constexpr (mma_of<S> == Mma::None) {
+    return false;
+  } else {
+    if (!use_persistent(path, kByDefault) || !has_mma<S>()) return false;
+    c10::cuda::CUDAGuard device_guard(h.device());
+    constexpr auto kernel = forward_kernel<Cell, S, A>;
+    const Plan pl = device_plan<kernel>(Dir::Forward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, forward_parts<Cell>(),
+                                        h.get_device());
+    if (!pl.fits) return false;
+    RECORD_FUNCTION("rnnext::persistent_forward", std::vector<c10::IValue>());
+    auto buf0 = at::empty_like(h), buf1 = at::empty_like(h);
+    return launch("persistent_forward", kernel, pl, h.get_device(), p, cptr<S>(w_hh), cptr<S>(h), mptr<S>(buf0),
+                  mptr<S>(buf1), mptr<S>(h));
+  }
 }
 
 template <typename Cell, typename S, typename A>
 bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
-  if (path != Path::Persistent && !kByDefault) return false;
-  c10::cuda::CUDAGuard device_guard(dh.device());
-  auto kernel = backward_kernel<Cell, S, A>;
-  const Plan pl = device_plan(kernel, Dir::Backward, Cell::G, p.B, p.H, sizeof(S), sizeof(A), uses_mma<S>,
-                              dh.get_device());
-  if (!pl.fits) return false;
-  RECORD_FUNCTION("rnnext::persistent_backward", std::vector<c10::IValue>());
-  auto flags = at::zeros({2}, dh.options().dtype(at::kInt));
-  launch("persistent_backward", kernel, pl, flags, p, cptr<S>(w_hh), mptr<S>(dh));
-  return true;
+  if constexpr (mma_of<S> == Mma::None) {
+    return false;
+  } else {
+    if (!use_persistent(path, kByDefault) || !has_mma<S>()) return false;
+    c10::cuda::CUDAGuard device_guard(dh.device());
+    constexpr auto kernel = backward_kernel<Cell, S, A>;
+    const Plan pl = device_plan<kernel>(Dir::Backward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>,
+                                        backward_parts<Cell>(), dh.get_device());
+    if (!pl.fits) return false;
+    RECORD_FUNCTION("rnnext::persistent_backward", std::vector<c10::IValue>());
+    return launch("persistent_backward", kernel, pl, dh.get_device(), p, cptr<S>(w_hh), mptr<S>(dh));
+  }
+}
+
+// check_persistent's CUDA part: every device with an error word, synchronized, then read.
+inline void check_devices() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return (void)cudaGetLastError();
+  for (int d = 0; d < n && d < 64; ++d) {
+    if (!error_word(d, false, false)) continue;
+    c10::cuda::CUDAGuard guard(d);
+    C10_CUDA_CHECK(cudaDeviceSynchronize());
+    raise_if_failed(error_word(d, false));
+  }
 }
 
 }  // namespace persistent

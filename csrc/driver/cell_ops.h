@@ -19,6 +19,12 @@ inline int64_t check_cell(const char* op, const char* ref_name, const Tensor& re
   return H;
 }
 
+// One step of Cell on [B, H]: the generic forward functor over the op's tensors (states of the input type).
+template <typename Cell, typename S>
+using CellFwd = cells::Forward<Cell, S, at::opmath_type<S>, S>;
+template <typename Cell, typename S>
+using CellBwd = cells::Backward<Cell, S, at::opmath_type<S>, S>;
+
 template <typename L>
 std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& xg, const Tensor& hg, const Tensor& cx) {
   const int64_t H = check_cell("lstm_cell", "xg", xg, 4, {{"hg", &hg}}, {{"cx", &cx}});
@@ -27,9 +33,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& xg, const Tensor& hg,
   RNNEXT_DISPATCH(xg.scalar_type(), "lstm_cell", [&] {
     using S = scalar_t;
     L::run(xg.device(), c.size(0), H,
-           cells::LSTMFwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
-                                                 .c_prev = cptr<S>(c), .c = mptr<S>(cy), .y = mptr<S>(hy),
-                                                 .saved = mptr<S>(saved)});
+           CellFwd<cells::LSTM, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
+                                   .st_prev = cptr<S>(c), .st = mptr<S>(cy), .y = mptr<S>(hy), .saved = mptr<S>(saved),
+                                   .plane = c.numel()});
   });
   return {hy, cy, saved};
 }
@@ -39,14 +45,14 @@ std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& dhy, const Tensor& d
                                               const Tensor& cy, const Tensor& saved) {
   const int64_t H = check_cell("lstm_cell_backward", "saved", saved, 4, {},
                                {{"dhy", &dhy}, {"dcy", &dcy}, {"cx", &cx}, {"cy", &cy}});
-  auto dh = dhy.contiguous(), c0 = cx.contiguous(), c1 = cy.contiguous(), s = saved.contiguous();
+  auto dh = dhy.contiguous(), c0 = cx.contiguous(), s = saved.contiguous();
   auto dgates = at::empty_like(s), dcx = dcy.clone(at::MemoryFormat::Contiguous);
   RNNEXT_DISPATCH(cx.scalar_type(), "lstm_cell_backward", [&] {
     using S = scalar_t;
     L::run(cx.device(), c0.size(0), H,
-           cells::LSTMBwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
-                                                 .c_prev = cptr<S>(c0), .c = cptr<S>(c1), .dc = mptr<S>(dcx),
-                                                 .dgates = mptr<S>(dgates), .ldg = 4 * H});
+           CellBwd<cells::LSTM, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
+                                   .st_prev = cptr<S>(c0), .dst = mptr<S>(dcx), .dxg = mptr<S>(dgates),
+                                   .dhg = mptr<S>(dgates), .ldg = 4 * H, .plane = c0.numel()});
   });
   return {dgates, dcx};
 }
@@ -59,8 +65,8 @@ std::tuple<Tensor, Tensor> gru_cell(const Tensor& xg, const Tensor& hg, const Te
   RNNEXT_DISPATCH(xg.scalar_type(), "gru_cell", [&] {
     using S = scalar_t;
     L::run(xg.device(), h0.size(0), H,
-           cells::GRUFwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
-                                                .h_prev = cptr<S>(h0), .y = mptr<S>(hy), .saved = mptr<S>(saved)});
+           CellFwd<cells::GRU, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
+                                  .h_prev = cptr<S>(h0), .y = mptr<S>(hy), .saved = mptr<S>(saved)});
   });
   return {hy, saved};
 }
@@ -75,9 +81,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& dhy, const Te
   RNNEXT_DISPATCH(hx.scalar_type(), "gru_cell_backward", [&] {
     using S = scalar_t;
     L::run(hx.device(), B, H,
-           cells::GRUBwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
-                                                .h_prev = cptr<S>(h0), .dxg = mptr<S>(dxg), .dhg = mptr<S>(dhg),
-                                                .direct = mptr<S>(dhx), .ldg = 3 * H});
+           CellBwd<cells::GRU, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
+                                  .h_prev = cptr<S>(h0), .dxg = mptr<S>(dxg), .dhg = mptr<S>(dhg),
+                                  .direct = mptr<S>(dhx), .ldg = 3 * H});
   });
   return {dxg, dhg, dhx};
 }
@@ -91,8 +97,8 @@ Tensor rnn_cell(const Tensor& xg, const Tensor& hg, std::string_view nonlinearit
     RNNEXT_DISPATCH(xg.scalar_type(), "rnn_cell", [&] {
       using S = scalar_t;
       L::run(xg.device(), x.size(0), H,
-             cells::RNNFwd<decltype(act)::value, S, at::opmath_type<S>>{
-                 .step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h), .y = mptr<S>(hy)});
+             CellFwd<cells::RNN<decltype(act)::value>, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x),
+                                                          .hg = cptr<S>(h), .y = mptr<S>(hy)});
     });
   });
   return hy;
@@ -107,8 +113,9 @@ Tensor rnn_cell_backward(const Tensor& dhy, const Tensor& hy, std::string_view n
     RNNEXT_DISPATCH(hy.scalar_type(), "rnn_cell_backward", [&] {
       using S = scalar_t;
       L::run(hy.device(), h.size(0), H,
-             cells::RNNBwd<decltype(act)::value, S, at::opmath_type<S>>{
-                 .step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .y = cptr<S>(h), .dpre = mptr<S>(dpre), .ldg = H});
+             CellBwd<cells::RNN<decltype(act)::value>, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh),
+                                                          .out = cptr<S>(h), .dxg = mptr<S>(dpre),
+                                                          .dhg = mptr<S>(dpre), .ldg = H});
     });
   });
   return dpre;
@@ -122,8 +129,8 @@ std::tuple<Tensor, Tensor> mgru_cell(const Tensor& xg, const Tensor& hg, const T
   RNNEXT_DISPATCH(xg.scalar_type(), "mgru_cell", [&] {
     using S = scalar_t;
     L::run(xg.device(), h0.size(0), H,
-           cells::MGRUFwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
-                                                 .h_prev = cptr<S>(h0), .y = mptr<S>(hy), .saved = mptr<S>(saved)});
+           CellFwd<cells::MinimalGRU, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
+                                         .h_prev = cptr<S>(h0), .y = mptr<S>(hy), .saved = mptr<S>(saved)});
   });
   return {hy, saved};
 }
@@ -136,9 +143,9 @@ std::tuple<Tensor, Tensor> mgru_cell_backward(const Tensor& dhy, const Tensor& h
   RNNEXT_DISPATCH(hx.scalar_type(), "mgru_cell_backward", [&] {
     using S = scalar_t;
     L::run(hx.device(), h0.size(0), H,
-           cells::MGRUBwd<S, at::opmath_type<S>>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
-                                                 .h_prev = cptr<S>(h0), .dgates = mptr<S>(dgates),
-                                                 .direct = mptr<S>(dhx), .ldg = 2 * H});
+           CellBwd<cells::MinimalGRU, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
+                                         .h_prev = cptr<S>(h0), .dxg = mptr<S>(dgates), .dhg = mptr<S>(dgates),
+                                         .direct = mptr<S>(dhx), .ldg = 2 * H});
   });
   return {dgates, dhx};
 }

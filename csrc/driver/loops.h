@@ -28,6 +28,7 @@
 //       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
 //       in cache and [T, B, G*H] is never allocated; CUDA all of them (one GEMM)
 //   static bool wants_persistent(Path);
+//       whether this path runs the persistent kernel where it fits: use_persistent(path, the device's default)
 //   template <typename F> static void run(c10::Device, int64_t B, int64_t H, const F& f);
 //       f.apply(b, j) for every row b and hidden unit j
 //   template <typename F> static void run_rows(c10::Device, int64_t B, const F& f);
@@ -53,6 +54,12 @@
 namespace rnnext {
 
 enum class Path : int64_t { Auto = 0, Step = 1, Persistent = 2 };
+
+// The persistent kernel runs where it is asked for, or by default where it is the device's default: never
+// when the per-step path is asked for.
+inline bool use_persistent(Path path, bool by_default) {
+  return path == Path::Persistent || (path == Path::Auto && by_default);
+}
 
 // out = add + a @ b through ATen (cuBLAS, MKL): what a launcher's gemm does where it has nothing better.
 inline void aten_gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
@@ -145,12 +152,12 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
       RECORD_FUNCTION("rnnext::fwd_steps", std::vector<c10::IValue>());
       L::template gemm_cell_steps<Cell::rows, S>(t0, t1, hg, f.h, other, w_step, p.H,
                                                  [&](int64_t t, const Tensor& prev, const Tensor& next) {
-                                                   return Cell::fwd(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
+                                                   return cells::forward_step<Cell>(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
                                                  });
     } else {
       for (int64_t t = t0; t < t1; ++t) {  // LSTM with projection: the cell, the projection GEMM, the carry
         L::gemm(hg, f.h, w_t, Tensor());
-        run_cell<L, Cell::rows>(device, p.B, p.H, Cell::fwd(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
+        run_cell<L, Cell::rows>(device, p.B, p.H, cells::forward_step<Cell>(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
         L::gemm(hp, f.r[t], wr_t, Tensor());
         L::run(device, p.B, p.P,
                cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(f.h),
@@ -171,7 +178,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   p.ldg = whole ? GH : L::gate_stride(GH, b.y.scalar_type());  // the persistent kernels read rows GH apart
   auto gate_buffer = [&] { return at::empty({chunk, p.B, p.ldg}, opts).narrow(2, 0, GH); };
   auto dxg = gate_buffer();
-  auto dhg = Cell::separate_dhg ? gate_buffer() : dxg;
+  auto dhg = Cell::separate_hg ? gate_buffer() : dxg;
   p.dxg = mptr<S>(dxg);
   p.dhg = mptr<S>(dhg);
   // dy as given where it is contiguous, else a chunk at a time (y.sum()'s is an expanded scalar: a
@@ -201,7 +208,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     }
     if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
     b.db_ih.add_(dxg_c.sum(0));
-    if (Cell::separate_dhg) b.db_hh.add_(dhg_c.sum(0));
+    if (Cell::separate_hg) b.db_hh.add_(dhg_c.sum(0));
   };
   if constexpr (!Cell::rows) {
     if (whole) {
@@ -221,7 +228,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     if (!proj) {
       RECORD_FUNCTION("rnnext::bwd_steps", std::vector<c10::IValue>());
       L::template cell_gemm_steps<Cell::rows, S>(t0, t1, b.dh, dhg, b.direct, w_step, p.H,
-                                                 [&](int64_t t) { return Cell::bwd(p, t, cptr<S>(b.dh), false); });
+                                                 [&](int64_t t) { return cells::backward_step<Cell>(p, t, cptr<S>(b.dh), false); });
     } else {
       for (int64_t t = t1 - 1; t >= t0; --t) {  // LSTM with projection: the carry, the projection GEMM, the cell
         L::run(device, p.B, p.P,
@@ -230,7 +237,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
                                      .dhp = mptr<S>(dhp) + t * p.B * p.P,
                                      .direct = p.direct, .clip = p.clip});
         L::gemm(dr, dhp[t], w_hr, Tensor());
-        run_cell<L, Cell::rows>(device, p.B, p.H, Cell::bwd(p, t, cptr<S>(dr), true));
+        run_cell<L, Cell::rows>(device, p.B, p.H, cells::backward_step<Cell>(p, t, cptr<S>(dr), true));
         L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
       }
     }

@@ -126,8 +126,8 @@ inline FwdTensors fwd_tensors(const Dims& d, int64_t S, const Tensor& x, const T
 template <typename S, typename A>
 cells::SeqFwd<S, A> fwd_pointers(const Dims& d, FwdTensors& f, Tensor& c, bool save, const Zoneout& z = {}) {
   return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(f.lengths), .xg = nullptr,
-          .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .c = mptr<A>(c), .y = mptr<S>(f.y),
-          .c_all = save && f.c_all.numel() ? mptr<S>(f.c_all) : nullptr,
+          .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .st = mptr<A>(c), .y = mptr<S>(f.y),
+          .st_all = save && f.c_all.numel() ? mptr<S>(f.c_all) : nullptr,
           .saved = save && f.saved.numel() ? mptr<S>(f.saved) : nullptr, .r = f.w_hr.defined() ? mptr<S>(f.r) : nullptr,
           .keep = cptr<S>(z.mask), .keep_p = A(z.p)};
 }
@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& x, co
                                              const OptTensor& zoneout_mask = std::nullopt, double zoneout = 0) {
   const Dims d = check_seq(op, Cell::G, x, w_ih, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
   const Path how = check_path(op, path);
-  const auto z = Cell::separate_dhg ? check_zoneout({op, "x", x}, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
+  const auto z = Cell::separate_hg ? check_zoneout({op, "x", x}, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
   auto f = fwd_tensors(d, Cell::SAVED, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, false);
   Tensor none;
   RNNEXT_DISPATCH(x.scalar_type(), "gated_seq", [&] {
@@ -184,7 +184,7 @@ template <typename L>
 std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
                                             const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
                                             double clip, bool save, int64_t path) {
-  return gated_seq<L, cells::MGRU>("mgru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
+  return gated_seq<L, cells::MinimalGRU>("mgru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
 }
 
 template <typename L>
@@ -221,8 +221,8 @@ template <typename S, typename A>
 cells::SeqBwd<S, A> bwd_pointers(const Dims& d, BwdTensors& b, const Tensor& c_all, const Tensor& c0, Tensor& dc,
                                  double clip, const Zoneout& z = {}) {
   return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(b.lengths), .dy = cptr<S>(b.dy),
-          .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved), .c_all = cptr<S>(c_all),
-          .c0 = cptr<S>(c0), .dc = mptr<A>(dc), .dxg = nullptr, .dhg = nullptr, .direct = mptr<S>(b.direct),
+          .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved), .st_all = cptr<S>(c_all),
+          .s0 = cptr<S>(c0), .dst = mptr<A>(dc), .dxg = nullptr, .dhg = nullptr, .direct = mptr<S>(b.direct),
           .clip = A(clip), .keep = cptr<S>(z.mask), .keep_p = A(z.p)};
 }
 
@@ -277,14 +277,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(
   const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
   check_saved(ck, saved, Cell::SAVED, d);
   const Path how = check_path(op, path);
-  const auto z = Cell::separate_dhg ? check_zoneout(ck, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
+  const auto z = Cell::separate_hg ? check_zoneout(ck, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
   auto b = bwd_tensors(d, Cell::G, true, dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
   Tensor none;
   RNNEXT_DISPATCH(y.scalar_type(), "gated_seq_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip, z), b, none, none);
   });
-  return gradients<L>(b, Cell::separate_dhg);
+  return gradients<L>(b, Cell::separate_hg);
 }
 
 template <typename L>
@@ -300,7 +300,7 @@ template <typename L>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
     const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path) {
-  return gated_seq_backward<L, cells::MGRU>("mgru_seq_backward", dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip,
+  return gated_seq_backward<L, cells::MinimalGRU>("mgru_seq_backward", dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip,
                                             path);
 }
 
@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     p.ln_db = mptr<A>(db);
     backward<L, Cell>(how, p, b, Tensor(), Tensor());
   });
-  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients<L>(b, Cell::separate_dhg);
+  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients<L>(b, Cell::separate_hg);
   return {dx, dw_ih, dh0, dcn ? dc.to(y.scalar_type()) : at::empty({0}, y.options()), dw_hh, db_ih, db_hh,
           dw.sum(0).to(y.scalar_type()), db.sum(0).to(y.scalar_type())};
 }

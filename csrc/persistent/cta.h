@@ -1,218 +1,648 @@
-// The persistent kernel's work per CTA and step, as __host__ __device__ functions of (CTA k, thread
-// tid of nthreads): the CUDA kernels (cuda/persistent.cuh) run them with real threads, a block sync
-// between phases and a grid barrier between steps; the CPU emulation (cpu/kernels.cpp) runs them with
-// one thread, CTA after CTA, which is the same computation. So the CPU tests check everything here
-// but the CUDA-only parts: the barrier and the tensor-core tile (mma_tile's device branch).
+// The persistent kernel's work per CTA and step, as __host__ __device__ phases of a CTA's threads: the CUDA
+// kernels (cuda/persistent.cuh) run them with 256 real threads, a block sync between phases and a grid
+// barrier between steps; the CPU emulation (cpu/emulation.cpp) runs the same phases thread after thread,
+// warp-wide operations (the tensor-core MMA) over the warp's 32 register sets, CTA after CTA, in an order
+// the device could also take. So the CPU tests check everything here but the barrier's atomics, the
+// asynchronous copies' hardware and the MMA instruction (whose fragment layouts the emulation reproduces).
 //
-// CTA k owns the hidden units [k*units, min((k+1)*units, H)). Per step it computes on chip
+// CTA k owns the hidden units [k*units, min((k+1)*units, H)). Per step it computes on tensor cores
 //   out[B, N] = A[B, K] x Bt[N, K]^T
 //   forward:  A = h_prev [B, H], K = H; Bt = the W_hh rows of its units, N = G*units (row n = g*units + u);
-//             out -> its columns of hg [B, G*H], then the cell (cells/seq.h) on its units
-//   backward: the cell backward on its units writes their columns of dgates[t]; after the grid barrier
-//             A = dgates[t] [B, G*H], K = G*H; Bt = the W_hh columns of its units, N = units;
-//             out + direct -> its columns of dh
-// Shared memory: Bt [Np, ldb] for the whole sequence, A in chunks of kc columns [Bp, lda], and the
-// result in acc_t [Bp, lds]. 16-bit types multiply on tensor cores in 16x16x16 tiles (Bp, Np, Kp, kc
-// multiples of 16, zero padded); float and double with one FMA per term.
+//             the cell of its units from out (+ xg[t], the biases), h_t of its units to the others
+//   backward: the cell backward of its units writes their columns of dhg[t]; after the grid barrier
+//             A = dhg[t] [B, G*H], K = G*H; Bt = the W_hh columns of its units, N = units;
+//             dh of its units = direct + out
+// The 8 warps split K (k-tiles [w*KT, (w+1)*KT)): each warp keeps its part of Bt in registers as MMA
+// fragments for the whole sequence and adds its partial products of every output tile; the partials
+// meet in shared memory, where the cell's threads sum them. A thread's cell elements (row, unit) are the
+// same at every step, so the carried states (and the biases, and the lengths) stay in its registers; the
+// per-step inputs of its units (xg, the zoneout mask; backward: dy, saved, the states before the step)
+// come as 16-byte asynchronous copies into shared memory, prefetched for the next step before the wait.
+// Shared memory: A [Bp, lda] (the warps' slices), partial sums [warps, Bp, ldr] float, the element tiles.
+// 16-bit types: mma m16n8k16 (k-tile 16); float: TF32 mma m16n8k8 (k-tile 8), where torch allows TF32.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "cells/seq.h"
+#include <cstring>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-#endif
+#include "cells/seq.h"
 
 namespace rnnext {
 namespace persistent {
 
+#if defined(__CUDACC__)
+#define RNNEXT_UNROLL _Pragma("unroll")
+#else
+#define RNNEXT_UNROLL
+#endif
+
 enum class Dir : int32_t { Forward = 0, Backward = 1 };
+enum class Mma : int32_t { None = 0, Half = 1, TF32 = 2 };  // Half: fp16 and bf16
+
+constexpr int kWarps = 8, kThreads = 32 * kWarps;
+constexpr int kMaxMT = 4;  // m-tiles of 16 rows: B <= 64
+
+// What a thread keeps in registers, by direction: Bt's fragments (KT k-tiles x NT n-tiles of 8 columns),
+// accumulators (CH chains: backward's one n-tile is split over two, so that its MMAs do not all wait for
+// each other), cell elements (row, unit) per thread.
+template <Dir D>
+struct Shape;
+template <>
+struct Shape<Dir::Forward> {
+  static constexpr int KT = 8, NT = 4, CH = 1, E = 2;
+};
+template <>
+struct Shape<Dir::Backward> {
+  static constexpr int KT = 32, NT = 1, CH = 2, E = 1;
+};
 
 struct Plan {
-  int32_t fits;                // 0: does not fit on chip (run per step)
-  int32_t ctas, threads, G;
-  int32_t mma;                 // tensor-core tiles (16-bit types)
-  int32_t dir;                 // Dir
-  int64_t units;               // hidden units per CTA; the last CTA may have fewer
-  int64_t B, H, K, N;          // the per-CTA GEMM
-  int64_t Bp, Np, Kp, kc;      // padded to the tile; A's chunk of columns
-  int64_t lda, ldb, lds;       // row strides (elements) of A, Bt, the result
-  int64_t off_a, off_s, smem;  // byte offsets in dynamic shared memory (Bt at 0); total bytes
+  int32_t fits;                 // 0: does not fit on chip (run per step)
+  int32_t ctas, threads, G, dir, mma;
+  int32_t units, B, H, K, N;    // units per CTA (the last CTA may have fewer); the per-CTA GEMM
+  int32_t MT, NT, KT, ktile;    // m-tiles, n-tiles, k-tiles per warp, the k-tile (16 or 8)
+  int32_t lda, ldr;             // row strides of A (elements) and of the partial sums (floats)
+  int32_t parts;                // element tiles' values per (row, unit) and step, in and out
+  int32_t off_r, off_x, smem;   // bytes: A at 0, partial sums, element tiles (and the biases); total
+  int32_t elems;                // cell elements per thread
 };
 
 template <typename S>
-constexpr bool uses_mma = sizeof(S) == 2;
+constexpr Mma mma_of = sizeof(S) == 2 ? Mma::Half : sizeof(S) == 4 ? Mma::TF32 : Mma::None;
 
-RNNEXT_HD int64_t first_unit(const Plan& pl, int64_t k) { return k * pl.units; }
-RNNEXT_HD int64_t units_of(const Plan& pl, int64_t k) {
-  const int64_t left = pl.H - first_unit(pl, k);
+RNNEXT_HD int32_t first_unit(const Plan& pl, int32_t k) { return k * pl.units; }
+RNNEXT_HD int32_t units_of(const Plan& pl, int32_t k) {
+  const int32_t left = pl.H - first_unit(pl, k);
   return left < pl.units ? left : pl.units;
 }
 
-// W_hh [G*H, H] (torch's gate-major rows) -> this CTA's Bt, zero padded. Once per launch.
+// ---- registers as the tensor cores see them ------------------------------------------------------------
+
 template <typename S>
-RNNEXT_HD void load_weights(const Plan& pl, int64_t k, const S* w_hh, S* bt, int64_t tid, int64_t nthreads) {
-  const int64_t j0 = first_unit(pl, k), nu = units_of(pl, k);
-  for (int64_t i = tid; i < pl.Np * pl.Kp; i += nthreads) {
-    const int64_t n = i / pl.Kp, c = i % pl.Kp;
-    S v = S(0.f);
-    if (c < pl.K) {
-      if (pl.dir == int32_t(Dir::Forward)) {
-        const int64_t g = n / pl.units, u = n % pl.units;
-        if (g < pl.G && u < nu) v = w_hh[(g * pl.H + j0 + u) * pl.H + c];
-      } else if (n < nu) {
-        v = w_hh[c * pl.H + j0 + n];
+RNNEXT_HD uint16_t bits16(S v) {
+  return v.x;
+}
+template <typename S>
+RNNEXT_HD uint32_t pack2(S lo, S hi) {
+  return uint32_t(bits16(lo)) | uint32_t(bits16(hi)) << 16;
+}
+
+// float -> TF32 (round to nearest, ties away from zero, 10 mantissa bits), as cvt.rna.tf32.f32.
+RNNEXT_HD uint32_t tf32(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u & 0x7f800000u) == 0x7f800000u ? u : (u + 0x1000u) & 0xffffe000u;
+#endif
+}
+
+// Element (r, c) of a row-major tile as the A or Bt operand's 32-bit register: 16-bit types pack (c, c+1).
+template <typename S>
+RNNEXT_HD uint32_t operand(const S* p, int32_t ld, int32_t r, int32_t c) {
+  if constexpr (sizeof(S) == 2)
+    return pack2(p[r * ld + c], p[r * ld + c + 1]);
+  else
+    return tf32(float(p[r * ld + c]));
+}
+
+// Fragment layouts (PTX ISA, mma.m16n8k16 / m16n8k8 with .row.col): lane = 4 * g + q. Register i of A holds
+// (row g + 8 (i & 1), column 2q + 8 (i >> 1)) for 16-bit (pairs), (g + 8 (i & 1), q + 4 (i >> 1)) for TF32;
+// register i of B = Bt^T holds Bt's (row g, column 2q + 8i) / (g, q + 4i); accumulator i: (g + 8 (i >> 1),
+// 2q + (i & 1)).
+template <typename S>
+RNNEXT_HD void a_fragment(const S* a, int32_t lda, int32_t m0, int32_t k0, int lane, uint32_t* f) {
+  const int g = lane / 4, q = lane % 4;
+  RNNEXT_UNROLL for (int i = 0; i < 4; ++i)
+    f[i] = sizeof(S) == 2 ? operand(a, lda, m0 + g + 8 * (i & 1), k0 + 2 * q + 8 * (i >> 1))
+                          : operand(a, lda, m0 + g + 8 * (i & 1), k0 + q + 4 * (i >> 1));
+}
+template <typename S>
+RNNEXT_HD void b_fragment(const S* bt, int32_t ldb, int32_t n0, int32_t k0, int lane, uint32_t* f) {
+  const int g = lane / 4, q = lane % 4;
+  RNNEXT_UNROLL for (int i = 0; i < 2; ++i)
+    f[i] = sizeof(S) == 2 ? operand(bt, ldb, n0 + g, k0 + 2 * q + 8 * i) : operand(bt, ldb, n0 + g, k0 + q + 4 * i);
+}
+
+// c += a x b for one m16n8 tile, over n lanes' registers (device: n = 1, this lane's, on the tensor cores;
+// host: n = 32, the warp's, emulated). a[l * 4], b[l * bs], c[l * cs]: lane l's fragments.
+template <typename S>
+RNNEXT_HD void mma(int n, const uint32_t* a, const uint32_t* b, int32_t bs, float* c, int32_t cs) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<S, c10::BFloat16>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else if constexpr (std::is_same_v<S, c10::Half>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // no plan below sm_80 (persistent/plan.h)
+#endif
+#else
+  constexpr bool half = sizeof(S) == 2;
+  constexpr int K = half ? 16 : 8;
+  auto value = [](uint32_t reg, int which) {
+    if constexpr (sizeof(S) == 2) {
+      return float(S(uint16_t(reg >> (16 * which)), S::from_bits()));
+    } else {
+      float f;
+      std::memcpy(&f, &reg, 4);
+      return f;
+    }
+  };
+  // (lane, register, half) of A's (r, k), B's (k, n); C's (r, n)
+  auto av = [&](int r, int k) {
+    const int lane = (r % 8) * 4 + (half ? k % 8 / 2 : k % 4), reg = r / 8 + 2 * (half ? k / 8 : k / 4);
+    return value(a[lane * 4 + reg], half ? k % 2 : 0);
+  };
+  auto bv = [&](int k, int col) {
+    const int lane = col * 4 + (half ? k % 8 / 2 : k % 4), reg = half ? k / 8 : k / 4;
+    return value(b[lane * bs + reg], half ? k % 2 : 0);
+  };
+  float d[16][8];
+  for (int r = 0; r < 16; ++r)
+    for (int col = 0; col < 8; ++col) {
+      float acc = c[((r % 8) * 4 + col / 2) * cs + 2 * (r / 8) + col % 2];
+      for (int k = 0; k < K; ++k) acc += av(r, k) * bv(k, col);
+      d[r][col] = acc;
+    }
+  for (int r = 0; r < 16; ++r)
+    for (int col = 0; col < 8; ++col) c[((r % 8) * 4 + col / 2) * cs + 2 * (r / 8) + col % 2] = d[r][col];
+  (void)n;
+#endif
+}
+
+// ---- asynchronous copies --------------------------------------------------------------------------------
+
+// 16 bytes global -> shared, bypassing L1 (.cg): other CTAs' writes of this step are in L2, not in this SM's
+// L1. Both addresses 16-byte aligned.
+RNNEXT_HD void copy16(void* smem, const void* global) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(global));
+#else
+  std::memcpy(smem, global, 16);
+#endif
+}
+// 16 bytes, plainly (both addresses 16-byte aligned).
+RNNEXT_HD void move16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+RNNEXT_HD void copies_issued() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;");
+#endif
+}
+RNNEXT_HD void copies_done() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// Rows [0, rows) of a row-major [rows, ld_src] global matrix, columns [c0, c0 + n), to a shared [., ld_dst]
+// tile at column c0, by `lanes` threads from `lane` (n, c0, the strides: multiples of 16 bytes).
+template <typename S>
+RNNEXT_HD void stage_rows(const S* src, int32_t ld_src, S* dst, int32_t ld_dst, int32_t rows, int32_t c0, int32_t n,
+                          int lane, int lanes) {
+  constexpr int32_t v = 16 / sizeof(S);
+  const int32_t per_row = n / v;
+  for (int32_t i = lane; i < rows * per_row; i += lanes) {
+    const int32_t r = i / per_row, c = c0 + i % per_row * v;
+    copy16(dst + r * ld_dst + c, src + r * ld_src + c);
+  }
+}
+
+// ---- what the CTAs share: the grid barrier's arrivals, the error word ---------------------------------
+
+// Per launch. arrivals: barrier s waits for (s + 1) * ctas (64-bit: T * ctas cannot wrap); error: nonzero
+// once a CTA gave up waiting (mapped host memory on CUDA: the host reads it without a sync).
+struct Grid {
+  unsigned long long* arrivals;
+  int* error;
+  unsigned long long ctas;
+  long long timeout_ns;
+};
+
+// ---- what every direction's CTA does the same way -----------------------------------------------------
+
+// The element tiles of a step in shared memory: per stream [rows][units] of S, one after the other.
+// Forward in: xg's G gates, zoneout's ZONED keep weights (with a mask); out: y, saved, the other states.
+template <typename Cell>
+RNNEXT_HD constexpr int32_t forward_parts() {
+  return Cell::G + Cell::ZONED + 1 + Cell::SAVED + Cell::Z - 1;
+}
+// Backward in: dy, saved, h before the step (cells that read it), the other states before the step, the
+// output (cells that read it), zoneout's keep weights.
+template <typename Cell>
+RNNEXT_HD constexpr int32_t backward_parts() {
+  return 1 + Cell::SAVED + (Cell::reads_h_prev ? 1 : 0) + (Cell::Z - 1) + (Cell::reads_out ? 1 : 0) + Cell::ZONED;
+}
+
+using cells::at_least_one;
+
+// This thread's cell elements: element e is the CTA's (row, unit) tid + e * threads, the same every step.
+template <int E>
+struct Elements {
+  int32_t row[E], unit[E], len[E];  // row -1: no element; len: the row's length
+  RNNEXT_HD void assign(const Plan& pl, int32_t nu, const int64_t* lengths, int32_t T, int tid) {
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+      const int32_t i = tid + e * pl.threads;
+      row[e] = e < pl.elems && i < pl.B * nu ? i / nu : -1;
+      unit[e] = i % nu;
+      len[e] = row[e] >= 0 && lengths ? int32_t(lengths[row[e]] < T ? lengths[row[e]] : T) : T;
+    }
+  }
+};
+
+// Per warp: out (+)= A x Bt^T over the warp's k-tiles, its partial sums of each m-tile into its slice of
+// the partial sums [warps][MT * 16][ldr]. Bt's fragments are in the lanes' registers (b[kt][nt][2]), A in
+// shared memory. r: the register sets of N lanes from tid's (device: N = 1, this thread's; emulation: the
+// warp's 32).
+template <Dir D, int N, typename S, typename Regs>
+RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, int tid) {
+  constexpr int KT = Shape<D>::KT, NT = Shape<D>::NT, CH = Shape<D>::CH;
+  constexpr int32_t stride = int32_t(sizeof(Regs) / 4);
+  const int warp = tid / 32;
+  float* out = partials + warp * pl.MT * 16 * pl.ldr;
+  uint32_t frag[N * 4];
+  for (int32_t mt = 0; mt < pl.MT; ++mt) {
+    for (int l = 0; l < N; ++l)
+      RNNEXT_UNROLL for (int c = 0; c < CH; ++c)
+        RNNEXT_UNROLL for (int nt = 0; nt < NT; ++nt)
+          RNNEXT_UNROLL for (int i = 0; i < 4; ++i) r[l].acc[c][nt][i] = 0.f;
+    RNNEXT_UNROLL for (int kt = 0; kt < KT; ++kt) {
+      const int32_t k0 = (warp * pl.KT + kt) * pl.ktile;
+      if (kt >= pl.KT || k0 >= pl.K) continue;
+      for (int l = 0; l < N; ++l) a_fragment(a, pl.lda, mt * 16, k0, (tid + l) % 32, frag + 4 * l);
+      RNNEXT_UNROLL for (int nt = 0; nt < NT; ++nt)
+        if (nt < pl.NT) mma<S>(N, frag, &r[0].b[kt][nt][0], stride, &r[0].acc[kt % CH][nt][0], stride);
+    }
+    for (int l = 0; l < N; ++l) {
+      const int lane = (tid + l) % 32, g = lane / 4, q = lane % 4;
+      RNNEXT_UNROLL for (int nt = 0; nt < NT; ++nt)
+        if (nt < pl.NT)
+          RNNEXT_UNROLL for (int i = 0; i < 4; ++i) {
+            float v = 0.f;
+            RNNEXT_UNROLL for (int c = 0; c < CH; ++c) v += r[l].acc[c][nt][i];
+            out[(mt * 16 + g + 8 * (i >> 1)) * pl.ldr + nt * 8 + 2 * q + (i & 1)] = v;
+          }
+    }
+  }
+}
+
+// The sum over the warps of partial sums' (row, column).
+RNNEXT_HD float warp_sum(const Plan& pl, const float* partials, int32_t row, int32_t col) {
+  float sum = 0.f;
+  RNNEXT_UNROLL for (int w = 0; w < kWarps; ++w) sum += partials[(w * pl.MT * 16 + row) * pl.ldr + col];
+  return sum;
+}
+
+// A's zero padding (rows >= B, columns >= K): never written again.
+template <typename S>
+RNNEXT_HD void pad_a(const Plan& pl, S* a, int tid) {
+  const int32_t rows = pl.MT * 16;
+  for (int32_t i = tid; i < rows * pl.lda; i += pl.threads)
+    if (i / pl.lda >= pl.B || i % pl.lda >= pl.K) a[i] = S(0.f);
+}
+
+// This warp's slice of A, columns [w*KT*ktile, (w+1)*KT*ktile) of the rows of a row-major [B, K] matrix.
+template <typename S>
+RNNEXT_HD void stage_a(const Plan& pl, const S* src, S* a, int tid) {
+  const int32_t k0 = tid / 32 * pl.KT * pl.ktile, k1 = k0 + pl.KT * pl.ktile < pl.K ? k0 + pl.KT * pl.ktile : pl.K;
+  if (k0 < k1) stage_rows(src, pl.K, a, pl.lda, pl.B, k0, k1 - k0, tid % 32, 32);
+  copies_issued();
+}
+
+// ---- one layer-direction's forward on CTA k ----------------------------------------------------------
+
+template <typename Cell, typename S, typename A>
+struct ForwardRegs {
+  using Shp = Shape<Dir::Forward>;
+  uint32_t b[Shp::KT][Shp::NT][2];
+  float acc[Shp::CH][Shp::NT][4];
+  Elements<Shp::E> el;
+  A state[Shp::E][Cell::Z];  // the carried states
+};
+
+template <typename Cell, typename S, typename A>
+struct ForwardCTA {
+  using Regs = ForwardRegs<Cell, S, A>;
+  static constexpr int E = Shape<Dir::Forward>::E, G = Cell::G, Z = Cell::Z, K = Cell::SAVED, ZN = Cell::ZONED;
+  const Plan& pl;
+  const cells::SeqFwd<S, A>& p;
+  int32_t k;            // this CTA
+  unsigned char* smem;  // its shared memory
+  const S* w_hh;        // [G*H, H]
+  const S* h0;          // [B, H]: h before step 0 (read by every CTA at step 0)
+  S *buf0, *buf1;       // [B, H] h after odd / even steps, read by every CTA at the next step
+  S* h_n;               // [B, H]: the final h (may be h0: written after the last barrier)
+  const Grid& grid;
+
+  RNNEXT_HD S* a_tile() const { return reinterpret_cast<S*>(smem); }
+  RNNEXT_HD float* partials() const { return reinterpret_cast<float*>(smem + pl.off_r); }
+  // tiles [B][G][U] xg, [B][ZN][U] keep weights; out: [B][U] y, [B][K][U] saved, [Z-1][B][U] other states
+  RNNEXT_HD S* xg_tile() const { return reinterpret_cast<S*>(smem + pl.off_x); }
+  RNNEXT_HD S* keep_tile() const { return xg_tile() + pl.B * G * pl.units; }
+  RNNEXT_HD S* out_tile() const { return keep_tile() + pl.B * ZN * pl.units; }
+  RNNEXT_HD float* biases() const { return reinterpret_cast<float*>(out_tile() + pl.B * (1 + K + Z - 1) * pl.units); }
+  RNNEXT_HD const S* h_before(int32_t t) const { return t == 0 ? h0 : t % 2 ? buf1 : buf0; }
+  RNNEXT_HD S* h_after(int32_t t) const { return t % 2 ? buf0 : buf1; }
+  RNNEXT_HD bool zoned() const { return ZN > 0 && (p.keep || p.keep_p > A(0)); }
+
+  // Once: this thread's elements and their states; this warp's Bt fragments; the biases of the CTA's units
+  // (b_ih, then b_hh: [2][G][U]); A's zero padding.
+  RNNEXT_HD void prologue(Regs& r, int tid) const {
+    const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), H = pl.H, U = pl.units;
+    r.el.assign(pl, nu, p.lengths, p.T, tid);
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+      if (r.el.row[e] < 0) continue;
+      const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
+      r.state[e][0] = A(h0[b * H + j]);
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) r.state[e][z] = p.st[(z - 1) * pl.B * H + b * H + j];
+    }
+    for (int32_t i = tid; i < 2 * G * U; i += pl.threads) {
+      const int32_t which = i / (G * U), g = i / U % G, u = i % U;
+      const S* bias = which ? p.b_hh : p.b_ih;
+      biases()[i] = bias && u < nu ? float(bias[g * H + j0 + u]) : 0.f;
+    }
+    // Bt row n = g * units + u is W_hh's row g * H + j0 + u; zero outside the CTA's units and K
+    const int warp = tid / 32, lane = tid % 32, gr = lane / 4, q = lane % 4;
+    RNNEXT_UNROLL for (int kt = 0; kt < Shape<Dir::Forward>::KT; ++kt)
+      RNNEXT_UNROLL for (int nt = 0; nt < Shape<Dir::Forward>::NT; ++nt) {
+        const int32_t k0 = (warp * pl.KT + kt) * pl.ktile, n = nt * 8 + gr, gate = n / U, u = n % U;
+        const bool in = kt < pl.KT && nt < pl.NT && k0 < pl.K && gate < G && u < nu;
+        const S* row = w_hh + (in ? (gate * H + j0 + u) * H : 0);
+        RNNEXT_UNROLL for (int i = 0; i < 2; ++i) {
+          const int32_t c = sizeof(S) == 2 ? k0 + 2 * q + 8 * i : k0 + q + 4 * i;
+          if constexpr (sizeof(S) == 2)
+            r.b[kt][nt][i] = in ? pack2(c < pl.K ? row[c] : S(0.f), c + 1 < pl.K ? row[c + 1] : S(0.f)) : 0u;
+          else
+            r.b[kt][nt][i] = in && c < pl.K ? tf32(float(row[c])) : 0u;
+        }
+      }
+    pad_a(pl, a_tile(), tid);
+  }
+
+  // Step t's input tiles (after the arrival of step t - 1, whose tiles are read then).
+  RNNEXT_HD void prefetch(int32_t t, int tid) const {
+    if (t >= p.T) return;
+    const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), U = pl.units, H = pl.H, B = pl.B;
+    stage_rows(p.xg + int64_t(cells::held(p, t)) * B * G * H + j0, H, xg_tile(), U, B * G, 0, nu, tid, pl.threads);
+    if (ZN > 0 && p.keep)
+      stage_rows(p.keep + int64_t(t) * B * ZN * H + j0, H, keep_tile(), U, B * ZN, 0, nu, tid, pl.threads);
+    copies_issued();
+  }
+
+  // This warp's slice of A = h before step t (after the wait).
+  RNNEXT_HD void stage(int32_t t, int tid) const { stage_a(pl, h_before(t), a_tile(), tid); }
+
+  template <int N>
+  RNNEXT_HD void multiply(Regs* r, int tid) const {
+    persistent::multiply<Dir::Forward, N>(pl, a_tile(), partials(), r, tid);
+  }
+
+  // The cell of this thread's elements: hg from the warps' partial sums, xg from its tile; h_t to the other
+  // CTAs, y, saved and the other states into the out tile.
+  RNNEXT_HD void cell(Regs& r, int32_t t) const {
+    const int32_t j0 = first_unit(pl, k), U = pl.units, B = pl.B, H = pl.H;
+    const S *x = xg_tile(), *kt = keep_tile();
+    const float* bias = biases();
+    S *out = out_tile(), *h = h_after(t);
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+      if (r.el.row[e] < 0) continue;
+      const int32_t b = r.el.row[e], u = r.el.unit[e];
+      A xv[G], hp[G], next[Z], saved[at_least_one<K>], keep[at_least_one<ZN>];
+      RNNEXT_UNROLL for (int g = 0; g < G; ++g) {
+        xv[g] = A(x[(b * G + g) * U + u]) + bias[g * U + u];
+        hp[g] = A(warp_sum(pl, partials(), b, g * U + u)) + bias[(G + g) * U + u];
+      }
+      RNNEXT_UNROLL for (int z = 0; z < ZN; ++z) keep[z] = p.keep ? A(kt[(b * ZN + z) * U + u]) : p.keep_p;
+      const bool on = t < r.el.len[e];
+      const A y = cells::forward_unit<Cell>(on, zoned(), keep, xv, hp, r.state[e], next, saved);
+      RNNEXT_UNROLL for (int z = 0; z < Z; ++z) r.state[e][z] = next[z];
+      h[b * H + j0 + u] = S(next[0]);
+      out[b * U + u] = S(y);
+      RNNEXT_UNROLL for (int s = 0; s < K; ++s) out[(B + b * K + s) * U + u] = S(saved[s]);
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) out[(B * (1 + K) + (z - 1) * B + b) * U + u] = S(on ? next[z] : A(0));
+    }
+  }
+
+  // After the arrival (and the block sync before it): the out tile to y, saved and the states' history,
+  // which nobody reads during the sequence, in 16-byte pieces.
+  RNNEXT_HD void store(int32_t t, int tid) const {
+    const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), U = pl.units, B = pl.B, H = pl.H;
+    const int64_t n = int64_t(B) * H;
+    const S* out = out_tile();
+    constexpr int32_t v = 16 / sizeof(S);
+    auto put = [&](const S* tile, S* dst, int32_t rows) {  // [rows][U] -> rows of H at column j0
+      for (int32_t i = tid; i < rows * (nu / v); i += pl.threads) {
+        const int32_t row = i / (nu / v), c = i % (nu / v) * v;
+        move16(dst + row * H + j0 + c, tile + row * U + c);
+      }
+    };
+    put(out, p.y + t * n, B);
+    if (p.saved) put(out + B * U, p.saved + t * K * n, B * K);
+    if (p.st_all) put(out + B * (1 + K) * U, p.st_all + t * (Z - 1) * n, (Z - 1) * B);
+  }
+
+  // After the last step's barrier: the final states (h_n may be h0, which every CTA read at step 0).
+  RNNEXT_HD void epilogue(const Regs& r) const {
+    const int32_t j0 = first_unit(pl, k), H = pl.H;
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+      if (r.el.row[e] < 0) continue;
+      const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
+      h_n[b * H + j] = S(r.state[e][0]);
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) p.st[(z - 1) * pl.B * H + b * H + j] = r.state[e][z];
+    }
+  }
+
+  // A CTA that gave up waiting: NaN in everything this CTA's units would have written, so that results
+  // a timeout made wrong cannot pass for right ones.
+  RNNEXT_HD void poison(int tid) const {
+    const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), B = pl.B, H = pl.H;
+    const S nan = S(NAN);
+    for (int32_t i = tid; i < B * nu; i += pl.threads) {
+      const int32_t b = i / nu, j = j0 + i % nu;
+      for (int32_t t = 0; t < p.T; ++t) p.y[int64_t(t) * B * H + b * H + j] = nan;
+      h_n[b * H + j] = nan;
+      for (int z = 1; z < Z; ++z) p.st[(z - 1) * B * H + b * H + j] = A(NAN);
+    }
+  }
+};
+
+// ---- one layer-direction's backward on CTA k ---------------------------------------------------------
+
+template <typename Cell, typename S, typename A>
+struct BackwardRegs {
+  using Shp = Shape<Dir::Backward>;
+  uint32_t b[Shp::KT][Shp::NT][2];
+  float acc[Shp::CH][Shp::NT][4];
+  Elements<Shp::E> el;
+  A grad[Shp::E][Cell::Z];  // the gradients of the states after the step (h's: the GEMM's, without dy)
+  A direct[Shp::E];         // the part of h_prev's gradient that skips the GEMM
+};
+
+template <typename Cell, typename S, typename A>
+struct BackwardCTA {
+  using Regs = BackwardRegs<Cell, S, A>;
+  static constexpr int E = Shape<Dir::Backward>::E, G = Cell::G, Z = Cell::Z, K = Cell::SAVED, ZN = Cell::ZONED;
+  const Plan& pl;
+  const cells::SeqBwd<S, A>& p;  // dxg, dhg [T, B, G*H] (rows G*H apart); dy [T, B, H]
+  int32_t k;
+  unsigned char* smem;
+  const S* w_hh;  // [G*H, H]
+  S* dh;          // [B, H]: dh_n on entry, dh_0 on exit (this CTA's units only: no other CTA reads them)
+  const Grid& grid;
+
+  RNNEXT_HD S* a_tile() const { return reinterpret_cast<S*>(smem); }
+  RNNEXT_HD float* partials() const { return reinterpret_cast<float*>(smem + pl.off_r); }
+  RNNEXT_HD S* tiles() const { return reinterpret_cast<S*>(smem + pl.off_x); }
+  RNNEXT_HD bool zoned() const { return ZN > 0 && (p.keep || p.keep_p > A(0)); }
+
+  RNNEXT_HD void prologue(Regs& r, int tid) const {
+    const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), H = pl.H, B = pl.B;
+    r.el.assign(pl, nu, p.lengths, p.T, tid);
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+      if (r.el.row[e] < 0) continue;
+      const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
+      r.grad[e][0] = A(dh[b * H + j]);
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) r.grad[e][z] = p.dst[(z - 1) * B * H + b * H + j];
+    }
+    // Bt row n (unit u = n) is W_hh's column j0 + u, over all G*H rows
+    const int warp = tid / 32, lane = tid % 32, u = lane / 4, q = lane % 4;
+    RNNEXT_UNROLL for (int kt = 0; kt < Shape<Dir::Backward>::KT; ++kt) {
+      const int32_t k0 = (warp * pl.KT + kt) * pl.ktile;
+      const bool in = kt < pl.KT && k0 < pl.K && u < nu;
+      RNNEXT_UNROLL for (int i = 0; i < 2; ++i) {
+        const int32_t c = sizeof(S) == 2 ? k0 + 2 * q + 8 * i : k0 + q + 4 * i;
+        if constexpr (sizeof(S) == 2)
+          r.b[kt][0][i] = in ? pack2(c < pl.K ? w_hh[c * H + j0 + u] : S(0.f),
+                                     c + 1 < pl.K ? w_hh[(c + 1) * H + j0 + u] : S(0.f))
+                             : 0u;
+        else
+          r.b[kt][0][i] = in && c < pl.K ? tf32(float(w_hh[c * H + j0 + u])) : 0u;
       }
     }
-    bt[n * pl.ldb + c] = v;
+    pad_a(pl, a_tile(), tid);
   }
-}
 
-// Columns [k0, k0 + kc) of a row-major [B, K] matrix -> A [Bp, lda], zero padded.
-template <typename S>
-RNNEXT_HD void load_chunk(const Plan& pl, const S* src, int64_t k0, S* a, int64_t tid, int64_t nthreads) {
-  for (int64_t i = tid; i < pl.Bp * pl.kc; i += nthreads) {
-    const int64_t b = i / pl.kc, c = i % pl.kc;
-    a[b * pl.lda + c] = b < pl.B && k0 + c < pl.K ? src[b * pl.K + k0 + c] : S(0.f);
+  // The input tiles of step t, one after the other: dy [B][U], saved [B][K][U], h_prev [B][U] (cells that read
+  // it), the other states before the step [Z-1][B][U], the output [B][U] (cells that read it), the keep
+  // weights [B][ZN][U].
+  RNNEXT_HD void prefetch(int32_t t, int tid) const {
+    if (t < 0) return;
+    const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), U = pl.units, H = pl.H, B = pl.B;
+    const int64_t n = int64_t(B) * H;
+    S* x = tiles();
+    auto put = [&](const S* src, int32_t rows) {  // rows of H -> [rows][U]
+      stage_rows(src + j0, H, x, U, rows, 0, nu, tid, pl.threads);
+      x += rows * U;
+    };
+    put(p.dy + cells::held(p, t) * n, B);
+    put(p.saved + t * K * n, B * K);
+    if (Cell::reads_h_prev) put(t ? p.y + (t - 1) * n : p.h0, B);
+    if (Z > 1) put(t ? p.st_all + (t - 1) * (Z - 1) * n : p.s0, (Z - 1) * B);
+    if (Cell::reads_out) put(p.y + t * n, B);
+    if (ZN > 0 && p.keep) put(p.keep + t * ZN * n, B * ZN);
+    copies_issued();
   }
-}
 
-template <typename S, typename A>
-RNNEXT_HD void fma_chunk(const Plan& pl, const S* a, const S* bt, int64_t k0, int64_t klen, A* out, bool first,
-                         int64_t tid, int64_t nthreads) {
-  for (int64_t i = tid; i < pl.B * pl.N; i += nthreads) {
-    const int64_t b = i / pl.N, n = i % pl.N;
-    const S *ar = a + b * pl.lda, *br = bt + n * pl.ldb + k0;
-    A acc = first ? A(0) : out[b * pl.lds + n];
-    for (int64_t c = 0; c < klen; ++c) acc += A(ar[c]) * A(br[c]);
-    out[b * pl.lds + n] = acc;
-  }
-}
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define RNNEXT_WMMA 1
-template <typename S>
-struct Wmma;
-template <>
-struct Wmma<c10::Half> {
-  using T = __half;
-};
-template <>
-struct Wmma<c10::BFloat16> {
-  using T = __nv_bfloat16;
-};
-#endif
-
-// c[16, 16] (+)= a[16, k] x b[16, k]^T, k a multiple of 16; a, b, c 32-byte aligned, lda/ldb multiples
-// of 8, ldc of 4. On the device (sm_80+, bf16 and fp16 tensor cores): one warp, all 32 lanes; on
-// the host: plain loops.
-template <typename S>
-RNNEXT_HD void mma_tile(const S* a, int64_t lda, const S* b, int64_t ldb, float* c, int64_t ldc, int64_t k,
-                        bool first) {
-#if defined(RNNEXT_WMMA)
-  using namespace nvcuda;
-  using T = typename Wmma<S>::T;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  if (first)
-    wmma::fill_fragment(acc, 0.f);
-  else
-    wmma::load_matrix_sync(acc, c, unsigned(ldc), wmma::mem_row_major);
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-  for (int64_t kk = 0; kk < k; kk += 16) {
-    wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(a + kk), unsigned(lda));
-    wmma::load_matrix_sync(fb, reinterpret_cast<const T*>(b + kk), unsigned(ldb));
-    wmma::mma_sync(acc, fa, fb, acc);
-  }
-  wmma::store_matrix_sync(c, acc, unsigned(ldc), wmma::mem_row_major);
-#else
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) {
-      float acc = first ? 0.f : c[i * ldc + j];
-      for (int64_t kk = 0; kk < k; ++kk) acc += float(a[i * lda + kk]) * float(b[j * ldb + kk]);
-      c[i * ldc + j] = acc;
+  // The cell backward of this thread's elements: their columns of dhg[t] (and dxg[t]) for every CTA.
+  RNNEXT_HD void cell(Regs& r, int32_t t) const {
+    const int32_t j0 = first_unit(pl, k), U = pl.units, B = pl.B, H = pl.H, ld = G * H;
+    const S *dy = tiles(), *saved = dy + B * U, *h_prev = saved + B * K * U,
+            *st_prev = h_prev + (Cell::reads_h_prev ? B * U : 0), *out = st_prev + (Z - 1) * B * U,
+            *keep_t = out + (Cell::reads_out ? B * U : 0);
+    S* dxg = p.dxg + int64_t(cells::held(p, t)) * B * ld;
+    S* dhg = p.dhg + int64_t(cells::held(p, t)) * B * ld;
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+      if (r.el.row[e] < 0) continue;
+      const int32_t b = r.el.row[e], u = r.el.unit[e], j = j0 + u;
+      const bool on = t < r.el.len[e];
+      A sv[at_least_one<K>], prev[Z], outs[Z], dnext[Z], dx[G], dhp[G], dprev[Z], keep[at_least_one<ZN>];
+      RNNEXT_UNROLL for (int s = 0; s < K; ++s) sv[s] = A(saved[(b * K + s) * U + u]);
+      prev[0] = Cell::reads_h_prev ? A(h_prev[b * U + u]) : A(0);
+      outs[0] = Cell::reads_out ? A(out[b * U + u]) : A(0);
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) prev[z] = A(st_prev[((z - 1) * B + b) * U + u]);
+      A dh = r.grad[e][0];
+      if (on) {
+        dh += A(dy[b * U + u]);
+        if (p.clip > A(0)) dh = dh < -p.clip ? -p.clip : dh > p.clip ? p.clip : dh;
+      }
+      dnext[0] = dh;
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) dnext[z] = r.grad[e][z];
+      RNNEXT_UNROLL for (int z = 0; z < ZN; ++z) keep[z] = p.keep ? A(keep_t[(b * ZN + z) * U + u]) : p.keep_p;
+      cells::backward_unit<Cell>(on, zoned(), keep, sv, prev, outs, dnext, dx, dhp, dprev);
+      RNNEXT_UNROLL for (int g = 0; g < G; ++g) {
+        dhg[b * ld + g * H + j] = S(dhp[g]);
+        if (Cell::separate_hg) dxg[b * ld + g * H + j] = S(dx[g]);
+      }
+      r.direct[e] = dprev[0];
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) r.grad[e][z] = dprev[z];
     }
-#endif
-}
-
-// The 16x16 output tiles are dealt to the warps (on the host: one "warp", thread 0).
-template <typename S>
-RNNEXT_HD void mma_chunk(const Plan& pl, const S* a, const S* bt, int64_t k0, int64_t klen, float* out, bool first,
-                         int64_t tid, int64_t nthreads) {
-  const int64_t warp = tid / 32, warps = nthreads < 32 ? 1 : nthreads / 32, nt = pl.Np / 16;
-  const int64_t k = (klen + 15) / 16 * 16;
-  for (int64_t tile = warp; tile < pl.Bp / 16 * nt; tile += warps) {
-    const int64_t m0 = tile / nt * 16, n0 = tile % nt * 16;
-    mma_tile(a + m0 * pl.lda, pl.lda, bt + n0 * pl.ldb + k0, pl.ldb, out + m0 * pl.lds + n0, pl.lds, k, first);
   }
-}
 
-// out = A x Bt^T, A streamed from the row-major [B, K] src; sync.block() between phases.
-template <typename S, typename A, typename Sync>
-RNNEXT_HD void cta_gemm(const Plan& pl, const S* src, unsigned char* smem, int64_t tid, int64_t nthreads,
-                        const Sync& sync) {
-  const S* bt = reinterpret_cast<const S*>(smem);
-  S* a = reinterpret_cast<S*>(smem + pl.off_a);
-  A* out = reinterpret_cast<A*>(smem + pl.off_s);
-  for (int64_t k0 = 0; k0 < pl.K; k0 += pl.kc) {
-    load_chunk(pl, src, k0, a, tid, nthreads);
-    sync.block();
-    const int64_t klen = pl.K - k0 < pl.kc ? pl.K - k0 : pl.kc;
-    if constexpr (uses_mma<S>)
-      mma_chunk(pl, a, bt, k0, klen, out, k0 == 0, tid, nthreads);
-    else
-      fma_chunk(pl, a, bt, k0, klen, out, k0 == 0, tid, nthreads);
-    sync.block();
+  // This warp's slice of A = dhg[t] (after the wait).
+  RNNEXT_HD void stage(int32_t t, int tid) const {
+    stage_a(pl, p.dhg + int64_t(cells::held(p, t)) * pl.B * pl.K, a_tile(), tid);
   }
-}
 
-// f.apply over this CTA's units, every row.
-template <typename A, typename F>
-RNNEXT_HD void apply_units(const Plan& pl, int64_t k, const F& f, int64_t tid, int64_t nthreads) {
-  const int64_t j0 = first_unit(pl, k), nu = units_of(pl, k);
-  for (int64_t i = tid; i < pl.B * nu; i += nthreads) f.template apply<A>(i / nu, j0 + i % nu);
-}
-
-// Step t of the forward on CTA k: h_prev -> hg's columns of its units -> the cell -> h (its units).
-template <typename Cell, typename S, typename A, typename Sync>
-RNNEXT_HD void forward_step(const Plan& pl, const cells::SeqFwd<S, A>& p, int64_t k, int64_t t, const S* h_prev,
-                            S* h, S* hg, unsigned char* smem, int64_t tid, int64_t nthreads, const Sync& sync) {
-  cta_gemm<S, A>(pl, h_prev, smem, tid, nthreads, sync);
-  const A* out = reinterpret_cast<const A*>(smem + pl.off_s);
-  const int64_t j0 = first_unit(pl, k), nu = units_of(pl, k), G = pl.G;
-  for (int64_t i = tid; i < pl.B * G * nu; i += nthreads) {
-    const int64_t b = i / (G * nu), g = i % (G * nu) / nu, u = i % nu;
-    hg[(b * G + g) * pl.H + j0 + u] = S(out[b * pl.lds + g * pl.units + u]);
+  template <int N>
+  RNNEXT_HD void multiply(Regs* r, int tid) const {
+    persistent::multiply<Dir::Backward, N>(pl, a_tile(), partials(), r, tid);
   }
-  sync.block();
-  apply_units<A>(pl, k, Cell::fwd(p, t, hg, h_prev, h), tid, nthreads);
-}
 
-// Step t of the backward on CTA k, first half: the cell backward of its units (dh: its columns).
-template <typename Cell, typename S, typename A>
-RNNEXT_HD void backward_cell(const Plan& pl, const cells::SeqBwd<S, A>& p, int64_t k, int64_t t, const S* dh,
-                             int64_t tid, int64_t nthreads) {
-  apply_units<A>(pl, k, Cell::bwd(p, t, dh, false), tid, nthreads);
-}
-
-// Second half, after every CTA's first half: dh (its columns) = direct + dgates[t] x W_hh.
-template <typename S, typename A, typename Sync>
-RNNEXT_HD void backward_gemm(const Plan& pl, const cells::SeqBwd<S, A>& p, int64_t k, int64_t t, S* dh,
-                             unsigned char* smem, int64_t tid, int64_t nthreads, const Sync& sync) {
-  cta_gemm<S, A>(pl, p.dhg + cells::held(p, t) * pl.B * pl.K, smem, tid, nthreads, sync);
-  const A* out = reinterpret_cast<const A*>(smem + pl.off_s);
-  const int64_t j0 = first_unit(pl, k), nu = units_of(pl, k);
-  for (int64_t i = tid; i < pl.B * nu; i += nthreads) {
-    const int64_t b = i / nu, j = j0 + i % nu;
-    A v = out[b * pl.lds + i % nu];
-    if (p.direct) v += A(p.direct[b * pl.H + j]);
-    dh[b * pl.H + j] = S(v);
+  // dh of this thread's elements for the step before: direct + the sum of the warps' partials.
+  RNNEXT_HD void gather(Regs& r) const {
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e)
+      if (r.el.row[e] >= 0) r.grad[e][0] = r.direct[e] + A(warp_sum(pl, partials(), r.el.row[e], r.el.unit[e]));
   }
-  sync.block();
-}
+
+  RNNEXT_HD void epilogue(const Regs& r) const {
+    const int32_t j0 = first_unit(pl, k), H = pl.H;
+    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+      if (r.el.row[e] < 0) continue;
+      const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
+      dh[b * H + j] = S(r.grad[e][0]);
+      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) p.dst[(z - 1) * pl.B * H + b * H + j] = r.grad[e][z];
+    }
+  }
+
+  // NaN in this CTA's columns of the gate gradients (every step: the weight gradients' GEMMs read them) and
+  // in its units' state gradients.
+  RNNEXT_HD void poison(int tid) const {
+    const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), B = pl.B, H = pl.H;
+    const S nan = S(NAN);
+    for (int32_t i = tid; i < B * nu; i += pl.threads) {
+      const int32_t b = i / nu, j = j0 + i % nu;
+      for (int32_t t = 0; t < p.T; ++t)
+        for (int32_t g = 0; g < G; ++g) {
+          p.dhg[(int64_t(t) * B + b) * G * H + g * H + j] = nan;
+          p.dxg[(int64_t(t) * B + b) * G * H + g * H + j] = nan;
+        }
+      dh[b * H + j] = nan;
+      for (int z = 1; z < Z; ++z) p.dst[(z - 1) * B * H + b * H + j] = A(NAN);
+    }
+  }
+};
 
 }  // namespace persistent
 }  // namespace rnnext

@@ -1,10 +1,9 @@
 // Host-side planner of the persistent kernels: whether one layer-direction fits on chip and how its
 // hidden units are split over CTAs (persistent/cta.h has the layout it plans). Plain C++, tested on
-// CPU through torch.ops.rnnext.persistent_plan.
+// CPU through torch.ops.rnnext.persistent_plan, and the one the CPU emulation runs.
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <numeric>
 
 #include "persistent/cta.h"
 
@@ -15,54 +14,60 @@ namespace persistent {
 struct Capacity {
   int64_t sms;             // CTAs that can be resident at once
   int64_t smem_per_block;  // dynamic shared memory bytes one CTA may have
-  int64_t threads;         // per CTA
-  int64_t min_rows;        // fewest rows of W_hh per CTA worth a CTA (fewer CTAs: cheaper grid barrier)
-  bool align_units;        // round units per CTA so that a CTA's rows fill whole 16-row tiles
+  int64_t arch;            // compute capability, 10 * major + minor: the mma instructions need sm_80
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
 inline int64_t align128(int64_t bytes) { return round_up(bytes, 128); }
 
-// elem: bytes of the input type; acc: of its accumulation type; mma: 16x16x16 tensor-core tiles.
-inline Plan make_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, int64_t acc, bool mma,
+// elem: bytes of the input type; mma: its tensor-core instruction; parts: the element tiles' values per
+// (row, unit) and step (forward_parts / backward_parts of the cell).
+inline Plan make_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, Mma mma, int64_t parts,
                       const Capacity& cap) {
   Plan pl{};
   const bool fwd = dir == Dir::Forward;
   pl.dir = int32_t(dir);
   pl.G = int32_t(G);
-  pl.B = B;
-  pl.H = H;
-  pl.mma = mma;
-  pl.threads = int32_t(cap.threads);
-  if (B <= 0 || H <= 0 || cap.sms <= 0) return pl;
-  // A unit is G rows of W_hh (forward) or one column of all G*H rows (backward): the same weights.
-  // Its GEMM rows: G per unit forward, 1 backward; whole 16-row tiles when aligning.
-  const int64_t rows_per_unit = fwd ? G : 1;
-  const int64_t align = mma && cap.align_units ? 16 / std::gcd<int64_t>(rows_per_unit, 16) : 1;
-  int64_t units = std::max(ceil_div(H, cap.sms), ceil_div(cap.min_rows, G));
-  units = std::min(round_up(units, align), round_up(H, align));
-  pl.units = units;
+  pl.B = int32_t(B);
+  pl.H = int32_t(H);
+  pl.mma = int32_t(mma);
+  pl.threads = kThreads;
+  pl.parts = int32_t(parts);
+  // Rows are copied in 16-byte pieces (H a multiple of 8 16-bit or 4 float values); B fills at most kMaxMT
+  // m-tiles; the products need sm_80's mma.
+  if (mma == Mma::None || cap.arch < 80 || B <= 0 || H <= 0 || B > 16 * kMaxMT || H % (16 / elem) || cap.sms <= 0 ||
+      G * H >= (int64_t(1) << 24))
+    return pl;
+  pl.ktile = mma == Mma::Half ? 16 : 8;
+  // Units per CTA, a multiple of 8 (16-byte pieces of a row, whole n-tiles backward): forward the most whose
+  // G gate rows fill the register n-tiles (fewest CTAs: the grid barrier costs per CTA) and whose cell
+  // elements the threads hold, backward 8 (one n-tile).
+  const int64_t e_max = fwd ? Shape<Dir::Forward>::E : Shape<Dir::Backward>::E;
+  int64_t units = std::min(fwd ? std::max<int64_t>(8, 8 * Shape<Dir::Forward>::NT / G / 8 * 8) : 8, round_up(H, 8));
+  while (units > 8 && B * units > e_max * kThreads) units -= 8;
+  pl.units = int32_t(units);
   pl.ctas = int32_t(ceil_div(H, units));
-  pl.K = fwd ? H : G * H;
-  pl.N = rows_per_unit * units;
-  const int64_t tile = mma ? 16 : 1, pad = mma ? 8 : std::max<int64_t>(1, 4 / elem);
-  pl.Bp = round_up(B, tile);
-  pl.Np = round_up(pl.N, tile);
-  pl.Kp = round_up(pl.K, tile);
-  pl.ldb = pl.Kp + pad;
-  pl.lds = pl.Np + (mma ? 4 : 1);
-  const int64_t bytes_b = align128(pl.Np * pl.ldb * elem), bytes_s = align128(pl.Bp * pl.lds * acc);
-  // A's chunk: all of K if it fits, else the most columns (whole tiles) that do.
-  const int64_t room = cap.smem_per_block - bytes_b - bytes_s;
-  int64_t kc = room > 0 ? std::min(pl.Kp, (room / (pl.Bp * elem) - pad) / tile * tile) : 0;
-  while (kc > 0 && bytes_b + align128(pl.Bp * (kc + pad) * elem) + bytes_s > cap.smem_per_block) kc -= tile;
-  pl.kc = std::max<int64_t>(kc, 0);
-  pl.lda = pl.kc + pad;
-  pl.off_a = bytes_b;
-  pl.off_s = bytes_b + align128(pl.Bp * pl.lda * elem);
-  pl.smem = pl.off_s + bytes_s;
-  pl.fits = pl.ctas <= cap.sms && pl.kc >= std::min<int64_t>(pl.Kp, 16) && pl.smem <= cap.smem_per_block;
+  pl.K = int32_t(fwd ? H : G * H);
+  pl.N = int32_t(fwd ? G * units : units);
+  pl.NT = int32_t(ceil_div(pl.N, 8));
+  pl.KT = int32_t(ceil_div(ceil_div(pl.K, pl.ktile), kWarps));
+  pl.MT = int32_t(ceil_div(B, 16));
+  pl.elems = int32_t(ceil_div(B * units, kThreads));
+  const int64_t kt_max = fwd ? Shape<Dir::Forward>::KT : Shape<Dir::Backward>::KT,
+                nt_max = fwd ? Shape<Dir::Forward>::NT : Shape<Dir::Backward>::NT;
+  // A's rows padded so that the lanes' fragment loads hit 32 different banks (a row stride of 4 mod 8 words)
+  pl.lda = int32_t(round_up(pl.K, pl.ktile) + 16 / elem);
+  pl.ldr = pl.NT * 8 + 4;
+  const int64_t bytes_a = align128(int64_t(pl.MT) * 16 * pl.lda * elem),
+                bytes_r = align128(int64_t(kWarps) * pl.MT * 16 * pl.ldr * 4),
+                bytes_x = align128(B * parts * units * elem + (fwd ? 2 * G * units * 4 : 0));  // tiles, biases
+  pl.off_r = int32_t(bytes_a);
+  pl.off_x = int32_t(bytes_a + bytes_r);
+  const int64_t smem = bytes_a + bytes_r + bytes_x;
+  pl.smem = int32_t(std::min<int64_t>(smem, INT32_MAX));
+  pl.fits = pl.ctas <= cap.sms && pl.KT <= kt_max && pl.NT <= nt_max && pl.elems <= e_max &&
+            smem <= cap.smem_per_block;
   return pl;
 }
 
