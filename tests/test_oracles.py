@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnext
 from rnnext import functional, ops
-from conftest import close
+from conftest import RecordedMasks, close
 
 BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(ops.LOAD_ERROR is not None,
                                                                           reason="extension not built"))]
@@ -130,7 +130,7 @@ class Haste:
     """Per layer-direction Haste's tensors; ``to_rnnext``: the README's map, Haste's model equals
     rnnext.LayerNormGRU(bias=False) with W_ih = kernel^T, W_hh = recurrent_kernel^T, ln_input_weight = gamma[0],
     ln_input_bias = bias, ln_hidden_weight = gamma[1], ln_hidden_bias = recurrent_bias, rows (z, r, h) -> (r, z, n)."""
-    cls, cell_cls, states = rnnext.LayerNormGRU, rnnext.LayerNormGRUCell, 1
+    cls, cell_cls, states, eps = rnnext.LayerNormGRU, rnnext.LayerNormGRUCell, 1, 1e-5
     # rnnext parameter stem: (Haste tensor, Haste value -> rnnext value)
     MAP = {"weight_ih": ("kernel", lambda t: zrh_to_rzn(t.t())),
            "weight_hh": ("recurrent_kernel", lambda t: zrh_to_rzn(t.t())),
@@ -165,7 +165,8 @@ class Torchaudio:
            "ln_gates_bias": ("g_norm.bias", None), "ln_cell_weight": ("c_norm.weight", None),
            "ln_cell_bias": ("c_norm.bias", None)}
 
-    def __init__(self, g, sizes, H, bias, eps=1e-5):
+    def __init__(self, g, sizes, H, bias, eps=1e-3):  # emformer_rnnt_base's lstm_layer_norm_epsilon
+        self.eps = eps
         self.mods = [TorchaudioLSTM(I, H, eps, bias) for I in sizes]
         with torch.no_grad():  # every parameter away from its initial value
             for m in self.mods:
@@ -268,19 +269,6 @@ def composed(oracle, x, lengths, num_layers, D, state0, masks, training, p):
     return x, [torch.stack(f).view(num_layers * D, B, H) for f in finals]
 
 
-class RecordedMasks:
-    """Stands in for rnnext.functional.keep_mask: seeded Bernoulli draws of the size asked, recorded in order."""
-
-    def __init__(self, seed):
-        self.g = torch.Generator().manual_seed(seed)
-        self.drawn = []
-
-    def __call__(self, p, size, like):
-        m = torch.bernoulli(torch.full(tuple(size), p, dtype=f64), generator=self.g)
-        self.drawn.append(m)
-        return m.to(like)
-
-
 def loss_of(outs, seed=3):
     g = torch.Generator().manual_seed(seed)
     return sum((o * torch.randn(o.shape, generator=g, dtype=f64)).sum() for o in outs)
@@ -311,7 +299,7 @@ def test_layer_matches_independent_code(monkeypatch, backend, mode, config):
     D, T, B, I, H, p = 1 + bidir, 5, 3, 4, 3, 0.3
     g = torch.Generator().manual_seed(len(mode) * 7 + len(config))
     oracle = ORACLES[mode](g, [I] * D + [D * H] * (D * (num_layers - 1)), H, bias)  # input size per layer-direction
-    kw = dict(zoneout=p) if zoneout else {}
+    kw = (dict(zoneout=p) if zoneout else {}) | (dict(eps=oracle.eps) if hasattr(oracle, "eps") else {})
     model = oracle.cls(I, H, num_layers=num_layers, bidirectional=bidir, bias=bias, dtype=f64, **kw)
     load_into(model, oracle, num_layers, D)
     model.train(zoneout != "eval")
@@ -369,7 +357,7 @@ def test_cell_is_one_independent_step(monkeypatch, backend, mode, case):
     g = torch.Generator().manual_seed(20 + len(case))
     oracle = (Torchaudio if mode == "LNLSTM" else Haste)(g, [I], H, bias=mode == "LNLSTM")
     zoneout = case.startswith("zoneout")
-    cell = oracle.cell_cls(I, H, bias=mode == "LNLSTM", zoneout=p if zoneout else 0.0, dtype=f64)
+    cell = oracle.cell_cls(I, H, bias=mode == "LNLSTM", eps=oracle.eps, zoneout=p if zoneout else 0.0, dtype=f64)
     with torch.no_grad():
         for stem, (name, fn) in oracle.MAP.items():
             src = oracle.tensors(0)[name]
