@@ -293,7 +293,13 @@ def test_autocast_like_torch(device, kind):
     exact.load_state_dict(ours.state_dict())
     x = torch.randn(7, 3, 16, device=device)
     with torch.autocast(device, dtype=dtype):
-        got, want = ours(x)[0], theirs(x)[0]
+        try:
+            want = theirs(x)[0]
+        except RuntimeError as e:  # oneDNN's bf16 LSTM primitive, which autocast picks, needs more than AVX2
+            if "could not create a primitive descriptor" not in str(e):
+                raise
+            pytest.skip(f"torch.nn's {kind} cannot run under autocast on this CPU, nothing to compare with: {e}")
+        got = ours(x)[0]
     assert got.dtype == want.dtype
     assert want.dtype == (torch.float32 if (device, kind) == ("cpu", "gru") else dtype)
     ref = exact(x.double())[0]

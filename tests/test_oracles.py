@@ -127,7 +127,7 @@ def randn(g, *shape, scale=0.5):
 
 
 class Haste:
-    """Per layer-direction Haste's tensors; ``to_rnnext``: the README's map, Haste's model equals
+    """Haste's tensors per layer-direction, in its layout; MAP, the README's claim: Haste's model equals
     rnnext.LayerNormGRU(bias=False) with W_ih = kernel^T, W_hh = recurrent_kernel^T, ln_input_weight = gamma[0],
     ln_input_bias = bias, ln_hidden_weight = gamma[1], ln_hidden_bias = recurrent_bias, rows (z, r, h) -> (r, z, n)."""
     cls, cell_cls, states, eps = rnnext.LayerNormGRU, rnnext.LayerNormGRUCell, 1, 1e-5
@@ -156,9 +156,9 @@ class Haste:
 
 
 class Torchaudio:
-    """Per layer-direction a TorchaudioLSTM; ``to_rnnext``: rnnext.LayerNormLSTM(bias=False) with W_ih = x2g.weight,
-    W_hh = p2g.weight, ln_gates_* = g_norm's weight and bias, ln_cell_* = c_norm's (same gate order).
-    Zoneout: ESPnet's ZoneOutCell around one torchaudio step."""
+    """A TorchaudioLSTM per layer-direction; MAP, the README's claim: torchaudio's model equals
+    rnnext.LayerNormLSTM(bias=False) with W_ih = x2g.weight, W_hh = p2g.weight, ln_gates_* = g_norm's weight and
+    bias, ln_cell_* = c_norm's (same gate order). Zoneout: ESPnet's ZoneOutCell around one torchaudio step."""
     cls, cell_cls, states = rnnext.LayerNormLSTM, rnnext.LayerNormLSTMCell, 2
     MAP = {"weight_ih": ("x2g.weight", None), "weight_hh": ("p2g.weight", None), "bias_ih": ("x2g.bias", None),
            "bias_hh": ("p2g.bias", None), "ln_gates_weight": ("g_norm.weight", None),
@@ -190,8 +190,7 @@ class Torchaudio:
 
 
 class TorchCell:
-    """plain LSTM/GRU: ESPnet's ZoneOutCell around nn.LSTMCell/nn.GRUCell, torch.nn's parameter layout."""
-    states = None
+    """The plain LSTM/GRU with zoneout: ESPnet's ZoneOutCell around nn.LSTMCell/nn.GRUCell (torch.nn's layout)."""
 
     def __init__(self, g, sizes, H, bias, lstm):
         cell = nn.LSTMCell if lstm else nn.GRUCell
@@ -205,10 +204,9 @@ class TorchCell:
     def run(self, k, xs, state, keep, training, p):
         mod = self.mods[k]
         parts = [] if keep is None else [m for step in keep for m in (step.chunk(2, 1) if self.lstm else (step,))]
+        cell = ZoneOutCell(mod, p, iter(parts)).train(training)
         if self.lstm:
-            cell = ZoneOutCell(lambda x, hc: mod(x, hc), p, iter(parts)).train(training)
             return espnet_loop(cell, xs, state)
-        cell = ZoneOutCell(lambda x, h: mod(x, h), p, iter(parts)).train(training)
         out, (h,) = espnet_loop(lambda x, s: (cell(x, s[0]),), xs, state)
         return out, (h,)
 
