@@ -42,3 +42,49 @@ def outputs_and_grads(fn, args, plain_sum=False, **kw):
                for o in outs)
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     return outs + list(torch.autograd.grad(loss, leaves))
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off in cuBLAS and cuDNN for the test, restored after: float32 comparisons on CUDA would otherwise
+    compare products of 10-bit mantissas (cuDNN's RNNs use TF32 by default)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def rms(t):
+    return t.double().pow(2).mean().sqrt().item()
+
+
+def assert_low_precision_rule(got, base, exact, dtype):
+    """DESIGN.md's 16-bit rule, tensor by tensor: the root-mean-square error of got (the fused result at dtype)
+    vs exact (float64) is at most twice base's (torch.nn's, or the reference's, at dtype), plus 1e-4 of exact's
+    RMS: a floor for tensors that both sides get nearly exact."""
+    assert len(got) == len(base) == len(exact)
+    for k, (g, b, e) in enumerate(zip(got, base, exact)):
+        assert g.dtype == dtype and g.shape == e.shape, (k, g.dtype, g.shape, e.shape)
+        err, base_err = rms(g.double() - e), rms(b.double() - e)
+        assert err <= 2 * base_err + 1e-4 * rms(e), (k, err, base_err)
+
+
+class RecordedMasks:
+    """Stands in for rnnext.functional.keep_mask (monkeypatch it): seeded Bernoulli draws of the size asked, on
+    the CPU in float64 whatever the dtype and device asked for (so runs at different dtypes get the same masks),
+    recorded in order; ``restart()`` replays the same sequence of draws."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.restart()
+
+    def restart(self):
+        self.g = torch.Generator().manual_seed(self.seed)
+        self.drawn = []
+
+    def __call__(self, p, size, like):
+        m = torch.bernoulli(torch.full(tuple(size), p, dtype=torch.float64), generator=self.g)
+        self.drawn.append(m)
+        return m.to(like)

@@ -98,7 +98,8 @@ LOW = [torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_cell_low_precision_rule(device, dtype, kind):
-    """DESIGN.md: error vs fp64 reference <= 2x torch.nn's error at the same precision."""
+    """DESIGN.md: the largest error vs the fp64 cell at most twice torch.nn's at the same precision, plus 1e-3 of
+    the tensor's largest value; outputs and every gradient."""
     torch.manual_seed(5)
     ours, theirs = pair(kind, 32, 48, device=device)
     x = torch.randn(16, 32, device=device, dtype=torch.float64)
@@ -236,11 +237,13 @@ def test_cell_errors_match_torch(kind):
     ]
     for x, hx in cases:
         try:
-            theirs(x, hx)
+            want = theirs(x, hx)
         except Exception:
             same_error(lambda: ours(x, hx), lambda: theirs(x, hx))
-        else:
-            ours(x, hx)
+        else:  # what torch accepts, rnnext computes the same
+            got = ours(x, hx)
+            for a, b in zip(got if kind == "lstm" else (got,), want if kind == "lstm" else (want,), strict=True):
+                close(a, b, 1e-5)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -9,6 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
 from rnnext import ops
+import conftest
 from conftest import CUDA, close, cpu_and_cuda, same_error
 
 MODES = {"lstm": (rnnext.LSTM, nn.LSTM, {}), "gru": (rnnext.GRU, nn.GRU, {}),
@@ -71,16 +72,17 @@ def assert_match(ours, theirs, x, hx, backend, rtol=1e-9):
 GRID = list(itertools.product([1, 2], [False, True], [False, True], [True, False]))
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(MODES))
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias", GRID)
-def test_layer_matches_torch(backend, kind, num_layers, bidirectional, batch_first, bias):
+def test_layer_matches_torch(device, backend, kind, num_layers, bidirectional, batch_first, bias):
     torch.manual_seed(num_layers * 8 + bidirectional * 4 + batch_first * 2 + bias)
-    ours, theirs = pair(kind, 5, 7, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
-                        bias=bias)
+    ours, theirs = pair(kind, 5, 7, device, num_layers=num_layers, bidirectional=bidirectional,
+                        batch_first=batch_first, bias=bias)
     T, B = 4, 3
-    x = leaf(torch.randn((B, T, 5) if batch_first else (T, B, 5), dtype=torch.float64))
-    hx = make_hx(kind, ours, B, "cpu", torch.float64)
+    x = leaf(torch.randn((B, T, 5) if batch_first else (T, B, 5), device=device, dtype=torch.float64))
+    hx = make_hx(kind, ours, B, device, torch.float64)
     hx = tuple(map(leaf, hx)) if kind == "lstm" else leaf(hx)
     assert_match(ours, theirs, x, hx, backend)
     assert_match(ours, theirs, x, None, backend)
@@ -95,6 +97,18 @@ def test_lstm_proj_size(device, backend, proj_size, num_layers, bidirectional):
     x = leaf(torch.randn(5, 2, 4, device=device, dtype=torch.float64))
     assert_match(ours, theirs, x, tuple(map(leaf, make_hx("lstm", ours, 2, device, torch.float64))), backend)
     assert_match(ours, theirs, x, None, backend)
+
+
+@BUILT
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lstm_proj_size_low_precision_rule(device, dtype):
+    """proj_size in 16 bits (the projection's output is the state carried in 16 bits): DESIGN.md's rule against
+    torch.nn.LSTM(proj_size=8) at the same dtype, outputs, final states and every gradient. (The persistent
+    kernel has no proj_size: per step, as "fused".)"""
+    torch.manual_seed(23)
+    ours, theirs = pair("lstm", 16, 24, device, proj_size=8, num_layers=2, bidirectional=True)
+    assert_low_precision_rule(ours, theirs, torch.randn(12, 4, 16, device=device, dtype=torch.float64), dtype)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -149,12 +163,15 @@ def test_packed_sequence(device, backend, kind, enforce_sorted, bidirectional):
     assert_match(ours, theirs, packed, None, backend)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(MODES))
-def test_fp32_within_1e5_of_fp64(backend, kind):
+def test_fp32_within_1e5_of_fp64(no_tf32, device, backend, kind):
+    """Outputs, final states and every gradient of the float32 layers within 1e-5 (relative to each tensor's
+    largest value) of torch.nn's in float64."""
     torch.manual_seed(14)
-    ours, theirs = pair(kind, 16, 24, num_layers=2, bidirectional=True)
-    x = torch.randn(10, 4, 16, dtype=torch.float64)
+    ours, theirs = pair(kind, 16, 24, device, num_layers=2, bidirectional=True)
+    x = torch.randn(10, 4, 16, device=device, dtype=torch.float64)
     want = forward_and_grads(theirs, leaf(x), None)
     got = forward_and_grads(ours.float(), leaf(x.float()), None, backend)
     for a, b in zip(got, want, strict=True):
@@ -166,6 +183,7 @@ def test_fp32_within_1e5_of_fp64(backend, kind):
 @pytest.mark.parametrize("kind", list(MODES))
 def test_dropout_between_layers(backend, kind):
     """Training-mode dropout draws the same masks as torch.nn (same RNG calls, same shapes)."""
+    torch.manual_seed(14)
     ours, theirs = pair(kind, 4, 6, num_layers=3, dropout=0.5, bidirectional=True)
     x = leaf(torch.randn(5, 3, 4, dtype=torch.float64))
     torch.manual_seed(15)
@@ -267,7 +285,7 @@ def test_torch_compile_fullgraph(kind):
 @pytest.mark.parametrize("kind", list(MODES))
 def test_autocast_like_torch(device, kind):
     """Under torch.autocast the layers compute in the dtype torch.nn's do (on CPU: bfloat16 for LSTM and
-    RNN, float32 for GRU), within the low-precision rule of DESIGN.md (error vs fp64 <= 2x torch.nn's)."""
+    RNN, float32 for GRU); the output's largest error vs float64 is at most twice torch.nn's plus 1e-3."""
     dtype = torch.bfloat16 if device == "cpu" else torch.float16
     torch.manual_seed(18)
     ours, theirs = pair(kind, 16, 24, device, dtype=torch.float32, num_layers=2)
@@ -275,7 +293,13 @@ def test_autocast_like_torch(device, kind):
     exact.load_state_dict(ours.state_dict())
     x = torch.randn(7, 3, 16, device=device)
     with torch.autocast(device, dtype=dtype):
-        got, want = ours(x)[0], theirs(x)[0]
+        try:
+            want = theirs(x)[0]
+        except RuntimeError as e:  # oneDNN's bf16 LSTM primitive, which autocast picks, needs more than AVX2
+            if "could not create a primitive descriptor" not in str(e):
+                raise
+            pytest.skip(f"torch.nn's {kind} cannot run under autocast on this CPU, nothing to compare with: {e}")
+        got = ours(x)[0]
     assert got.dtype == want.dtype
     assert want.dtype == (torch.float32 if (device, kind) == ("cpu", "gru") else dtype)
     ref = exact(x.double())[0]
@@ -301,8 +325,9 @@ def test_autocast_cuda_keeps_the_requested_dtype(kind):
 @pytest.mark.parametrize("kind", list(MODES))
 def test_low_precision_rule(device, backend, dtype, kind):
     """DESIGN.md: error of the fused layers vs an fp64 reference <= 2x torch.nn's error at the same
-    precision (outputs, final states and all gradients). Error = RMS: relu's kink makes the max error
-    of either side hinge on a few elements whose sign flips in low precision."""
+    precision (outputs, final states and the gradients w.r.t. x and every parameter; assert_low_precision_rule).
+    Error = RMS: relu's kink makes the max error of either side hinge on a few elements whose sign flips in
+    low precision."""
     torch.manual_seed(19)
     ours, theirs = pair(kind, 16, 24, device, num_layers=2, bidirectional=True)
     assert_low_precision_rule(ours, theirs, torch.randn(12, 4, 16, device=device, dtype=torch.float64), dtype,
@@ -310,16 +335,13 @@ def test_low_precision_rule(device, backend, dtype, kind):
 
 
 def assert_low_precision_rule(ours, theirs, x, dtype, backend="fused"):
-    """float64 models in; RMS error of ours at dtype vs float64 <= 2x torch.nn's, for every output and grad."""
+    """float64 models in; conftest's rule (RMS error of ours at dtype vs float64 <= 2x torch.nn's at dtype, plus
+    1e-4 of the exact RMS) for every output and gradient."""
     exact = forward_and_grads(theirs, leaf(x), None)
     ours, theirs = ours.to(dtype), theirs.to(dtype)
     got = forward_and_grads(ours, leaf(x.to(dtype)), None, backend)
     base = forward_and_grads(theirs, leaf(x.to(dtype)), None)
-    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
-    for g, b, e in zip(got, base, exact, strict=True):
-        assert g.dtype == dtype
-        err, base_err = rms(g.double() - e), rms(b.double() - e)
-        assert err <= 2 * base_err + 1e-4 * rms(e), (err, base_err)
+    conftest.assert_low_precision_rule(got, base, exact, dtype)
 
 
 @pytest.mark.parametrize("kind", list(MODES))

@@ -6,10 +6,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
 from rnnext import ops, reference
-from conftest import cpu_and_cuda
+from conftest import assert_low_precision_rule, close, cpu_and_cuda
 
-BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(ops.LOAD_ERROR is not None,
-                                                                          reason="extension not built"))]
+BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
+BACKENDS = ["reference", pytest.param("fused", marks=BUILT)]
 
 
 def lecture_step(x, a, w_ih, w_hh, b_ih, b_hh):
@@ -58,15 +58,15 @@ def test_layer_matches_lecture_formulas(backend, num_layers, bidirectional, bias
     want_y, want_h = lecture_layers(model, x)
     with rnnext.use_backend(backend):
         y, h = model(x)
-    torch.testing.assert_close(y, want_y)
-    torch.testing.assert_close(h, want_h)
+    close(y, want_y, 1e-10)
+    close(h, want_h, 1e-10)
     lengths = torch.tensor([6, 2, 5, 1])
     want_y, want_h = lecture_layers(model, x, lengths)
     with rnnext.use_backend(backend):
         y, h = model(pack_padded_sequence(x, lengths, enforce_sorted=False))
     y, _ = torch.nn.utils.rnn.pad_packed_sequence(y)
-    torch.testing.assert_close(y, want_y[:6])
-    torch.testing.assert_close(h, want_h)
+    close(y, want_y[:6], 1e-10)
+    close(h, want_h, 1e-10)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -89,8 +89,8 @@ def test_cell(device):
     cell = rnnext.MinimalGRUCell(3, 5).to(device, torch.float64)
     x, a = torch.randn(2, 3, device=device, dtype=torch.float64), torch.randn(2, 5, device=device, dtype=torch.float64)
     want = lecture_step(x, a, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-    torch.testing.assert_close(cell(x, a), want)
-    torch.testing.assert_close(cell(x[0], a[0]), want[0])
+    close(cell(x, a), want, 1e-10)
+    close(cell(x[0], a[0]), want[0], 1e-10)
     xg, hg = torch.randn(2, 10, device=device, dtype=torch.float64), torch.randn(2, 10, device=device,
                                                                                    dtype=torch.float64)
     for got, ref in zip(ops.mgru_cell(xg, hg, a), reference.mgru_cell(xg, hg, a), strict=True):
@@ -113,3 +113,45 @@ def test_module_conveniences():
     m2.load_state_dict(m.state_dict())
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(m2(x)[0], m(x)[0])
+
+
+def outputs_and_grads(model, x, backend):
+    """Output, h_n and the gradients of a random projection of them w.r.t. x and every parameter."""
+    x = x.detach().requires_grad_()
+    with rnnext.use_backend(backend):
+        y, h = model(x)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in (y, h))
+    return [y, h] + list(torch.autograd.grad(loss, [x] + list(model.parameters())))
+
+
+@BUILT
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_fp32_within_1e5_of_fp64(no_tf32, device):
+    """The fused float32 layer's outputs, h_n and every gradient within 1e-5 (of each tensor's largest value) of
+    the reference in float64."""
+    torch.manual_seed(5)
+    model = rnnext.MinimalGRU(16, 24, num_layers=2, bidirectional=True).to(device, torch.float64)
+    x = torch.randn(10, 4, 16, device=device, dtype=torch.float64)
+    exact = outputs_and_grads(model, x, "reference")
+    got = outputs_and_grads(model.float(), x.float(), "fused")
+    for a, b in zip(got, exact, strict=True):
+        assert a.dtype == torch.float32
+        close(a.double(), b, 1e-5)
+
+
+@BUILT
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_rule(device, dtype):
+    """DESIGN.md's 16-bit rule (conftest.assert_low_precision_rule), torch.nn having no such layer: the fused
+    layer's error vs the float64 reference at most twice the reference's own at dtype, outputs, h_n and every
+    gradient."""
+    torch.manual_seed(6)
+    model = rnnext.MinimalGRU(16, 24, num_layers=2, bidirectional=True).to(device, torch.float64)
+    x = torch.randn(12, 4, 16, device=device, dtype=torch.float64)
+    exact = outputs_and_grads(model, x, "reference")
+    model.to(dtype)
+    got = outputs_and_grads(model, x.to(dtype), "fused")
+    base = outputs_and_grads(model, x.to(dtype), "reference")
+    assert_low_precision_rule(got, base, exact, dtype)

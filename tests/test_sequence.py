@@ -193,16 +193,18 @@ def test_save_false_skips_saving_only(device, case, lengths, path):
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", PATHS)
-def test_lstm_cell_state_carried_in_float(device, dtype, path):
-    """c += 0.001 per step from c = 1 (forget and input gates ~1): a cell state rounded to 16 bits each
-    step would never move (bfloat16's spacing at 1 is 0.008); carried in float it reaches 1.3."""
+@pytest.mark.parametrize("zoneout", [0.0, 0.5])
+def test_lstm_cell_state_carried_in_float(device, dtype, path, zoneout):
+    """c += 0.001 per step from c = 1 (forget and input gates ~1; zoneout's eval mixture 0.5: half of it): a
+    cell state rounded to 16 bits each step would never move (bfloat16's spacing at 1 is 0.008); carried in
+    float it reaches 1.3 (1.15)."""
     T = 300
     x = torch.ones(T, 1, 1, device=device, dtype=dtype)
     w_ih = torch.tensor([[20.0], [20.0], [0.001], [0.0]], device=device).to(dtype)  # x @ w_ih^T: the gates
     h0, c0 = torch.zeros(1, 1, device=device, dtype=dtype), torch.ones(1, 1, device=device, dtype=dtype)
     w_hh = torch.zeros(4, 1, device=device, dtype=dtype)
-    cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, None, None, None, None, 0.0, True, path)[2]
-    assert abs(cn.item() - 1.3) < 0.01
+    cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, None, None, None, None, 0.0, True, path, None, zoneout)[2]
+    assert abs(cn.item() - (1 + 0.3 * (1 - zoneout))) < 0.01
 
 
 def chunk_steps(B, GH, elem):
