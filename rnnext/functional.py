@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnext import ops, reference
+from rnnext.lengths import check_batch_sizes
 
 BACKENDS = ("auto", "fused", "step", "persistent", "reference")
 # The fused ops' kernel per backend (see ops.recurrence): "step" and "persistent" force one. Else the
@@ -203,6 +204,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
         raise RuntimeError(f"expected {num_layers * D * stride} weight tensors, got {len(params)}")
     lengths = None
     if batch_sizes is not None:
+        check_batch_sizes(batch_sizes, input.size(0))
         x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
         lengths = lengths.to(input.device)
     else:
@@ -236,7 +238,7 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
         if dropout > 0 and train and layer < num_layers - 1:
             x = F.dropout(x, dropout, True)
     if batch_sizes is not None:
-        x = pack_padded_sequence(x, lengths.cpu()).data
+        x = x.new_zeros(0, x.size(-1)) if x.size(1) == 0 else pack_padded_sequence(x, lengths.cpu()).data
     elif batch_first:
         x = x.transpose(0, 1)
     return x, torch.stack(hs), None if c0 is None else torch.stack(cs)
@@ -311,7 +313,7 @@ def layer_norm_lstm(input, hx, params, ln, has_biases=True, num_layers=1, dropou
 def layer_norm_gru(input, hx, params, ln, has_biases=True, num_layers=1, dropout=0.0, train=False,
                    bidirectional=False, batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None,
                    zoneout=0.0, eps=1e-5):
-    """Multi-layer layer-normalised GRU (Haste's formulation: the input and hidden projections normalised
+    """Multi-layer layer-normalised GRU (Haste's LayerNormGRU with bias=False; biases, when given, inside the norms: the input and hidden projections normalised
     separately; see :class:`rnnext.LayerNormGRU`): arguments and results as :func:`gru`, ln's N = 6
     (input's 3H, then hidden's 3H). {ln} {clip} {zoneout}"""
     return _layers("LNGRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,

@@ -272,7 +272,8 @@ class LayerNormLSTM(_LayerNormed, LSTM):
     Parameters: torch.nn.LSTM's, plus ``ln_gates_weight_l{k}`` / ``ln_gates_bias_l{k}`` ``[4H]`` and
     ``ln_cell_weight_l{k}`` / ``ln_cell_bias_l{k}`` ``[H]`` (``_reverse`` for the backward direction), initialised
     to 1 and 0. Keywords: ``eps`` (1e-5; torchaudio's RNN-T uses 1e-3), ``zoneout``, ``state_grad_clip``.
-    torchaudio's LSTM has no input bias with layer norm: ``bias=False`` here drops both biases."""
+    torchaudio's _CustomLSTM(layer_norm=True) is ``bias=False`` here: weight_ih_l0 = x2g.weight, weight_hh_l0 =
+    p2g.weight, ln_gates_* = g_norm's, ln_cell_* = c_norm's."""
 
     _NORMS = (("ln_gates", 4), ("ln_cell", 1))
     _dims_message = "LayerNormLSTM: Expected input to be 2D or 3D, got {}D instead"
@@ -288,8 +289,10 @@ class LayerNormLSTM(_LayerNormed, LSTM):
 
 
 class LayerNormGRU(_LayerNormed, GRU):
-    """Layer-normalised GRU, Haste's formulation (``LayerNormGRU``) with torch.nn.GRU's API. Per layer and
-    direction::
+    """Layer-normalised GRU with torch.nn.GRU's API; with ``bias=False`` Haste's ``LayerNormGRU`` (whose norms have
+    no bias and whose biases come after them: ln_input_bias = bias, ln_hidden_bias = recurrent_bias, gamma[0],
+    gamma[1] the norms' weights, Haste's gate blocks (z, r, h) reordered to (r, z, n)). With ``bias=True`` the
+    biases sit inside the norms (not in Haste). Per layer and direction::
 
         u = LN_x(W_ih x + b_ih),  v = LN_h(W_hh h' + b_hh)         (3H each, ln_input_*, ln_hidden_*)
         r = sigmoid(u_r + v_r), z = sigmoid(u_z + v_z), n = tanh(u_n + r * v_n), h = (1 - z) * n + z * h'

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from rnnext import _fake
-from rnnext.lengths import flip_within
+from rnnext.lengths import check_lengths, flip_within
 
 try:
     from rnnext import _C  # noqa: F401  (loading it registers the ops)
@@ -76,6 +76,7 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     :func:`rnnext.reference.recurrence`. path: 0 the device's default, 1 per step (a GEMM and a cell kernel
     per step), 2 the persistent kernel where it runs and fits (one launch, weights on chip; on CPU an
     emulation for tests), else per step."""
+    check_lengths(lengths, x.size(0))
     if reverse:
         x = flip_within(x, lengths)
     # Without a backward to follow (no_grad, or nothing requires grad), skip saving the gates.

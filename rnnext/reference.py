@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rnnext.lengths import flip_within, step_mask
+from rnnext.lengths import check_lengths, flip_within, step_mask
 
 
 def lstm_cell(xg, hg, cx):
@@ -54,7 +54,7 @@ def lnlstm_cell(xg, hg, cx, ln_w, ln_b, eps):
 
 
 def lngru_cell(xg, hg, hx, ln_w, ln_b, eps):
-    """The layer-normalised GRU (Haste's LayerNormGRU): the input and hidden projections (biases included)
+    """The layer-normalised GRU (Haste's LayerNormGRU with bias=False; biases, when given, inside the norms): the input and hidden projections (biases included)
     normalised separately, ln_w, ln_b [6H]: the input's norm [3H], then the hidden's [3H]."""
     H3 = 3 * hx.size(1)
     u = F.layer_norm(xg, (H3,), ln_w[:H3], ln_b[:H3], eps)
@@ -90,6 +90,7 @@ def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     (:func:`lnlstm_cell`, :func:`lngru_cell`) with their norms' ln_w, ln_b, eps. Returns
     ``y [T, B, P], h_n [B, P], c_n [B, H] or None``.
     """
+    check_lengths(lengths, x.size(0))
     xg = F.linear(x, w_ih, b_ih)
     if reverse:
         xg = flip_within(xg, lengths)

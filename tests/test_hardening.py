@@ -116,8 +116,6 @@ def test_bad_packed_input_raises_like_torch(kind, case):
         ours(packed(case, dtype=torch.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="issue #25: rnnext raises 'Cannot pack empty tensors.' for an empty "
-                                       "PackedSequence (batch_sizes [0]), which torch.nn runs (empty outputs)")
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_empty_packed_input_like_torch(kind):
     """batch_sizes [0], no rows: torch.nn returns empty outputs and states [L*D, 0, H]; so must rnnext."""
@@ -142,9 +140,6 @@ for rows, batch_sizes in ((3, [3, -1]), (4, [2, 0, 2])):
 """
 
 
-@pytest.mark.xfail(strict=True, reason="issue #25: rnnext hands batch_sizes unchecked to pad_packed_sequence, which "
-                                       "corrupts the heap on a negative or a zero-then-nonzero entry (the process "
-                                       "aborts: free(): invalid pointer); torch.nn raises a RuntimeError")
 def test_bad_batch_sizes_raise_instead_of_crashing():
     """batch_sizes [3, -1] and [2, 0, 2]: torch.nn.LSTM raises a RuntimeError for each; rnnext.LSTM must too,
     not abort the process (run in a subprocess: today it does abort)."""
@@ -163,10 +158,6 @@ def _lstm_args(T=4, B=3, I=2, H=3):
     return dict(mode="LSTM", x=t(T, B, I), w_ih=t(4 * H, I), h0=t(B, H), c0=t(B, H), w_hh=t(4 * H, H))
 
 
-@pytest.mark.xfail(strict=True, reason="issue #25: recurrence does not check the values of lengths: past T the "
-                                       "forward direction runs as if T, the reverse one gathers out of bounds "
-                                       "(an IndexError-like message on CPU, a device-side assert on CUDA); 0 or "
-                                       "negative silently return h0 and zeros")
 @pytest.mark.parametrize("impl", ["reference", pytest.param("ops", marks=pytest.mark.skipif(
     rnnext.ops.LOAD_ERROR is not None, reason="extension not built"))])
 @pytest.mark.parametrize("lengths", [[6, 2, 3], [4, 0, 2], [4, -1, 2]], ids=["past_T", "zero", "negative"])

@@ -1,5 +1,7 @@
-"""rnnext.LSTM/GRU/RNN vs torch.nn with identical weights, over the option grid, on every backend
-("persistent": the persistent kernels on CUDA, their emulation on CPU)."""
+"""rnnext.LSTM/GRU/RNN vs torch.nn with identical weights, over the option grid, on every backend.
+"persistent": the persistent kernels on CUDA, their emulation on CPU, where they have a plan: 16-bit (the
+low-precision tests here; tests/test_persistent.py shows with the profiler that they ran). In float64 and
+float32 (TF32 off) there is none: those cases, id persistent-fallback, test the fallback to per step."""
 import itertools
 
 import pytest
@@ -16,7 +18,9 @@ MODES = {"lstm": (rnnext.LSTM, nn.LSTM, {}), "gru": (rnnext.GRU, nn.GRU, {}),
          "rnn_tanh": (rnnext.RNN, nn.RNN, {"nonlinearity": "tanh"}),
          "rnn_relu": (rnnext.RNN, nn.RNN, {"nonlinearity": "relu"})}
 BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
-BACKENDS = ["reference", pytest.param("fused", marks=BUILT), pytest.param("persistent", marks=BUILT)]
+BACKENDS = ["reference", pytest.param("fused", marks=BUILT),
+            pytest.param("persistent", marks=BUILT, id="persistent-fallback")]
+LOW_PRECISION_BACKENDS = [pytest.param("fused", marks=BUILT), pytest.param("persistent", marks=BUILT)]
 
 
 def pair(kind, I, H, device="cpu", dtype=torch.float64, **kw):
@@ -320,28 +324,37 @@ def test_autocast_cuda_keeps_the_requested_dtype(kind):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("backend", LOW_PRECISION_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", list(MODES))
 def test_low_precision_rule(device, backend, dtype, kind):
     """DESIGN.md: error of the fused layers vs an fp64 reference <= 2x torch.nn's error at the same
     precision (outputs, final states and the gradients w.r.t. x and every parameter; assert_low_precision_rule).
-    Error = RMS: relu's kink makes the max error of either side hinge on a few elements whose sign flips in
-    low precision."""
-    torch.manual_seed(19)
-    ours, theirs = pair(kind, 16, 24, device, num_layers=2, bidirectional=True)
-    assert_low_precision_rule(ours, theirs, torch.randn(12, 4, 16, device=device, dtype=torch.float64), dtype,
-                              backend)
+    Error = RMS over three random models and inputs: relu's kink makes either side's error hinge on a few
+    elements whose sign flips in low precision, which one draw's ratio reflects more than the arithmetic."""
+    got, base, exact = [], [], []
+    for seed in (19, 20, 21):
+        torch.manual_seed(seed)
+        ours, theirs = pair(kind, 16, 24, device, num_layers=2, bidirectional=True)
+        for into, run in zip((got, base, exact), errors_at(ours, theirs, torch.randn(12, 4, 16, device=device,
+                                                                                    dtype=torch.float64), dtype,
+                                                            backend)):
+            into.append([t.flatten() for t in run])
+    conftest.assert_low_precision_rule(*[[torch.cat(ts) for ts in zip(*runs)] for runs in (got, base, exact)], dtype)
+
+
+def errors_at(ours, theirs, x, dtype, backend="fused"):
+    """float64 models in: (ours at dtype, torch.nn's at dtype, float64) outputs and gradients."""
+    exact = forward_and_grads(theirs, leaf(x), None)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    return (forward_and_grads(ours, leaf(x.to(dtype)), None, backend), forward_and_grads(theirs, leaf(x.to(dtype)),
+                                                                                          None), exact)
 
 
 def assert_low_precision_rule(ours, theirs, x, dtype, backend="fused"):
     """float64 models in; conftest's rule (RMS error of ours at dtype vs float64 <= 2x torch.nn's at dtype, plus
     1e-4 of the exact RMS) for every output and gradient."""
-    exact = forward_and_grads(theirs, leaf(x), None)
-    ours, theirs = ours.to(dtype), theirs.to(dtype)
-    got = forward_and_grads(ours, leaf(x.to(dtype)), None, backend)
-    base = forward_and_grads(theirs, leaf(x.to(dtype)), None)
-    conftest.assert_low_precision_rule(got, base, exact, dtype)
+    conftest.assert_low_precision_rule(*errors_at(ours, theirs, x, dtype, backend), dtype)
 
 
 @pytest.mark.parametrize("kind", list(MODES))
@@ -397,7 +410,7 @@ def test_torch_nn_graph_breaks_where_rnnext_does_not():
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("backend", LOW_PRECISION_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lstm_long_sequence_low_precision(device, backend, dtype):
     """Over 300 steps the 16-bit LSTM stays within the rule of DESIGN.md (<= 2x torch.nn's error at the

@@ -1,5 +1,6 @@
 """The fused sequence ops (one layer-direction) vs rnnext.reference.recurrence, on both paths (1: per step;
-2: persistent, emulated on CPU); op registration checks."""
+2: persistent where it has a plan, which float64 never has: here path 2 tests the fallback to per step, id
+2-fallback; the persistent kernels themselves: tests/test_persistent.py); op registration checks."""
 import functools
 
 import pytest
@@ -32,7 +33,7 @@ def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=Fal
                 nonlinearity=CASES[case][3])
 
 
-PATHS = [1, 2]
+PATHS = [1, pytest.param(2, id="2-fallback")]
 
 
 def fused(path):

@@ -13,7 +13,8 @@
 // cell state carried:
 //   a = LN_g(W_ih x + b_ih + W_hh h' + b_hh)            over the 4H gate pre-activations
 //   i, f, g, o = s(a_i), s(a_f), tanh(a_g), s(a_o);  c~ = f*c' + i*g;  c = LN_c(c~);  h = o*tanh(c)
-// LayerNormGRU (Haste's LayerNormGRU): input and hidden projections normalised separately:
+// LayerNormGRU (Haste's LayerNormGRU with bias=False; biases, when given, inside the norms): input and hidden
+// projections normalised separately:
 //   u = LN_x(W_ih x + b_ih),  v = LN_h(W_hh h' + b_hh)    over 3H each
 //   r = s(u_r + v_r), z = s(u_z + v_z), n = tanh(u_n + r*v_n), h = (1-z)*n + z*h'
 // Zoneout (cells/step.h) applies to the carried state: c = k*c' + (1-k)*LN_c(c~), h = k*h' + (1-k)*o*tanh(...).
