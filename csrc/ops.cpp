@@ -45,63 +45,35 @@ TORCH_LIBRARY(rnnext, m) {
   // probability p, from a counter-based hash of seed (a one-element int64 CPU tensor).
   m.def("keep_mask(Tensor seed, int[] size, float p, ScalarType dtype) -> Tensor");
 
-  // Single-step cells. xg, hg: [B, G*H] input and hidden projections (biases included);
-  // cx/hx: [B, H] previous state; saved: [B, 4*H] what backward needs (activated gates).
-  m.def("lstm_cell(Tensor xg, Tensor hg, Tensor cx) -> (Tensor hy, Tensor cy, Tensor saved)");
-  m.def("lstm_cell_backward(Tensor dhy, Tensor dcy, Tensor cx, Tensor cy, Tensor saved) -> (Tensor dgates, Tensor dcx)");
-  m.def("gru_cell(Tensor xg, Tensor hg, Tensor hx) -> (Tensor hy, Tensor saved)");
-  m.def("gru_cell_backward(Tensor dhy, Tensor hx, Tensor saved) -> (Tensor dxg, Tensor dhg, Tensor dhx)");
-  m.def("rnn_cell(Tensor xg, Tensor hg, str nonlinearity) -> Tensor");
-  m.def("rnn_cell_backward(Tensor dhy, Tensor hy, str nonlinearity) -> Tensor");
-  m.def("mgru_cell(Tensor xg, Tensor hg, Tensor hx) -> (Tensor hy, Tensor saved)");
-  m.def("mgru_cell_backward(Tensor dhy, Tensor hx, Tensor saved) -> (Tensor dgates, Tensor dhx)");
-
-  // One layer-direction over a whole sequence, input projection included; shapes and conventions in
-  // driver/sequence.h. y: outputs [T, B, P]; hn, cn: final states; c_all, saved, r: what backward needs.
-  // clip: BPTT gradient clipping of the state at every step (0 = off; cells/step.h), taken by the forward
-  // ops too so autograd can pass it on. save=False (no backward will follow): c_all and saved come back
-  // empty and are not computed. path: 0 auto (the device's default), 1 per-step, 2 persistent where the
-  // device has it and the plan fits (else per-step): see driver/loops.h.
-  // zoneout_mask, zoneout (LSTM, GRU): zoneout's keep weights, see driver/sequence.h.
-  m.def("lstm_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-        "Tensor? w_hr, Tensor? lengths, float clip=0., bool save=True, int path=0, Tensor? zoneout_mask=None, "
-        "float zoneout=0.) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, Tensor saved, Tensor r)");
-  m.def("lstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
-        "Tensor c0, Tensor c_all, Tensor saved, Tensor r, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
-        "float clip=0., int path=0, Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor dx, Tensor dw_ih, "
-        "Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dw_hr)");
-  // The GRU and the lecture's GRU (update gate only; cells/mgru.h: gates (u, c), saved (u, c~)).
-  const std::string gated = "(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-                            "Tensor? lengths, float clip=0., bool save=True, int path=0";
-  const std::string gated_backward = "_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
-                                     "Tensor saved, Tensor w_hh, Tensor? lengths, float clip=0., int path=0";
-  const std::string zoneout = ", Tensor? zoneout_mask=None, float zoneout=0.";
-  const std::string outputs = ") -> (Tensor y, Tensor hn, Tensor saved)";
-  const std::string grads = ") -> (Tensor dx, Tensor dw_ih, Tensor dh0, Tensor dw_hh, Tensor db_ih, Tensor db_hh)";
-  m.def(("gru_seq" + gated + zoneout + outputs).c_str());
-  m.def(("gru_seq" + gated_backward + zoneout + grads).c_str());
-  m.def(("mgru_seq" + gated + outputs).c_str());
-  m.def(("mgru_seq" + gated_backward + grads).c_str());
-  m.def("rnn_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, "
-        "str nonlinearity, float clip=0., int path=0) -> (Tensor y, Tensor hn)");
-  m.def("rnn_seq_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, Tensor w_hh, "
-        "Tensor? lengths, str nonlinearity, float clip=0., int path=0) -> (Tensor dx, Tensor dw_ih, Tensor dh0, "
-        "Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
-  // Layer-normalised LSTM and GRU (cells/layernorm.h): ln_w, ln_b the norms' [N*H] weight and bias (LSTM:
-  // gates 4H, then cell H; GRU: input projection's 3H, then hidden's 3H); norm, rstd what backward needs.
-  m.def("lnlstm_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
-        "Tensor ln_w, Tensor ln_b, Tensor? lengths, float eps=1e-5, float clip=0., bool save=True, int path=0, "
-        "Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor y, Tensor hn, Tensor cn, Tensor c_all, "
-        "Tensor norm, Tensor rstd)");
-  m.def("lnlstm_seq_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, "
-        "Tensor c0, Tensor c_all, Tensor norm, Tensor rstd, Tensor w_hh, Tensor ln_w, Tensor ln_b, Tensor? lengths, "
-        "float clip=0., int path=0, Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor dx, Tensor dw_ih, "
-        "Tensor dh0, Tensor dc0, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dln_w, Tensor dln_b)");
-  m.def("lngru_seq(Tensor x, Tensor w_ih, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor ln_w, "
-        "Tensor ln_b, Tensor? lengths, float eps=1e-5, float clip=0., bool save=True, int path=0, "
-        "Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor y, Tensor hn, Tensor norm, Tensor rstd)");
-  m.def("lngru_seq_backward(Tensor dy, Tensor dhn, Tensor x, Tensor w_ih, Tensor y, Tensor h0, Tensor norm, "
-        "Tensor rstd, Tensor w_hh, Tensor ln_w, Tensor ln_b, Tensor? lengths, float clip=0., int path=0, "
-        "Tensor? zoneout_mask=None, float zoneout=0.) -> (Tensor dx, Tensor dw_ih, Tensor dh0, Tensor dw_hh, "
-        "Tensor db_ih, Tensor db_hh, Tensor dln_w, Tensor dln_b)");
+  // Per cell of cells/all.h. One layer-direction over a whole sequence, input projection included; shapes,
+  // conventions and output_mask's order in driver/sequence.h. The cell's own parameters are param0, param1
+  // (layer norm's weight and bias) rather than a Tensor[]: AOTInductor's proxy executor passes an empty list
+  // as None.
+  const std::string seq = "_seq(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor h0, Tensor s0, "
+                          "Tensor? param0, Tensor? param1, Tensor? w_hr=None, Tensor? lengths=None, "
+                          "Tensor? zoneout_mask=None, "
+                          "float zoneout=0., float clip=0., float eps=1e-5, bool save=True, int path=0) -> (Tensor y, "
+                          "Tensor h_n, Tensor s_n, Tensor s_all, Tensor saved, Tensor stats, Tensor r)";
+  const std::string seq_backward =
+      "_seq_backward(Tensor dy, Tensor dh_n, Tensor ds_n, Tensor x, Tensor w_ih, Tensor w_hh, Tensor h0, Tensor s0, "
+      "Tensor? param0, Tensor? param1, Tensor? w_hr, Tensor? lengths, Tensor? zoneout_mask, float zoneout, "
+      "float clip, Tensor y, Tensor s_all, Tensor saved, Tensor stats, Tensor r, int path, bool[10] output_mask) -> "
+      "(Tensor dx, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh, Tensor dh0, Tensor ds0, Tensor dparam0, "
+      "Tensor dparam1, Tensor dw_hr)";
+  // One step of an element cell on precomputed projections (driver/cell_ops.h): xg, hg [B, G*H] biases included,
+  // h [B, H], s [Z-1, B, H] the states before; saved [B, SAVED*H]; dgates [B, G*H] (2*G*H: xg's, then hg's,
+  // for cells whose hg has its own gradient).
+  const std::string cell = "_cell(Tensor xg, Tensor hg, Tensor h, Tensor s) -> (Tensor h_new, Tensor s_new, Tensor saved)";
+  const std::string cell_backward = "_cell_backward(Tensor dh_new, Tensor ds_new, Tensor h, Tensor s, Tensor h_new, "
+                                    "Tensor saved) -> (Tensor dgates, Tensor dh, Tensor ds)";
+  rnnext::cells::each([&](auto c) {
+    using Cell = decltype(c);
+    const std::string name = Cell::name;
+    m.def((name + seq).c_str());
+    m.def((name + seq_backward).c_str());
+    if constexpr (!Cell::rows) {
+      m.def((name + cell).c_str());
+      m.def((name + cell_backward).c_str());
+    }
+  });
 }

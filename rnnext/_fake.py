@@ -1,7 +1,8 @@
-"""Fake (meta) kernels of the ``torch.ops.rnnext`` ops: output shapes for FakeTensor, torch.compile and
-meta tensors, after the same argument checks as the C++ kernels, in the same order and with the same
-messages (``csrc/driver/common.h``, ``cell_ops.h``, ``sequence.h``), so a bad call fails alike in eager
-and under compile. ``tests/test_checks.py`` compares the two message by message.
+"""Fake (meta) kernels of the ``torch.ops.rnnext`` ops: output shapes for FakeTensor, torch.compile and meta
+tensors, after the same argument checks as the C++ kernels, in the same order and with the same messages
+(``csrc/driver/common.h``, ``cell_ops.h``, ``sequence.h``), so a bad call fails alike in eager and under
+compile. One fake per op family, for every cell of :mod:`rnnext.cells` from its traits;
+``tests/test_checks.py`` compares the two message by message.
 """
 import torch
 
@@ -47,42 +48,16 @@ class Checks:
         _check(v >= 0, lambda: f"{self.op}: expected clip >= 0 (0 = off), got {v:g}")
 
 
-def _gates_shape(G, time):
-    return ("[T, B, " if time else "[B, ") + ("H]" if G == 1 else f"{G}*H]")
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gates(G):
+    return "H" if G == 1 else f"{G}*H"
 
 
 def _check_path(op, path):
     _check(0 <= path <= 2, lambda: f"{op}: expected path 0 (auto), 1 (per-step) or 2 (persistent), got {path}")
-
-
-def _check_zoneout(c, mask, p, Z, T, B, H, projected):
-    _check(0 <= p <= 1, lambda: f"{c.op}: expected zoneout in [0, 1], got {p:g}")
-    if mask is not None:
-        c.shape("zoneout_mask", mask, (T, B, Z * H))
-    _check(not (projected and (mask is not None or p > 0)), f"{c.op}: zoneout with proj_size is not supported")
-
-
-def _check_act(nonlinearity):
-    _check(nonlinearity in ("tanh", "relu"), lambda: f"Unknown nonlinearity: {nonlinearity}")
-
-
-# ---- single-step cells (cell_ops.h) ---------------------------------------------------------------
-
-def check_cell(op, ref_name, ref, G, same=(), states=()):
-    """ref [B, G*H]; `same` (name, tensor) pairs of ref's shape, `states` of [B, H]. Returns H."""
-    c = Checks(op, ref_name, ref)
-    c.dims(ref, 2, _gates_shape(G, False))
-    _check(ref.shape[1] % G == 0, lambda: f"{op}: {ref_name}.size(1) = {ref.shape[1]} is not a multiple of {G}")
-    H = ref.shape[1] // G
-    for name, t in same:
-        c.shape(name, t, ref.shape)
-    for name, t in states:
-        c.shape(name, t, (ref.shape[0], H))
-    return H
-
-
-def _new(t, *shape):
-    return t.new_empty(shape)
 
 
 def register_keep_mask(lib):
@@ -96,249 +71,132 @@ def register_keep_mask(lib):
         return seed.new_empty(size, dtype=dtype)
 
 
-def register_cells(lib):
-    @torch.library.register_fake(lib + "lstm_cell")
-    def _(xg, hg, cx):
-        check_cell("lstm_cell", "xg", xg, 4, [("hg", hg)], [("cx", cx)])
-        return _new(cx, *cx.shape), _new(cx, *cx.shape), _new(xg, *xg.shape)
-
-    @torch.library.register_fake(lib + "lstm_cell_backward")
-    def _(dhy, dcy, cx, cy, saved):
-        check_cell("lstm_cell_backward", "saved", saved, 4, [], [("dhy", dhy), ("dcy", dcy), ("cx", cx), ("cy", cy)])
-        return _new(saved, *saved.shape), _new(cx, *cx.shape)
-
-    @torch.library.register_fake(lib + "gru_cell")
-    def _(xg, hg, hx):
-        H = check_cell("gru_cell", "xg", xg, 3, [("hg", hg)], [("hx", hx)])
-        return _new(hx, *hx.shape), _new(hx, hx.shape[0], 4 * H)
-
-    @torch.library.register_fake(lib + "gru_cell_backward")
-    def _(dhy, hx, saved):
-        H = check_cell("gru_cell_backward", "saved", saved, 4, [], [("dhy", dhy), ("hx", hx)])
-        B = hx.shape[0]
-        return _new(hx, B, 3 * H), _new(hx, B, 3 * H), _new(hx, *hx.shape)
-
-    @torch.library.register_fake(lib + "mgru_cell")
-    def _(xg, hg, hx):
-        check_cell("mgru_cell", "xg", xg, 2, [("hg", hg)], [("hx", hx)])
-        return _new(hx, *hx.shape), _new(xg, *xg.shape)
-
-    @torch.library.register_fake(lib + "mgru_cell_backward")
-    def _(dhy, hx, saved):
-        check_cell("mgru_cell_backward", "saved", saved, 2, [], [("dhy", dhy), ("hx", hx)])
-        return _new(saved, *saved.shape), _new(hx, *hx.shape)
-
-    @torch.library.register_fake(lib + "rnn_cell")
-    def _(xg, hg, nonlinearity):
-        check_cell("rnn_cell", "xg", xg, 1, [("hg", hg)])
-        _check_act(nonlinearity)
-        return _new(xg, *xg.shape)
-
-    @torch.library.register_fake(lib + "rnn_cell_backward")
-    def _(dhy, hy, nonlinearity):
-        check_cell("rnn_cell_backward", "hy", hy, 1, [("dhy", dhy)])
-        _check_act(nonlinearity)
-        return _new(hy, *hy.shape)
-
-
 # ---- sequences (sequence.h) -----------------------------------------------------------------------
 
-def check_seq(op, G, x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip):
-    """Forward: returns (T, B, H, P)."""
-    c = Checks(op, "x", x)
-    c.dims(x, 3, "[T, B, I]")
-    _check(x.shape[0] > 0, f"{op}: expected a sequence length larger than 0")
-    T, B, I = x.shape
-    _check(w_ih.dim() == 2 and w_ih.shape[0] % G == 0 and w_ih.shape[1] == I,
-           lambda: f"{op}: expected w_ih of shape [{G}*H, {I}], got {list(w_ih.shape)}")
+def check_common(c, cell, x, w_ih, w_hh, h0, s0, params, w_hr, lengths, zoneout_mask, zoneout, clip):
+    """sequence.h check_common: returns (T, B, H, P)."""
+    T, B = c.ref.shape[0], c.ref.shape[1]
+    G, op = cell.gates, c.op
+    _check(x.dim() == 3 and x.shape[0] == T and x.shape[1] == B,
+           lambda: f"{op}: expected x of shape [{T}, {B}, I], got {list(x.shape)}")
+    c.like("x", x)
+    I = x.shape[2]
+    _check(w_ih.dim() == 2 and w_ih.shape[0] % G == 0 and w_ih.shape[0] > 0 and w_ih.shape[1] == I,
+           lambda: f"{op}: expected w_ih of shape [{_gates(G)}, {I}], got {list(w_ih.shape)}")
     c.like("w_ih", w_ih)
     H = w_ih.shape[0] // G
+    _check(w_hr is None or cell.proj, f"{op}: proj_size (w_hr) is not supported by this cell")
     if w_hr is not None:
         _check(w_hr.dim() == 2 and w_hr.shape[0] > 0 and w_hr.shape[1] == H,
                lambda: f"{op}: expected w_hr of shape [P, {H}] with P > 0, got {list(w_hr.shape)}")
         c.like("w_hr", w_hr)
     P = H if w_hr is None else w_hr.shape[0]
     c.shape("h0", h0, (B, P))
-    if c0 is not None:
-        c.shape("c0", c0, (B, H))
+    c.shape("s0", s0, (cell.others, B, H))
     c.shape("w_hh", w_hh, (G * H, P))
-    if b_ih is not None:
-        c.shape("b_ih", b_ih, (G * H,))
-    if b_hh is not None:
-        c.shape("b_hh", b_hh, (G * H,))
+    _check(len(params) == len(cell.params), lambda: f"{op}: expected {len(cell.params)} cell parameters (param0, "
+                                                    f"param1), got {len(params)}")
+    for i, t in enumerate(params):
+        c.shape(f"param{i}", t, (cell.param_units * H,))
     c.lengths(lengths, B)
     c.clip(clip)
+    _check(0 <= zoneout <= 1, lambda: f"{op}: expected zoneout in [0, 1], got {zoneout:g}")
+    _check(cell.zoned > 0 or not (zoneout_mask is not None or zoneout > 0),
+           f"{op}: zoneout is not supported by this cell")
+    if zoneout_mask is not None:
+        c.shape("zoneout_mask", zoneout_mask, (T, B, cell.zoned * H))
+    _check(not (w_hr is not None and (zoneout_mask is not None or zoneout > 0)),
+           f"{op}: zoneout with proj_size is not supported")
     return T, B, H, P
 
 
-def check_seq_backward(c, G, projected, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip):
-    """Backward: y fixes T, B, P; H = P, or w_hh's rows / G with an LSTM projection. Returns (T, B, H, P)."""
-    c.dims(y, 3, "[T, B, P]")
-    _check(y.shape[0] > 0, f"{c.op}: expected a sequence length larger than 0")
-    T, B, P = y.shape
-    H = w_hh.shape[0] // G if projected and w_hh.dim() == 2 else P
-    c.shape("w_hh", w_hh, (G * H, P))
-    c.shape("dy", dy, (T, B, P))
-    c.shape("dhn", dhn, (B, P))
-    c.shape("h0", h0, (B, P))
-    _check(x.dim() == 3 and x.shape[0] == T and x.shape[1] == B,
-           lambda: f"{c.op}: expected x of shape [{T}, {B}, I], got {list(x.shape)}")
-    c.like("x", x)
-    c.shape("w_ih", w_ih, (G * H, x.shape[2]))
-    c.lengths(lengths, B)
-    c.clip(clip)
-    return T, B, H, P
-
-
-def check_saved(c, saved, S, T, B, H):
-    _check(not (saved.dim() == 3 and saved.shape[0] == 0 and T > 0),
-           f"{c.op}: saved is empty: the forward ran with save=False, which saves nothing for backward")
-    c.shape("saved", saved, (T, B, S * H))
-
-
-def register_lstm_seq(lib):
-    @torch.library.register_fake(lib + "lstm_seq")
-    def _(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip=0.0, save=True, path=0, zoneout_mask=None,
-          zoneout=0.0):
-        T, B, H, P = check_seq("lstm_seq", 4, x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip)
-        _check_path("lstm_seq", path)
-        _check_zoneout(Checks("lstm_seq", "x", x), zoneout_mask, zoneout, 2, T, B, H, w_hr is not None)
-        Ts = T if save else 0
-        return (_new(x, T, B, P), _new(x, B, P), _new(x, B, H), _new(x, Ts, B, H), _new(x, Ts, B, 4 * H),
-                _new(x, T if w_hr is not None else 0, B, H))
-
-    @torch.library.register_fake(lib + "lstm_seq_backward")
-    def _(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, clip=0.0, path=0, zoneout_mask=None,
-          zoneout=0.0):
-        c = Checks("lstm_seq_backward", "y", y)
-        T, B, H, P = check_seq_backward(c, 4, w_hr is not None, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
-        if w_hr is not None:
-            c.shape("w_hr", w_hr, (P, H))
-        c.shape("dcn", dcn, (B, H))
-        c.shape("c0", c0, (B, H))
-        c.shape("c_all", c_all, (T, B, H))
-        check_saved(c, saved, 4, T, B, H)
-        if w_hr is not None:
-            c.shape("r", r, (T, B, H))
-        _check_path(c.op, path)
-        _check_zoneout(c, zoneout_mask, zoneout, 2, T, B, H, w_hr is not None)
-        return (_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, P), _new(y, B, H), _new(y, 4 * H, P),
-                _new(y, 4 * H), _new(y, 4 * H), _new(y, P, H) if w_hr is not None else _new(y, 0))
-
-
-def register_gated_seq(lib, name, G, S):
-    """The GRU (G=3 gates, S=4 saved values per element; zoneout) and the lecture's GRU (2, 2)."""
-    zoned = G == 3
+def register_seq(lib, cell):
+    name = cell.name + "_seq"
 
     @torch.library.register_fake(lib + name)
-    def _(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip=0.0, save=True, path=0, zoneout_mask=None, zoneout=0.0):
-        T, B, H, _ = check_seq(name, G, x, w_ih, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
+    def _(x, w_ih, w_hh, b_ih, b_hh, h0, s0, param0, param1, w_hr=None, lengths=None, zoneout_mask=None, zoneout=0.0,
+          clip=0.0, eps=1e-5, save=True, path=0):
+        params = [p for p in (param0, param1) if p is not None]
+        c = Checks(name, "x", x)
+        c.dims(x, 3, "[T, B, I]")
+        _check(x.shape[0] > 0, f"{name}: expected a sequence length larger than 0")
+        T, B, H, P = check_common(c, cell, x, w_ih, w_hh, h0, s0, params, w_hr, lengths, zoneout_mask, zoneout, clip)
+        for bias_name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
+            if bias is not None:
+                c.shape(bias_name, bias, (cell.gates * H,))
+        _check(not cell.params or eps > 0, lambda: f"{name}: expected eps > 0, got {eps:g}")
         _check_path(name, path)
-        if zoned:
-            _check_zoneout(Checks(name, "x", x), zoneout_mask, zoneout, 1, T, B, H, False)
-        return _new(x, T, B, H), _new(x, B, H), _new(x, T if save else 0, B, S * H)
+        Ts = T if save else 0
+        return (x.new_empty(T, B, P), x.new_empty(B, P), x.new_empty(cell.others, B, H),
+                x.new_empty(Ts, cell.others, B, H), x.new_empty(Ts, B, cell.saved * H),
+                x.new_empty(Ts, B, cell.stats, dtype=_acc(x.dtype)), x.new_empty(T if w_hr is not None else 0, B, H))
 
     @torch.library.register_fake(lib + name + "_backward")
-    def _(dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip=0.0, path=0, zoneout_mask=None, zoneout=0.0):
-        c = Checks(name + "_backward", "y", y)
-        T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
-        check_saved(c, saved, S, T, B, H)
-        _check_path(c.op, path)
-        if zoned:
-            _check_zoneout(c, zoneout_mask, zoneout, 1, T, B, H, False)
-        return (_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H), _new(y, G * H, H), _new(y, G * H),
-                _new(y, G * H))
+    def _(dy, dh_n, ds_n, x, w_ih, w_hh, h0, s0, param0, param1, w_hr, lengths, zoneout_mask, zoneout, clip, y, s_all,
+          saved, stats, r, path, output_mask):
+        params = [p for p in (param0, param1) if p is not None]
+        op = name + "_backward"
+        c = Checks(op, "y", y)
+        c.dims(y, 3, "[T, B, P]")
+        _check(y.shape[0] > 0, f"{op}: expected a sequence length larger than 0")
+        T, B, H, P = check_common(c, cell, x, w_ih, w_hh, h0, s0, params, w_hr, lengths, zoneout_mask, zoneout, clip)
+        _check(P == y.shape[2], lambda: f"{op}: expected y of shape [{T}, {B}, {P}], got {list(y.shape)}")
+        c.shape("dy", dy, (T, B, P))
+        c.shape("dh_n", dh_n, (B, P))
+        c.shape("ds_n", ds_n, (cell.others, B, H))
+        _check(not (saved.dim() == 3 and saved.shape[0] == 0),
+               f"{op}: saved is empty: the forward ran with save=False, which saves nothing for backward")
+        c.shape("saved", saved, (T, B, cell.saved * H))
+        c.shape("s_all", s_all, (T, cell.others, B, H))
+        acc = _acc(y.dtype)
+        _check(list(stats.shape) == [T, B, cell.stats] and stats.dtype == acc,
+               lambda: f"{op}: expected stats of dtype {acc} and shape [{T}, {B}, {cell.stats}], got {stats.dtype} "
+                       f"{list(stats.shape)}")
+        _check(stats.device == y.device, lambda: f"{op}: stats is on {stats.device} but y is on {y.device}")
+        c.shape("r", r, (T if w_hr is not None else 0, B, H))
+        _check_path(op, path)
+        need = list(output_mask)
+
+        def e():  # a fresh one each: the real op's outputs never alias each other
+            return y.new_empty(0)
+
+        G = cell.gates
+        return (y.new_empty(x.shape) if need[0] else e(), y.new_empty(w_ih.shape) if need[1] else e(),
+                y.new_empty(G * H, P) if need[2] else e(), y.new_empty(G * H) if need[3] else e(),
+                y.new_empty(G * H) if need[4] else e(), y.new_empty(B, P) if need[5] else e(),
+                y.new_empty(cell.others, B, H) if need[6] else y.new_empty(0, B, H),
+                *[y.new_empty(cell.param_units * H) if need[7 + i] and i < len(params) else e() for i in range(2)],
+                y.new_empty(P, H) if need[9] and w_hr is not None else e())
 
 
-def register_rnn_seq(lib):
-    @torch.library.register_fake(lib + "rnn_seq")
-    def _(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip=0.0, path=0):
-        T, B, H, _ = check_seq("rnn_seq", 1, x, w_ih, h0, None, w_hh, b_ih, b_hh, None, lengths, clip)
-        _check_path("rnn_seq", path)
-        _check_act(nonlinearity)
-        return _new(x, T, B, H), _new(x, B, H)
+# ---- single-step cells (cell_ops.h) ---------------------------------------------------------------
 
-    @torch.library.register_fake(lib + "rnn_seq_backward")
-    def _(dy, dhn, x, w_ih, y, h0, w_hh, lengths, nonlinearity, clip=0.0, path=0):
-        c = Checks("rnn_seq_backward", "y", y)
-        T, B, H, _ = check_seq_backward(c, 1, False, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
-        _check_path(c.op, path)
-        _check_act(nonlinearity)
-        return _new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H), _new(y, H, H), _new(y, H), _new(y, H)
+def register_cell(lib, cell):
+    name = cell.name + "_cell"
+    G, Z1 = cell.gates, cell.others
 
+    @torch.library.register_fake(lib + name)
+    def _(xg, hg, h, s):
+        c = Checks(name, "xg", xg)
+        c.dims(xg, 2, "[B, H]" if G == 1 else f"[B, {G}*H]")
+        _check(xg.shape[1] % G == 0, lambda: f"{name}: xg.size(1) = {xg.shape[1]} is not a multiple of {G}")
+        B, H = xg.shape[0], xg.shape[1] // G
+        c.shape("h", h, (B, H))
+        c.shape("s", s, (Z1, B, H))
+        c.shape("hg", hg, xg.shape)
+        return h.new_empty(B, H), s.new_empty(Z1, B, H), xg.new_empty(B, cell.saved * H)
 
-# ---- layer-normalised cells (sequence.h: ln_seq) -----------------------------------------------------
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_ln(c, ln_w, ln_b, N, H):
-    c.shape("ln_w", ln_w, (N * H,))
-    c.shape("ln_b", ln_b, (N * H,))
-
-
-def check_ln_saved(c, norm, rstd, N, T, B, H):
-    _check(not (norm.dim() == 3 and norm.shape[0] == 0 and T > 0),
-           f"{c.op}: norm is empty: the forward ran with save=False, which saves nothing for backward")
-    c.shape("norm", norm, (T, B, N * H))
-    acc = _acc(c.ref.dtype)
-    _check(list(rstd.shape) == [T, B, 2] and rstd.dtype == acc,
-           lambda: f"{c.op}: expected rstd of dtype {acc} and shape [{T}, {B}, 2], got {rstd.dtype} "
-                   f"{list(rstd.shape)}")
-    _check(rstd.device == c.ref.device, lambda: f"{c.op}: rstd is on {rstd.device} but {c.ref_name} is on {c.ref.device}")
-
-
-def register_ln_seq(lib, name, G, N, lstm):
-    """LayerNormLSTM (lstm: c0, dcn, c_all) and LayerNormGRU."""
-    def forward(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path, zoneout_mask, zoneout):
-        c = Checks(name, "x", x)
-        T, B, H, _ = check_seq(name, G, x, w_ih, h0, c0, w_hh, b_ih, b_hh, None, lengths, clip)
-        check_ln(c, ln_w, ln_b, N, H)
-        _check(eps > 0, lambda: f"{name}: expected eps > 0, got {eps:g}")
-        _check_path(name, path)
-        _check_zoneout(c, zoneout_mask, zoneout, 2 if lstm else 1, T, B, H, False)
-        Ts = T if save else 0
-        y, hn, norm, rstd = _new(x, T, B, H), _new(x, B, H), _new(x, Ts, B, N * H), x.new_empty(Ts, B, 2,
-                                                                                                  dtype=_acc(x.dtype))
-        return (y, hn, _new(x, B, H), _new(x, Ts, B, H), norm, rstd) if lstm else (y, hn, norm, rstd)
-
-    def backward(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, clip, path,
-                 zoneout_mask, zoneout):
-        c = Checks(name + "_backward", "y", y)
-        T, B, H, _ = check_seq_backward(c, G, False, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip)
-        if lstm:
-            c.shape("dcn", dcn, (B, H))
-            c.shape("c0", c0, (B, H))
-            c.shape("c_all", c_all, (T, B, H))
-        check_ln_saved(c, norm, rstd, N, T, B, H)
-        check_ln(c, ln_w, ln_b, N, H)
-        _check_path(c.op, path)
-        _check_zoneout(c, zoneout_mask, zoneout, 2 if lstm else 1, T, B, H, False)
-        grads = [_new(y, *x.shape), _new(y, *w_ih.shape), _new(y, B, H)] + ([_new(y, B, H)] if lstm else [])
-        return (*grads, _new(y, G * H, H), _new(y, G * H), _new(y, G * H), _new(y, N * H), _new(y, N * H))
-
-    if lstm:
-        @torch.library.register_fake(lib + name)
-        def _(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps=1e-5, clip=0.0, save=True, path=0,
-              zoneout_mask=None, zoneout=0.0):
-            return forward(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path, zoneout_mask,
-                           zoneout)
-
-        @torch.library.register_fake(lib + name + "_backward")
-        def _(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, clip=0.0, path=0,
-              zoneout_mask=None, zoneout=0.0):
-            return backward(dy, dhn, dcn, x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, clip, path,
-                            zoneout_mask, zoneout)
-    else:
-        @torch.library.register_fake(lib + name)
-        def _(x, w_ih, h0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps=1e-5, clip=0.0, save=True, path=0,
-              zoneout_mask=None, zoneout=0.0):
-            return forward(x, w_ih, h0, None, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path,
-                           zoneout_mask, zoneout)
-
-        @torch.library.register_fake(lib + name + "_backward")
-        def _(dy, dhn, x, w_ih, y, h0, norm, rstd, w_hh, ln_w, ln_b, lengths, clip=0.0, path=0, zoneout_mask=None,
-              zoneout=0.0):
-            return backward(dy, dhn, None, x, w_ih, y, h0, None, None, norm, rstd, w_hh, ln_w, ln_b, lengths, clip,
-                            path, zoneout_mask, zoneout)
+    @torch.library.register_fake(lib + name + "_backward")
+    def _(dh_new, ds_new, h, s, h_new, saved):
+        op = name + "_backward"
+        c = Checks(op, "dh_new", dh_new)
+        c.dims(dh_new, 2, "[B, H]")
+        B, H = dh_new.shape
+        c.shape("saved", saved, (B, cell.saved * H))
+        c.shape("dh_new", dh_new, (B, H))
+        c.shape("ds_new", ds_new, (Z1, B, H))
+        c.shape("h", h, (B, H))
+        c.shape("s", s, (Z1, B, H))
+        c.shape("h_new", h_new, (B, H))
+        width = (2 if cell.separate_hg else 1) * G * H
+        return saved.new_empty(B, width), h.new_empty(B, H), ds_new.new_empty(Z1, B, H)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnext import ops, reference
+from rnnext import cells, onnx, ops, reference
 from rnnext.lengths import check_batch_sizes
 
 BACKENDS = ("auto", "fused", "step", "persistent", "reference")
@@ -63,6 +63,8 @@ def use_backend(name: str):
 def backend_for(t: torch.Tensor, backend: str | None = None):
     """The implementation (``rnnext.ops`` or ``rnnext.reference``) that runs on ``t``: both provide
     the same cells and ``recurrence``."""
+    if onnx.exporting():  # under both exporters: rnnext.onnx writes ONNX operators
+        return onnx
     backend = backend or _backend.get()
     if backend == "reference":
         return reference
@@ -76,11 +78,13 @@ def backend_for(t: torch.Tensor, backend: str | None = None):
 
 # Fused CUDA kernels that have never passed tools/gpu_check.sh on a GPU: opt-in (backend "fused") until
 # they have; "auto" runs the reference for them on CUDA.
-UNVALIDATED_ON_CUDA = frozenset(["LNLSTM", "LNGRU"])
+UNVALIDATED_ON_CUDA = frozenset(["layernorm_lstm", "layernorm_gru"])
 
 
-def _impl(mode, x, backend):
-    if backend == "auto" and mode in UNVALIDATED_ON_CUDA and x.device.type == "cuda":
+def _impl(cell, x, backend):
+    if onnx.exporting():
+        return onnx
+    if backend == "auto" and cells.get(cell).name in UNVALIDATED_ON_CUDA and x.device.type == "cuda":
         return reference
     return backend_for(x, backend)
 
@@ -135,33 +139,41 @@ def _check_cell(input, hx, w_ih, w_hh):
             raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {w_hh.size(1)}")
 
 
+def _step(cell, input, states, w_ih, w_hh, b_ih, b_hh, backend):
+    """One step of cell: the new states."""
+    _check_cell(input, states, w_ih, w_hh)
+    xg, hg = F.linear(input, w_ih, b_ih), F.linear(states[0], w_hh, b_hh)
+    return backend_for(input, backend).step(cell, xg, hg, tuple(states))
+
+
+def _rnn_cell_name(nonlinearity):
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    return "rnn_" + nonlinearity
+
+
 @_autocasting
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One LSTM step. input ``[B, I]``, hx = (h ``[B, H]``, c ``[B, H]``) -> (h', c')."""
-    _check_cell(input, hx, w_ih, w_hh)
-    hy, cy, _ = backend_for(input, backend).lstm_cell(F.linear(input, w_ih, b_ih), F.linear(hx[0], w_hh, b_hh), hx[1])
-    return hy, cy
+    return tuple(_step("lstm", input, hx, w_ih, w_hh, b_ih, b_hh, backend))
 
 
 @_autocasting
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One GRU step. input ``[B, I]``, hx ``[B, H]`` -> h'."""
-    _check_cell(input, (hx,), w_ih, w_hh)
-    return backend_for(input, backend).gru_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)[0]
+    return _step("gru", input, (hx,), w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
 @_autocasting
 def mgru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One step of the lecture's GRU (update gate only). input ``[B, I]``, hx ``[B, H]`` -> h'."""
-    _check_cell(input, (hx,), w_ih, w_hh)
-    return backend_for(input, backend).mgru_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), hx)[0]
+    return _step("minimal_gru", input, (hx,), w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
 @_autocasting
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None):
     """One Elman RNN step, nonlinearity "tanh" or "relu". input ``[B, I]``, hx ``[B, H]`` -> h'."""
-    _check_cell(input, (hx,), w_ih, w_hh)
-    return backend_for(input, backend).rnn_cell(F.linear(input, w_ih, b_ih), F.linear(hx, w_hh, b_hh), nonlinearity)
+    return _step(_rnn_cell_name(nonlinearity), input, (hx,), w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
 # ---- whole sequences ------------------------------------------------------------------------------
@@ -177,6 +189,8 @@ def keep_mask(p, size, like):
     """1 with probability p, of like's dtype and device, from torch's default generator (``torch.manual_seed``
     reproduces it). CPU: a counter-based hash of one 64-bit draw (``torch.ops.rnnext.keep_mask``, threaded;
     ``bernoulli_`` on torch's CPU generator runs on one thread, ~4 ns an element); CUDA: ``bernoulli_``."""
+    if onnx.exporting():
+        return onnx.keep_mask(p, size, like)
     if like.device.type != "cpu":
         return torch.empty(size, dtype=like.dtype, device=like.device).bernoulli_(p)
     seed = torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64)
@@ -185,20 +199,24 @@ def keep_mask(p, size, like):
     return reference.keep_mask(seed, size, p, like.dtype)
 
 
-def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-            batch_sizes, nonlinearity, backend, clip, zoneout=0.0, ln=None, eps=1e-5):
+def _layers(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+            batch_sizes, backend, clip, zoneout=0.0, cell_params=None, eps=1e-5):
+    """Every layer and direction of cell (a name of rnnext.cells): hx the initial states, each [L*D, B, .] (h
+    first); params torch's flat weights; cell_params per layer-direction the cell's own parameters. Returns
+    (output, the final states [L*D, B, .] each)."""
+    cell = cells.get(cell)
     clip = 0.0 if clip is None else float(clip)
     if clip < 0:
         raise ValueError(f"state_grad_clip must be positive or None, got {clip}")
     if not 0 <= zoneout <= 1:
         raise ValueError(f"zoneout must be in [0, 1], got {zoneout}")
-    for name, tensors in (("hidden", (h0, c0)), ("parameter", params)):  # torch.nn's check and message
+    for name, tensors in (("hidden", hx), ("parameter", params)):  # torch.nn's check and message
         for t in tensors:
             if t is not None and t.device != input.device:
                 raise RuntimeError(f"Input and {name} tensors are not at the same device, found input tensor at "
                                    f"{input.device} and {name} tensor at {t.device}")
     D = 2 if bidirectional else 1
-    proj = mode == "LSTM" and h0.size(-1) != c0.size(-1)
+    proj = cell.proj and hx[0].size(-1) != hx[1].size(-1)
     stride = (4 if has_biases else 2) + (1 if proj else 0)
     if len(params) != num_layers * D * stride:
         raise RuntimeError(f"expected {num_layers * D * stride} weight tensors, got {len(params)}")
@@ -212,8 +230,8 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
     if x.size(0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     backend = backend or _backend.get()
-    impl = _impl(mode, x, backend)
-    hs, cs = [], []
+    impl = _impl(cell.name, x, backend)
+    finals = [[] for _ in hx]
     for layer in range(num_layers):
         ys = []
         for d in range(D):
@@ -222,26 +240,28 @@ def _layers(mode, input, h0, c0, params, has_biases, num_layers, dropout, train,
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             zone = {}
             if zoneout > 0:  # training: masks; eval: the constant keep weight
-                parts = 2 if mode in ("LSTM", "LNLSTM") else 1
-                zone = dict(zoneout_mask=zoneout_masks(zoneout, x.size(0), x.size(1), parts, p[1].size(1), x)) \
+                zone = dict(zoneout_mask=zoneout_masks(zoneout, x.size(0), x.size(1), cell.zoned, p[1].size(1), x)) \
                     if train else dict(zoneout=zoneout)
-            if ln is not None:
-                zone.update(ln_w=ln[k][0], ln_b=ln[k][1], eps=eps)
-            y, h, c = impl.recurrence(
-                mode, x, p[0], h0[k], None if c0 is None else c0[k], p[1], b_ih, b_hh,
-                p[-1] if proj else None, lengths, reverse=d == 1, nonlinearity=nonlinearity, clip=clip,
-                path=_path(backend, x), **zone)
+            y, states = impl.recurrence(cell.name, x, p[0], p[1], tuple(s[k] for s in hx), b_ih, b_hh,
+                                        params=() if cell_params is None else cell_params[k],
+                                        w_hr=p[-1] if proj else None, lengths=lengths, reverse=d == 1, clip=clip,
+                                        eps=eps, path=_path(backend, x), **zone)
             ys.append(y)
-            hs.append(h)
-            cs.append(c)
+            for into, s in zip(finals, states):
+                into.append(s)
         x = ys[0] if D == 1 else torch.cat(ys, 2)
         if dropout > 0 and train and layer < num_layers - 1:
-            x = F.dropout(x, dropout, True)
-    if batch_sizes is not None:
-        x = x.new_zeros(0, x.size(-1)) if x.size(1) == 0 else pack_padded_sequence(x, lengths.cpu()).data
+            x = (onnx.dropout if impl is onnx else F.dropout)(x, dropout, True)
+    if batch_sizes is not None and x.size(1) == 0:
+        x = x.new_zeros(0, x.size(-1))
+    elif batch_sizes is not None:
+        x = pack_padded_sequence(x, lengths.cpu())
+        # The TorchScript-based ONNX exporter removes packing only where a pad_packed_sequence takes the data and
+        # batch_sizes of one pack_padded_sequence: the layer returns this batch_sizes with the data.
+        x = x if impl is onnx and torch.jit.is_tracing() else x.data
     elif batch_first:
         x = x.transpose(0, 1)
-    return x, torch.stack(hs), None if c0 is None else torch.stack(cs)
+    return x, tuple(torch.stack(f) for f in finals)
 
 
 _CLIP_DOC = """state_grad_clip: BPTT gradient clipping inside the backward kernel: at every step, the gradient
@@ -260,16 +280,18 @@ def lstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fa
     Returns (output ``[T, B, D*P]`` or packed data, h_n, c_n). {clip} {zoneout}"""
     if zoneout and hx[0].size(-1) != hx[1].size(-1):
         raise ValueError("zoneout is not supported with proj_size")
-    return _layers("LSTM", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout)
+    x, (h, c) = _layers("lstm", input, tuple(hx), params, has_biases, num_layers, dropout, train, bidirectional,
+                        batch_first, batch_sizes, backend, state_grad_clip, zoneout)
+    return x, h, c
 
 
 @_autocasting
 def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
         batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None, zoneout=0.0):
     """Multi-layer GRU, as ``torch._VF.gru``. hx ``[L*D, B, H]``. Returns (output, h_n). {clip} {zoneout}"""
-    return _layers("GRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout)[:2]
+    x, (h,) = _layers("gru", input, (hx,), params, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                      batch_sizes, backend, state_grad_clip, zoneout)
+    return x, h
 
 
 @_autocasting
@@ -278,8 +300,9 @@ def mgru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fa
     """Multi-layer GRU of the lecture notes (update gate u and candidate c~ only, weight rows (u, c):
     ``h = u*c~ + (1-u)*h'``), flat weights and shapes as :func:`gru` with 2H gate rows. Returns
     (output, h_n). {clip}"""
-    return _layers("MGRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend, state_grad_clip)[:2]
+    x, (h,) = _layers("minimal_gru", input, (hx,), params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, batch_sizes, backend, state_grad_clip)
+    return x, h
 
 
 @_autocasting
@@ -287,10 +310,9 @@ def rnn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
         batch_first=False, batch_sizes=None, nonlinearity="tanh", backend=None, state_grad_clip=None):
     """Multi-layer Elman RNN (nonlinearity "tanh" or "relu"), as ``torch._VF.rnn_tanh``. Returns
     (output, h_n). {clip}"""
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    return _layers("RNN", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, nonlinearity, backend, state_grad_clip)[:2]
+    x, (h,) = _layers(_rnn_cell_name(nonlinearity), input, (hx,), params, has_biases, num_layers, dropout, train,
+                      bidirectional, batch_first, batch_sizes, backend, state_grad_clip)
+    return x, h
 
 
 _LN_DOC = """ln: per layer and direction (layer-major, as the flat weights), the pair (weight, bias) of the
@@ -301,23 +323,24 @@ _LN_DOC = """ln: per layer and direction (layer-major, as the flat weights), the
 def layer_norm_lstm(input, hx, params, ln, has_biases=True, num_layers=1, dropout=0.0, train=False,
                     bidirectional=False, batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None,
                     zoneout=0.0, eps=1e-5):
-    """Multi-layer layer-normalised LSTM (torchaudio's RNN-T formulation: the 4H gate pre-activations and
-    the cell state normalised, the normalised cell state carried; see :class:`rnnext.LayerNormLSTM`):
-    arguments and results as :func:`lstm` (no proj_size), ln's N = 5 (gates' 4H, then cell's H). {ln} {clip}
-    {zoneout}"""
-    return _layers("LNLSTM", input, hx[0], hx[1], params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout, ln, eps)
+    """Multi-layer layer-normalised LSTM (the 4H gate pre-activations and the cell state normalised, the
+    normalised cell state carried; see :class:`rnnext.LayerNormLSTM`): arguments and results as :func:`lstm`
+    (no proj_size), ln's N = 5 (gates' 4H, then cell's H). {ln} {clip} {zoneout}"""
+    x, (h, c) = _layers("layernorm_lstm", input, tuple(hx), params, has_biases, num_layers, dropout, train,
+                        bidirectional, batch_first, batch_sizes, backend, state_grad_clip, zoneout, ln, eps)
+    return x, h, c
 
 
 @_autocasting
 def layer_norm_gru(input, hx, params, ln, has_biases=True, num_layers=1, dropout=0.0, train=False,
                    bidirectional=False, batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None,
                    zoneout=0.0, eps=1e-5):
-    """Multi-layer layer-normalised GRU (Haste's LayerNormGRU with bias=False; biases, when given, inside the norms: the input and hidden projections normalised
-    separately; see :class:`rnnext.LayerNormGRU`): arguments and results as :func:`gru`, ln's N = 6
-    (input's 3H, then hidden's 3H). {ln} {clip} {zoneout}"""
-    return _layers("LNGRU", input, hx, None, params, has_biases, num_layers, dropout, train, bidirectional,
-                   batch_first, batch_sizes, "tanh", backend, state_grad_clip, zoneout, ln, eps)[:2]
+    """Multi-layer layer-normalised GRU (Haste's LayerNormGRU with bias=False; biases, when given, inside the
+    norms: the input and hidden projections normalised separately; see :class:`rnnext.LayerNormGRU`):
+    arguments and results as :func:`gru`, ln's N = 6 (input's 3H, then hidden's 3H). {ln} {clip} {zoneout}"""
+    x, (h,) = _layers("layernorm_gru", input, (hx,), params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first, batch_sizes, backend, state_grad_clip, zoneout, ln, eps)
+    return x, h
 
 
 for _f in (lstm, gru, mgru, rnn, layer_norm_lstm, layer_norm_gru):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from rnnext import functional
+from rnnext import functional, onnx
 
 
 def _check_zoneout(zoneout, proj_size=0):
@@ -31,7 +31,18 @@ def _zoned(new, old, zoneout, training):
     return keep * old + (1 - keep) * new
 
 
-class _Layer(nn.RNNBase):
+class _NoScript:
+    """torch.jit.script cannot compile rnnext's forward (Python dispatch to the fused ops, PackedSequence,
+    autocast, backend switch): one clear error instead of TorchScript's first complaint. torch.jit.script calls
+    ``__prepare_scriptable__`` on every submodule first."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"rnnext.{type(self).__name__} does not support torch.jit.script; use torch.jit.trace(model, inputs), "
+            "torch.export.export(model, args) (AOTInductor, ONNX), or rnnext.to_torch(model) for torch.nn's layers")
+
+
+class _Layer(_NoScript, nn.RNNBase):
     def __init__(self, mode, *args, state_grad_clip=None, **kwargs):
         super().__init__(mode, *args, **kwargs)
         if state_grad_clip is not None and not state_grad_clip > 0:
@@ -70,7 +81,10 @@ class _Layer(nn.RNNBase):
         orig_input = input
         if isinstance(orig_input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes[0])
+            if onnx.exporting():
+                onnx.check_packed()
+            # sorted_indices' size is the batch and a traced dimension (ONNX export with a dynamic batch)
+            batch = int(batch_sizes[0]) if sorted_indices is None else sorted_indices.size(0)
             is_batched = True
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
@@ -88,6 +102,8 @@ class _Layer(nn.RNNBase):
         hx = self._zeros(input, batch) if hx is None else self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
         output, hidden = self._run(input, hx, batch_sizes)
+        if isinstance(output, PackedSequence):  # ONNX export, dynamo=False: see rnnext.functional._layers
+            output, batch_sizes = output.data, output.batch_sizes
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
                 self.permute_hidden(hidden, unsorted_indices)
@@ -334,7 +350,7 @@ def _single_state_step(cell, name, input, hx, step, zoneout=0.0, **kwargs):
     return h if is_batched else h.squeeze(0)
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_NoScript, nn.LSTMCell):
     """Drop-in ``torch.nn.LSTMCell`` on the fused cell op (``torch.ops.rnnext.lstm_cell``); saves the
     activated gates ``[B, 4H]`` for backward. ``zoneout``: as :class:`LSTM`'s, for h and c."""
 
@@ -360,7 +376,7 @@ class LSTMCell(nn.LSTMCell):
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(_NoScript, nn.GRUCell):
     """Drop-in ``torch.nn.GRUCell`` on the fused cell op (``torch.ops.rnnext.gru_cell``); saves the gates
     (r, z, n, W_hn h + b_hn) ``[B, 4H]`` for backward. ``zoneout``: as :class:`GRU`'s."""
 
@@ -373,7 +389,7 @@ class GRUCell(nn.GRUCell):
         return _single_state_step(self, "GRUCell", input, hx, functional.gru_cell, zoneout=self.zoneout)
 
 
-class RNNCell(nn.RNNCell):
+class RNNCell(_NoScript, nn.RNNCell):
     """Drop-in ``torch.nn.RNNCell`` (nonlinearity "tanh" or "relu") on the fused cell op
     (``torch.ops.rnnext.rnn_cell``); saves its output for backward."""
 
@@ -382,7 +398,7 @@ class RNNCell(nn.RNNCell):
         return _single_state_step(self, "RNNCell", input, hx, functional.rnn_cell, nonlinearity=self.nonlinearity)
 
 
-class MinimalGRUCell(nn.RNNCellBase):
+class MinimalGRUCell(_NoScript, nn.RNNCellBase):
     """One step of :class:`MinimalGRU` (update gate only) on the fused cell op
     (``torch.ops.rnnext.mgru_cell``); weights ``[2H, I]``, ``[2H, H]`` with rows (u, c); saves (u, c~)."""
 
@@ -445,6 +461,48 @@ def _converted(module):
     if isinstance(new, (nn.RNNBase, nn.LSTMCell, nn.GRUCell)):
         new.zoneout = 0.0
     return new
+
+
+_TORCH = {LSTM: nn.LSTM, GRU: nn.GRU, RNN: nn.RNN, LSTMCell: nn.LSTMCell, GRUCell: nn.GRUCell, RNNCell: nn.RNNCell}
+_OURS = (_Layer, LSTMCell, GRUCell, RNNCell, MinimalGRUCell)
+
+
+def _no_torch_equivalent(module):
+    """Why torch.nn has no layer that computes what ``module`` (an rnnext module) computes, or None."""
+    if type(module) not in _TORCH:
+        return type(module).__name__
+    options = [f"{k}={getattr(module, k)}" for k in ("zoneout", "state_grad_clip") if getattr(module, k, None)]
+    return f"{type(module).__name__} with {', '.join(options)}" if options else None
+
+
+def _to_torch(module):
+    """The torch.nn equivalent of an rnnext module, holding the very same Parameter objects."""
+    cls = _TORCH[type(module)]
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in module.__dict__.items()
+                         if k not in ("_modules", "zoneout", "state_grad_clip")})
+    new._modules = module._modules
+    if isinstance(new, nn.RNNBase):
+        new._init_flat_weights()
+    return new
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: replaces, in place, every rnnext LSTM/GRU/RNN and LSTMCell/GRUCell/RNNCell
+    inside ``model`` (``model`` itself included) with the torch.nn module, sharing the same Parameter objects (an
+    optimizer built before keeps working). Raises, converting nothing, when a module has no torch.nn equivalent
+    (MinimalGRU/MinimalGRUCell, the LayerNorm layers and cells, zoneout or state_grad_clip set), naming each.
+    Returns the converted model."""
+    missing = [f"{name or '<model>'} ({why})" for name, m in model.named_modules() if isinstance(m, _OURS)
+               for why in [_no_torch_equivalent(m)] if why]
+    if missing:
+        raise ValueError("rnnext.to_torch: torch.nn has no equivalent for " + "; ".join(missing))
+    if type(model) in _TORCH:
+        return _to_torch(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, to_torch(child))
+    return model
 
 
 def convert(model: nn.Module) -> nn.Module:

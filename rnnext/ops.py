@@ -1,32 +1,22 @@
-"""The fused C++/CUDA ops (``torch.ops.rnnext.*``): fake kernels, autograd, and Python wrappers.
+"""The fused C++/CUDA ops (``torch.ops.rnnext.*``): fake kernels, autograd, and Python wrappers, for every cell
+of :mod:`rnnext.cells` (the op schemas and their shapes: ``csrc/ops.cpp``, ``csrc/driver/sequence.h``).
 
-The wrappers have the same signatures as the cells in :mod:`rnnext.reference`, so the two are
-interchangeable wherever a "cells" namespace is expected (``functional`` picks one per call).
+The wrappers have the reference's signatures (:mod:`rnnext.reference`), so the two are interchangeable
+wherever a backend is expected (``functional`` picks one per call):
 
-Single-step cells; ``xg``/``hg`` are the input and hidden projections ``[B, G*H]`` (biases included):
-
-- ``lstm_cell(xg, hg, cx) -> (hy, cy, saved)``
-- ``gru_cell(xg, hg, hx) -> (hy, saved)``
-- ``rnn_cell(xg, hg, nonlinearity) -> hy``
-- ``mgru_cell(xg, hg, hx) -> (hy, saved)``: the lecture's GRU (update gate only), saved ``[B, 2*H]`` = (u, c~)
-
-``saved`` is what backward needs, ``[B, 4*H]``: activated gates (i, f, g, o) for LSTM; (r, z, n, hn)
-for GRU, where hn is the hidden part of n's pre-activation. It is not differentiable.
-
-One layer-direction over a whole sequence (shapes in ``csrc/driver/sequence.h``):
-
-- ``recurrence(mode, xg, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, reverse, nonlinearity, clip)
-  -> (y, h_n, c_n)``, the signature of :func:`rnnext.reference.recurrence`, over
-  ``torch.ops.rnnext.{lstm,gru,mgru,rnn}_seq``. Saved for backward: the output ``y [T, B, P]`` and h0
-  (the states before each step are y[t-1]), LSTM cell states ``[T, B, H]`` and c0, activated gates
-  ``[T, B, 4*H]`` (LSTM, GRU; ``2*H`` for the lecture's GRU) and, with proj_size, the cell outputs before
-  projection ``[T, B, H]``.
+- ``step(cell, xg, hg, states) -> new states`` on ``torch.ops.rnnext.<cell>_cell``: one step on the projections
+  ``[B, G*H]`` (biases included); saved for backward: the states before, the new h and the cell's saved values;
+- ``recurrence(cell, x, w_ih, w_hh, states, ...) -> (y, final states)`` on ``torch.ops.rnnext.<cell>_seq``:
+  one layer-direction, input projection included. Saved for backward: the output ``y [T, B, P]`` and h0 (the
+  states before each step are y[t-1]), the other states after each step ``[T, Z-1, B, H]`` and their initial
+  values, the cell's saved values ``[T, B, SAVED*H]`` and stats, and with proj_size the cell outputs before
+  the projection ``[T, B, H]``. Backward computes only the gradients autograd asks for.
 """
 import warnings
 
 import torch
 
-from rnnext import _fake
+from rnnext import _fake, cells
 from rnnext.lengths import check_lengths, flip_within
 
 try:
@@ -53,55 +43,42 @@ def available(t: torch.Tensor) -> bool:
     return t.device.type in DEVICES and t.dtype in DTYPES
 
 
-def lstm_cell(xg, hg, cx):
-    return torch.ops.rnnext.lstm_cell(xg, hg, cx)
+def others(states, cell):
+    """A cell's states but h as the ops' s ``[Z-1, B, H]`` (``[0, B, H]`` for cells with one state)."""
+    if cell.others:
+        return torch.stack(tuple(states[1:]))
+    h = states[0]
+    return h.new_empty(0, *h.shape)
 
 
-def gru_cell(xg, hg, hx):
-    return torch.ops.rnnext.gru_cell(xg, hg, hx)
+def step(cell, xg, hg, states):
+    cell = cells.get(cell)
+    h_new, s_new, _ = getattr(torch.ops.rnnext, cell.name + "_cell")(xg, hg, states[0], others(states, cell))
+    return (h_new, *s_new.unbind(0))
 
 
-def rnn_cell(xg, hg, nonlinearity):
-    return torch.ops.rnnext.rnn_cell(xg, hg, nonlinearity)
-
-
-def mgru_cell(xg, hg, hx):
-    return torch.ops.rnnext.mgru_cell(xg, hg, hx)
-
-
-def recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None, reverse=False,
-               nonlinearity="tanh", clip=0.0, path=0, zoneout_mask=None, zoneout=0.0, ln_w=None, ln_b=None,
-               eps=1e-5):
-    """One layer-direction on the fused sequence ops, input projection included; see
+def recurrence(cell, x, w_ih, w_hh, states, b_ih=None, b_hh=None, params=(), w_hr=None, lengths=None, reverse=False,
+               clip=0.0, zoneout_mask=None, zoneout=0.0, eps=1e-5, path=0):
+    """One layer-direction on the fused sequence op, input projection included; see
     :func:`rnnext.reference.recurrence`. path: 0 the device's default, 1 per step (a GEMM and a cell kernel
-    per step), 2 the persistent kernel where it runs and fits (one launch, weights on chip; on CPU an
-    emulation for tests), else per step."""
+    per step), 2 the persistent kernel where it runs and fits (one launch, weights on chip), else per step."""
+    cell = cells.get(cell)
     check_lengths(lengths, x.size(0))
     if reverse:
         x = flip_within(x, lengths)
-    # Without a backward to follow (no_grad, or nothing requires grad), skip saving the gates.
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, ln_w, ln_b))
-    cn = None
-    if mode == "LNLSTM":
-        y, hn, cn = torch.ops.rnnext.lnlstm_seq(x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save,
-                                                path, zoneout_mask, zoneout)[:3]
-    elif mode == "LNGRU":
-        y, hn = torch.ops.rnnext.lngru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip, save, path,
-                                           zoneout_mask, zoneout)[:2]
-    elif mode == "LSTM":
-        y, hn, cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, clip, save, path,
-                                              zoneout_mask, zoneout)[:3]
-    elif mode == "GRU":
-        y, hn, _ = torch.ops.rnnext.gru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path, zoneout_mask,
-                                            zoneout)
-    elif mode == "MGRU":
-        y, hn, _ = torch.ops.rnnext.mgru_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path)
-    else:
-        y, hn = torch.ops.rnnext.rnn_seq(x, w_ih, h0, w_hh, b_ih, b_hh, lengths, nonlinearity, clip, path)
+    h0 = states[0]
+    s0 = others(states, cell) if cell.others else h0.new_empty(0, h0.size(0), w_ih.size(0) // cell.gates)
+    param0, param1 = (tuple(params) + (None, None))[:2]
+    # Without a backward to follow (no_grad, or nothing requires grad), skip saving for it. Traced, always: the
+    # trace records the flag as a constant, and torch.jit.trace's check traces again under no_grad.
+    save = torch.jit.is_tracing() or torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, *states, w_hr, *params))
+    y, hn, sn = getattr(torch.ops.rnnext, cell.name + "_seq")(x, w_ih, w_hh, b_ih, b_hh, h0, s0, param0, param1, w_hr,
+                                                               lengths, zoneout_mask, zoneout, clip, eps, save,
+                                                               path)[:3]
     if reverse:
         y = flip_within(y, lengths)
-    return y, hn, cn
+    return y, (hn, *sn.unbind(0))
 
 
 def check_persistent():
@@ -124,184 +101,70 @@ def _zeros_if_none(g, like):
     return torch.zeros_like(like) if g is None else g
 
 
-def _biases(ctx, b_ih, b_hh):
-    ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+SEQ_DEFAULTS = dict(w_hr=None, lengths=None, zoneout_mask=None, zoneout=0.0, clip=0.0, eps=1e-5, save=True, path=0)
 
 
-def _bias_grads(ctx, db_ih, db_hh):
-    return db_ih if ctx.has_b_ih else None, db_hh if ctx.has_b_hh else None
-
-
-def _options(ctx, rest):
-    """(clip, save, path, zoneout_mask, zoneout) after the tensors; tracing may drop defaulted trailing ones."""
-    ctx.clip = rest[0] if len(rest) > 0 else 0.0
-    ctx.saved_gates = rest[1] if len(rest) > 1 else True
-    ctx.path = rest[2] if len(rest) > 2 else 0
-    ctx.zoneout = rest[4] if len(rest) > 4 else 0.0
-    return rest[3] if len(rest) > 3 else None  # the zoneout mask: for save_for_backward
-
-
-def _check_saved(ctx, name):
-    if not ctx.saved_gates:
-        raise RuntimeError(f"rnnext: {name} ran without saving for backward (save=False); "
-                           "call it with save=True when a gradient is needed")
-
-
-def _autograd_lstm_seq(lib):
-    def setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, *rest = inputs
-        mask = _options(ctx, rest)
-        y, hn, cn, c_all, saved, r = output
-        ctx.mark_non_differentiable(c_all, saved, r)
-        _biases(ctx, b_ih, b_hh)
-        ctx.has_proj = w_hr is not None
-        ctx.save_for_backward(x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, mask)
-
-    def backward(ctx, dy, dhn, dcn, *_):
-        _first_order_only("lstm_seq")
-        _check_saved(ctx, "lstm_seq")
-        x, w_ih, y, h0, c0, c_all, saved, r, w_hh, w_hr, lengths, mask = ctx.saved_tensors
-        dx, dw_ih, dh0, dc0, dw_hh, db_ih, db_hh, dw_hr = torch.ops.rnnext.lstm_seq_backward(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(dcn, c0), x, w_ih, y, h0, c0, c_all, saved,
-            r, w_hh, w_hr, lengths, ctx.clip, ctx.path, mask, ctx.zoneout)
-        return (dx, dw_ih, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dw_hr if ctx.has_proj else None,
-                *[None] * 6)
-
-    torch.library.register_autograd(lib + "lstm_seq", backward, setup_context=setup)
-
-
-def _autograd_gated_seq(lib, name):
-    """The GRU and the lecture's GRU: same signatures but the GRU's zoneout."""
-    zoned = name == "gru_seq"
+def _autograd_seq(lib, cell):
+    name = cell.name + "_seq"
 
     def setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, 4H] grads for saved outputs
-        x, w_ih, h0, w_hh, b_ih, b_hh, lengths, *rest = inputs
-        mask = _options(ctx, rest)
-        y, hn, saved = output
+        ctx.set_materialize_grads(False)  # else autograd zero-fills [T, B, .] grads for saved outputs
+        x, w_ih, w_hh, b_ih, b_hh, h0, s0, param0, param1, *rest = inputs
+        opt = dict(SEQ_DEFAULTS)
+        opt.update(zip(SEQ_DEFAULTS, rest))  # tracing may drop defaulted trailing arguments
+        y, hn, sn, s_all, saved, stats, r = output
+        ctx.mark_non_differentiable(s_all, saved, stats, r)
+        ctx.given = (b_ih, b_hh, param0, param1, opt["w_hr"])
+        ctx.given = tuple(t is not None for t in ctx.given)
+        ctx.opt = opt
+        ctx.save_for_backward(x, w_ih, w_hh, h0, s0, param0, param1, opt["w_hr"], opt["lengths"], opt["zoneout_mask"],
+                              y, s_all, saved, stats, r)
+
+    def backward(ctx, dy, dhn, dsn, *_):
+        _first_order_only(name)
+        opt = ctx.opt
+        if not opt["save"]:
+            raise RuntimeError(f"rnnext: {name} ran without saving for backward (save=False); "
+                               "call it with save=True when a gradient is needed")
+        x, w_ih, w_hh, h0, s0, param0, param1, w_hr, lengths, mask, y, s_all, saved, stats, r = ctx.saved_tensors
+        need = (*ctx.needs_input_grad, *[False] * 10)  # the dispatcher drops trailing defaulted inputs
+        has_b_ih, has_b_hh, has_p0, has_p1, has_w_hr = ctx.given
+        mask_out = [need[0], need[1], need[2], need[3] and has_b_ih, need[4] and has_b_hh, need[5], need[6],
+                    need[7] and has_p0, need[8] and has_p1, need[9] and has_w_hr]
+        grads = getattr(torch.ops.rnnext, name + "_backward")(
+            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(dsn, s0), x, w_ih, w_hh, h0, s0, param0,
+            param1, w_hr, lengths, mask, opt["zoneout"], opt["clip"], y, s_all, saved, stats, r, opt["path"], mask_out)
+        return (*[g if m else None for g, m in zip(grads, mask_out)], *[None] * (len(SEQ_DEFAULTS) - 1))
+
+    torch.library.register_autograd(lib + name, backward, setup_context=setup)
+
+
+def _autograd_cell(lib, cell):
+    name = cell.name + "_cell"
+    G = cell.gates
+
+    def setup(ctx, inputs, output):
+        xg, hg, h, s = inputs
+        h_new, s_new, saved = output
         ctx.mark_non_differentiable(saved)
-        _biases(ctx, b_ih, b_hh)
-        ctx.save_for_backward(x, w_ih, y, h0, saved, w_hh, lengths, mask)
+        ctx.save_for_backward(h, s, h_new, saved)
 
-    def backward(ctx, dy, dhn, _):
+    def backward(ctx, dh_new, ds_new, _):
         _first_order_only(name)
-        _check_saved(ctx, name)
-        x, w_ih, y, h0, saved, w_hh, lengths, mask = ctx.saved_tensors
-        zoneout = (mask, ctx.zoneout) if zoned else ()
-        dx, dw_ih, dh0, dw_hh, db_ih, db_hh = getattr(torch.ops.rnnext, name + "_backward")(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), x, w_ih, y, h0, saved, w_hh, lengths, ctx.clip, ctx.path,
-            *zoneout)
-        return dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * (6 if zoned else 4)
+        h, s, h_new, saved = ctx.saved_tensors
+        dgates, dh, ds = getattr(torch.ops.rnnext, name + "_backward")(
+            _zeros_if_none(dh_new, h_new), _zeros_if_none(ds_new, s), h, s, h_new, saved)
+        GH = G * h.size(1)
+        return dgates[:, :GH], dgates[:, GH:] if cell.separate_hg else dgates, dh, ds
 
     torch.library.register_autograd(lib + name, backward, setup_context=setup)
-
-
-def _autograd_rnn_seq(lib):
-    def setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # else autograd zero-fills grads for outputs nobody used
-        x, w_ih, h0, w_hh, b_ih, b_hh, lengths, ctx.nonlinearity, *rest = inputs
-        ctx.clip = rest[0] if len(rest) > 0 else 0.0
-        ctx.path = rest[1] if len(rest) > 1 else 0
-        _biases(ctx, b_ih, b_hh)
-        ctx.save_for_backward(x, w_ih, output[0], h0, w_hh, lengths)
-
-    def backward(ctx, dy, dhn):
-        _first_order_only("rnn_seq")
-        x, w_ih, y, h0, w_hh, lengths = ctx.saved_tensors
-        dx, dw_ih, dh0, dw_hh, db_ih, db_hh = torch.ops.rnnext.rnn_seq_backward(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), x, w_ih, y, h0, w_hh, lengths, ctx.nonlinearity,
-            ctx.clip, ctx.path)
-        return dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), *[None] * 4
-
-    torch.library.register_autograd(lib + "rnn_seq", backward, setup_context=setup)
-
-
-def _autograd_ln_seq(lib, name, lstm):
-    """LayerNormLSTM (lstm: c0 and the cell state) and LayerNormGRU."""
-    def setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        if lstm:
-            x, w_ih, h0, c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, *rest = inputs
-            y, hn, cn, c_all, norm, rstd = output
-            ctx.mark_non_differentiable(c_all, norm, rstd)
-        else:
-            x, w_ih, h0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, *rest = inputs
-            c0 = c_all = None
-            y, hn, norm, rstd = output
-            ctx.mark_non_differentiable(norm, rstd)
-        ctx.saved_gates = rest[2] if len(rest) > 2 else True
-        mask = _options(ctx, rest[1:])  # (clip, save, path, mask, zoneout) after eps
-        _biases(ctx, b_ih, b_hh)
-        ctx.save_for_backward(x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, mask)
-
-    def backward(ctx, dy, dhn, *rest):
-        _first_order_only(name)
-        _check_saved(ctx, name)
-        x, w_ih, y, h0, c0, c_all, norm, rstd, w_hh, ln_w, ln_b, lengths, mask = ctx.saved_tensors
-        common = (x, w_ih, y, h0)
-        tail = (w_hh, ln_w, ln_b, lengths, ctx.clip, ctx.path, mask, ctx.zoneout)
-        if lstm:
-            dx, dw_ih, dh0, dc0, dw_hh, db_ih, db_hh, dln_w, dln_b = torch.ops.rnnext.lnlstm_seq_backward(
-                _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), _zeros_if_none(rest[0], c0), *common, c0, c_all, norm,
-                rstd, *tail)
-            return (dx, dw_ih, dh0, dc0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dln_w, dln_b, *[None] * 7)
-        dx, dw_ih, dh0, dw_hh, db_ih, db_hh, dln_w, dln_b = torch.ops.rnnext.lngru_seq_backward(
-            _zeros_if_none(dy, y), _zeros_if_none(dhn, h0), *common, norm, rstd, *tail)
-        return (dx, dw_ih, dh0, dw_hh, *_bias_grads(ctx, db_ih, db_hh), dln_w, dln_b, *[None] * 7)
-
-    torch.library.register_autograd(lib + name, backward, setup_context=setup)
-
-
-def _autograd_cells(lib):
-    """Cells whose hg gets the same gradient as xg (LSTM, lecture's GRU, RNN) and the GRU (separate)."""
-    def save_state_and_saved(ctx, inputs, output):
-        """What the *_cell_backward op takes after dhy: the previous state, (LSTM: cy,) saved."""
-        ctx.mark_non_differentiable(output[-1])
-        ctx.save_for_backward(inputs[2], *output[1:])
-
-    def lstm_backward(ctx, dhy, dcy, _):
-        _first_order_only("lstm_cell")
-        dgates, dcx = torch.ops.rnnext.lstm_cell_backward(dhy, dcy, *ctx.saved_tensors)
-        return dgates, dgates, dcx
-
-    def gru_backward(ctx, dhy, _):
-        _first_order_only("gru_cell")
-        return torch.ops.rnnext.gru_cell_backward(dhy, *ctx.saved_tensors)
-
-    def mgru_backward(ctx, dhy, _):
-        _first_order_only("mgru_cell")
-        dgates, dhx = torch.ops.rnnext.mgru_cell_backward(dhy, *ctx.saved_tensors)
-        return dgates, dgates, dhx
-
-    def rnn_setup(ctx, inputs, output):
-        ctx.nonlinearity = inputs[2]
-        ctx.save_for_backward(output)
-
-    def rnn_backward(ctx, dhy):
-        _first_order_only("rnn_cell")
-        dpre = torch.ops.rnnext.rnn_cell_backward(dhy, *ctx.saved_tensors, ctx.nonlinearity)
-        return dpre, dpre, None
-
-    torch.library.register_autograd(lib + "lstm_cell", lstm_backward, setup_context=save_state_and_saved)
-    torch.library.register_autograd(lib + "gru_cell", gru_backward, setup_context=save_state_and_saved)
-    torch.library.register_autograd(lib + "mgru_cell", mgru_backward, setup_context=save_state_and_saved)
-    torch.library.register_autograd(lib + "rnn_cell", rnn_backward, setup_context=rnn_setup)
 
 
 if LOAD_ERROR is None:
     _fake.register_keep_mask("rnnext::")
-    _fake.register_cells("rnnext::")
-    _fake.register_lstm_seq("rnnext::")
-    _fake.register_gated_seq("rnnext::", "gru_seq", 3, 4)
-    _fake.register_gated_seq("rnnext::", "mgru_seq", 2, 2)
-    _fake.register_rnn_seq("rnnext::")
-    _fake.register_ln_seq("rnnext::", "lnlstm_seq", 4, 5, lstm=True)
-    _fake.register_ln_seq("rnnext::", "lngru_seq", 3, 6, lstm=False)
-    _autograd_cells("rnnext::")
-    _autograd_lstm_seq("rnnext::")
-    _autograd_gated_seq("rnnext::", "gru_seq")
-    _autograd_gated_seq("rnnext::", "mgru_seq")
-    _autograd_rnn_seq("rnnext::")
-    _autograd_ln_seq("rnnext::", "lnlstm_seq", lstm=True)
-    _autograd_ln_seq("rnnext::", "lngru_seq", lstm=False)
+    for _cell in cells.CELLS.values():
+        _fake.register_seq("rnnext::", _cell)
+        _autograd_seq("rnnext::", _cell)
+        if not _cell.rows:
+            _fake.register_cell("rnnext::", _cell)
+            _autograd_cell("rnnext::", _cell)

@@ -31,16 +31,53 @@ def same_error(ours, theirs):
     assert str(got.value) == str(want.value)
 
 
+def tensors_in(values):
+    """The tensors among values, those in tuples and lists too (a recurrence's states, a cell's parameters)."""
+    for v in values:
+        if isinstance(v, (tuple, list)):
+            yield from tensors_in(v)
+        elif isinstance(v, torch.Tensor):
+            yield v
+
+
+def cast(args, dtype):
+    """A recurrence's arguments with every floating tensor (those in tuples too) a new leaf of dtype."""
+    def one(v):
+        if isinstance(v, (tuple, list)):
+            return type(v)(one(u) for u in v)
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.detach().to(dtype).requires_grad_()
+        return v
+    return {k: one(v) for k, v in args.items()}
+
+
+def gradcheck_recurrence(fn, args, **kw):
+    """torch.autograd.gradcheck of fn(**args, **kw) -> (y, states) w.r.t. every tensor of args that requires grad."""
+    leaves = [v for v in tensors_in(args.values()) if v.requires_grad]
+
+    def rebuild(values, it):
+        if isinstance(values, (tuple, list)):
+            return type(values)(rebuild(v, it) for v in values)
+        return next(it) if isinstance(values, torch.Tensor) and values.requires_grad else values
+
+    def f(*tensors):
+        it = iter(tensors)
+        y, states = fn(**{k: rebuild(v, it) for k, v in args.items()}, **kw)
+        return (y, *states)
+
+    return torch.autograd.gradcheck(f, leaves)
+
+
 def outputs_and_grads(fn, args, plain_sum=False, **kw):
-    """fn(**args, **kw) -> (y, h, c or None), a recurrence: its outputs and the gradients of a random
-    projection of them (plain_sum: of their sum, whose gradient is expanded, non-contiguous) w.r.t. every
-    tensor of args that requires grad."""
-    y, h, c = fn(**args, **kw)
-    outs = [y, h] + ([c] if c is not None else [])
+    """fn(**args, **kw) -> (y, states), a recurrence: its outputs (y, then every final state) and the gradients
+    of a random projection of them (plain_sum: of their sum, whose gradient is expanded, non-contiguous) w.r.t.
+    every tensor of args that requires grad (the states and the cell's parameters included)."""
+    y, states = fn(**args, **kw)
+    outs = [y, *states]
     g = torch.Generator().manual_seed(1)
     loss = sum((o if plain_sum else o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()
                for o in outs)
-    leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    leaves = [v for v in tensors_in(args.values()) if v.requires_grad]
     return outs + list(torch.autograd.grad(loss, leaves))
 
 

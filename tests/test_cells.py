@@ -117,45 +117,67 @@ def test_cell_low_precision_rule(device, dtype, kind):
 def test_cell_detects_swapped_gates():
     """The parity tests can fail: a reference with LSTM gates (i, f) swapped disagrees with torch.nn."""
     torch.manual_seed(6)
-    xg, hg, cx = torch.randn(3, 20, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64), \
-        torch.randn(3, 5, dtype=torch.float64)
+    xg, hg = torch.randn(3, 20, dtype=torch.float64), torch.randn(3, 20, dtype=torch.float64)
+    states = (torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64))
     i, f, g, o = xg.chunk(4, 1)
     swapped = torch.cat([f, i, g, o], 1)
-    good = ops.lstm_cell(xg, hg, cx)[1]
-    assert (reference.lstm_cell(swapped, hg, cx)[1] - good).abs().max() > 1e-3
-    torch.testing.assert_close(reference.lstm_cell(xg, hg, cx)[1], good)
+    good = ops.step("lstm", xg, hg, states)[1]
+    assert (reference.step("lstm", swapped, hg, states)[1] - good).abs().max() > 1e-3
+    torch.testing.assert_close(reference.step("lstm", xg, hg, states)[1], good)
 
 
 # ---- the ops themselves ---------------------------------------------------------------------------
 
+ALL = list(CELLS) + ["minimal_gru"]
+G["minimal_gru"] = 2
+Z = {"lstm": 2}
+
+
 def op_inputs(kind, B, H, device, dtype=torch.float64, requires_grad=True):
-    g = G[kind]
+    """The cell op and (xg, hg, h, s)."""
     t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
+    return getattr(torch.ops.rnnext, kind + "_cell"), (t(B, G[kind] * H), t(B, G[kind] * H), t(B, H),
+                                                       t(Z.get(kind, 1) - 1, B, H))
+
+
+def states_of(h, s):
+    return (h, *s.unbind(0))
+
+
+def expected_saved(kind, xg, hg):
+    """What each cell saves, from csrc/cells/<cell>.h: the activated gates (GRU: and hn)."""
     if kind == "lstm":
-        return torch.ops.rnnext.lstm_cell, (t(B, 4 * H), t(B, 4 * H), t(B, H))
+        i, f, g, o = (xg + hg).chunk(4, 1)
+        return torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], 1)
     if kind == "gru":
-        return torch.ops.rnnext.gru_cell, (t(B, 3 * H), t(B, 3 * H), t(B, H))
-    return torch.ops.rnnext.rnn_cell, (t(B, g * H), t(B, g * H), kind.split("_")[1])
+        (xr, xz, xn), (hr, hz, hn) = xg.chunk(3, 1), hg.chunk(3, 1)
+        r = (xr + hr).sigmoid()
+        return torch.cat([r, (xz + hz).sigmoid(), (xn + r * hn).tanh(), hn], 1)
+    if kind == "minimal_gru":
+        u, c = (xg + hg).chunk(2, 1)
+        return torch.cat([u.sigmoid(), c.tanh()], 1)
+    return xg.new_empty(xg.size(0), 0)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("kind", ALL)
 def test_op_matches_reference(device, kind):
     torch.manual_seed(7)
-    op, args = op_inputs(kind, 5, 11, device, requires_grad=False)
-    ref = getattr(reference, op.__name__.split(".")[-1])
-    for a, b in zip(op(*args) if kind[:3] != "rnn" else [op(*args)],
-                    ref(*args) if kind[:3] != "rnn" else [ref(*args)], strict=True):
+    op, (xg, hg, h, s) = op_inputs(kind, 5, 11, device, requires_grad=False)
+    h_new, s_new, saved = op(xg, hg, h, s)
+    want = reference.step(kind, xg, hg, states_of(h, s))
+    for a, b in zip(states_of(h_new, s_new), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(saved, expected_saved(kind, xg, hg), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("kind", list(CELLS) + ["mgru"])
+@pytest.mark.parametrize("kind", ALL)
 def test_op_fp32_activations_over_float_range(device, kind):
     """The fp32 sigmoid/tanh (CPU: polynomial exp, see cpu/kernels.cpp) within 1e-6 of float64 from -inf to
     inf, NaN kept: values drawn into every gate, in vector lanes and in the scalar tail (H = 37); zero hg
     and state, so that no sum in float32 cancels."""
-    H, g = 37, {"mgru": 2}.get(kind, G.get(kind, 1))
+    H, g = 37, G[kind]
     special = [float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-30, -1e-30, 0.624, 0.626, 88.5, -88.5,
                89.5, -89.5, 104.5, -104.5, 1e30, -1e30]
     values = torch.cat([torch.linspace(-120, 120, 4801, dtype=torch.float64),
@@ -165,23 +187,22 @@ def test_op_fp32_activations_over_float_range(device, kind):
     flat = torch.cat([values.repeat(3), values[torch.randint(values.numel(), (rows * g * H - 3 * values.numel(),),
                                                              generator=gen)]])
     xg = flat[torch.randperm(flat.numel(), generator=gen)].view(rows, g * H).float().double()  # float32's inputs
-    hg, state = torch.zeros(rows, g * H, dtype=torch.float64), torch.zeros(rows, H, dtype=torch.float64)
-    args = (xg, hg) + ((kind.split("_")[1],) if kind.startswith("rnn") else (state,))
-    op = getattr(torch.ops.rnnext, kind.split("_")[0] + "_cell")
-    ref = getattr(reference, kind.split("_")[0] + "_cell")
-    ours = op(*[a.to(device, torch.float32) if torch.is_tensor(a) else a for a in args])
-    theirs = ref(*args)
-    ours, theirs = (ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,))
-    assert any(o.isnan().any() for o in ours) and all(o.isfinite().any() for o in ours)
-    # The last output is the activations themselves (saved gates; the RNN's h): relative error everywhere.
-    # The others combine them (the GRU's 1 - z cancels), so an absolute term of one float32 ulp at 1.
+    hg, h = torch.zeros(rows, g * H, dtype=torch.float64), torch.zeros(rows, H, dtype=torch.float64)
+    s = torch.zeros(Z.get(kind, 1) - 1, rows, H, dtype=torch.float64)
+    op = getattr(torch.ops.rnnext, kind + "_cell")
+    h_new, s_new, saved = op(*[a.to(device, torch.float32) for a in (xg, hg, h, s)])
+    ours = (*states_of(h_new, s_new), saved)
+    theirs = (*reference.step(kind, xg, hg, states_of(h, s)), expected_saved(kind, xg, hg))
+    assert any(o.isnan().any() for o in ours) and all(o.isfinite().any() for o in ours if o.numel())
+    # The saved values are the activations themselves (the RNN's: its h): relative error everywhere. The
+    # states combine them (the GRU's 1 - z cancels), so an absolute term of one float32 ulp at 1.
     for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        atol = 1e-37 if k == len(ours) - 1 else 1.2e-7
-        torch.testing.assert_close(a.cpu(), b.float(), rtol=1e-6, atol=atol, equal_nan=True)
+        exact = k == len(ours) - 1 or kind.startswith("rnn")
+        torch.testing.assert_close(a.cpu(), b.float(), rtol=1e-6, atol=1e-37 if exact else 1.2e-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("kind", ALL)
 def test_opcheck_forward(device, kind):
     torch.manual_seed(8)
     op, args = op_inputs(kind, 3, 5, device)
@@ -191,33 +212,22 @@ def test_opcheck_forward(device, kind):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("kind", ALL)
 def test_opcheck_backward(device, kind):
     torch.manual_seed(9)
-    B, H = 3, 5
-    t = lambda *s: torch.randn(*s, device=device, dtype=torch.float64)  # noqa: E731
-    if kind == "lstm":
-        torch.library.opcheck(torch.ops.rnnext.lstm_cell_backward, (t(B, H), t(B, H), t(B, H), t(B, H), t(B, 4 * H)))
-    elif kind == "gru":
-        torch.library.opcheck(torch.ops.rnnext.gru_cell_backward, (t(B, H), t(B, H), t(B, 4 * H)))
-    else:
-        torch.library.opcheck(torch.ops.rnnext.rnn_cell_backward, (t(B, H), t(B, H), kind.split("_")[1]))
+    op, (xg, hg, h, s) = op_inputs(kind, 3, 5, device, requires_grad=False)
+    h_new, s_new, saved = op(xg, hg, h, s)
+    torch.library.opcheck(getattr(torch.ops.rnnext, kind + "_cell_backward"),
+                          (torch.randn_like(h_new), torch.randn_like(s_new), h, s, h_new, saved))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("kind", ALL)
 def test_gradcheck(device, kind):
+    """Every input's gradient (xg, hg, the states) through the cell op's autograd."""
     torch.manual_seed(10)
     op, args = op_inputs(kind, 2, 3, device)
-    if kind == "lstm":
-        f = lambda xg, hg, cx: op(xg, hg, cx)[:2]  # noqa: E731
-    elif kind == "gru":
-        f = lambda xg, hg, hx: op(xg, hg, hx)[0]  # noqa: E731
-    else:
-        nonlinearity = args[2]
-        f = lambda xg, hg: op(xg, hg, nonlinearity)  # noqa: E731
-        args = args[:2]
-    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a)[:2], args)
 
 
 # ---- the modules' argument checks: torch.nn's errors ----------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from rnnext import ops
+from rnnext import cells, ops
 from conftest import cpu_and_cuda
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
@@ -18,8 +18,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, B, H, P, I = 4, 3, 5, 2, 6
 
 
+def cell_of(name):
+    """The cell an op name belongs to: lstm_seq_backward[proj] -> lstm."""
+    base = name.split("[")[0]
+    for suffix in ("_seq_backward", "_seq", "_cell_backward", "_cell"):
+        if base.endswith(suffix):
+            return cells.get(base[:-len(suffix)])
+    raise ValueError(name)
+
+
 def good_calls(device):
-    """{name: (op, [(argument name, value), ...])}: every public op, called right, with lengths."""
+    """{name: (op, [(argument name, value), ...])}: every public op of every cell, called right, with lengths,
+    arguments in the schema's order."""
     g = torch.Generator().manual_seed(0)
 
     def t(*shape):
@@ -29,81 +39,48 @@ def good_calls(device):
     lengths = torch.tensor([4, 2, 3], device=device)
     calls = {}
 
-    def mask(parts):  # zoneout keep weights
-        return torch.bernoulli(torch.full((T, B, parts * H), 0.5, dtype=torch.float64), generator=g).to(device)
-
     def add(name, op, **args):
         calls[name] = (op, list(args.items()))
         return op(*args.values())
 
-    # cells
-    hy, cy, saved = add("lstm_cell", rn.lstm_cell, xg=t(B, 4 * H), hg=t(B, 4 * H), cx=t(B, H))
-    add("lstm_cell_backward", rn.lstm_cell_backward, dhy=t(B, H), dcy=t(B, H), cx=t(B, H), cy=cy, saved=saved)
-    hy, saved = add("gru_cell", rn.gru_cell, xg=t(B, 3 * H), hg=t(B, 3 * H), hx=t(B, H))
-    add("gru_cell_backward", rn.gru_cell_backward, dhy=t(B, H), hx=t(B, H), saved=saved)
-    hy, saved = add("mgru_cell", rn.mgru_cell, xg=t(B, 2 * H), hg=t(B, 2 * H), hx=t(B, H))
-    add("mgru_cell_backward", rn.mgru_cell_backward, dhy=t(B, H), hx=t(B, H), saved=saved)
-    hy = add("rnn_cell", rn.rnn_cell, xg=t(B, H), hg=t(B, H), nonlinearity="relu")
-    add("rnn_cell_backward", rn.rnn_cell_backward, dhy=t(B, H), hy=hy, nonlinearity="relu")
-    # sequences
-    for proj in (False, True):
-        p = P if proj else H
-        w_hr = t(P, H) if proj else None
-        h0, c0, w_hh, x, w_ih = t(B, p), t(B, H), t(4 * H, p), t(T, B, I), t(4 * H, I)
-        y, hn, cn, c_all, saved, r = add(
-            "lstm_seq" + ("[proj]" if proj else ""), rn.lstm_seq, x=x, w_ih=w_ih, h0=h0, c0=c0, w_hh=w_hh,
-            b_ih=t(4 * H), b_hh=t(4 * H), w_hr=w_hr, lengths=lengths, clip=0.5, save=True, path=0,
-            **({} if proj else dict(zoneout_mask=mask(2), zoneout=0.25)))
-        add("lstm_seq_backward" + ("[proj]" if proj else ""), rn.lstm_seq_backward, dy=t(T, B, p), dhn=t(B, p),
-            dcn=t(B, H), x=x, w_ih=w_ih, y=y, h0=h0, c0=c0, c_all=c_all, saved=saved, r=r, w_hh=w_hh, w_hr=w_hr,
-            lengths=lengths, clip=0.5, path=0, **({} if proj else dict(zoneout_mask=mask(2), zoneout=0.25)))
-    for name, G in (("gru_seq", 3), ("mgru_seq", 2)):
-        h0, w_hh, x, w_ih = t(B, H), t(G * H, H), t(T, B, I), t(G * H, I)
-        y, hn, saved = add(name, getattr(rn, name), x=x, w_ih=w_ih, h0=h0, w_hh=w_hh, b_ih=t(G * H),
-                           b_hh=t(G * H), lengths=lengths, clip=0.5, save=True, path=0,
-                           **(dict(zoneout_mask=mask(1), zoneout=0.25) if G == 3 else {}))
-        add(name + "_backward", getattr(rn, name + "_backward"), dy=t(T, B, H), dhn=t(B, H), x=x, w_ih=w_ih, y=y,
-            h0=h0, saved=saved, w_hh=w_hh, lengths=lengths, clip=0.5, path=0,
-            **(dict(zoneout_mask=mask(1), zoneout=0.25) if G == 3 else {}))
-    for name, G, N in (("lnlstm_seq", 4, 5), ("lngru_seq", 3, 6)):
-        lstm = name == "lnlstm_seq"
-        h0, w_hh, x, w_ih, c0 = t(B, H), t(G * H, H), t(T, B, I), t(G * H, I), t(B, H)
-        ln = dict(ln_w=t(N * H), ln_b=t(N * H))
-        state = dict(h0=h0, c0=c0) if lstm else dict(h0=h0)
-        out = add(name, getattr(rn, name), x=x, w_ih=w_ih, **state, w_hh=w_hh, b_ih=t(G * H), b_hh=t(G * H), **ln,
-                  lengths=lengths, eps=1e-5, clip=0.5, save=True, path=0, zoneout_mask=mask(2 if lstm else 1),
-                  zoneout=0.25)
-        y, hn = out[:2]
-        grads = dict(dy=t(T, B, H), dhn=t(B, H)) | (dict(dcn=t(B, H)) if lstm else {})
-        saved = dict(h0=h0, c0=c0, c_all=out[3]) if lstm else dict(h0=h0)
-        add(name + "_backward", getattr(rn, name + "_backward"), **grads, x=x, w_ih=w_ih, y=y, **saved,
-            norm=out[-2], rstd=out[-1], w_hh=w_hh, **ln, lengths=lengths, clip=0.5, path=0,
-            zoneout_mask=mask(2 if lstm else 1), zoneout=0.25)
-    h0, w_hh, x, w_ih = t(B, H), t(H, H), t(T, B, I), t(H, I)
-    y, hn = add("rnn_seq", rn.rnn_seq, x=x, w_ih=w_ih, h0=h0, w_hh=w_hh, b_ih=t(H), b_hh=t(H), lengths=lengths,
-                nonlinearity="tanh", clip=0.5, path=0)
-    add("rnn_seq_backward", rn.rnn_seq_backward, dy=t(T, B, H), dhn=t(B, H), x=x, w_ih=w_ih, y=y, h0=h0, w_hh=w_hh,
-        lengths=lengths, nonlinearity="tanh", clip=0.5, path=0)
+    for cell in cells.CELLS.values():
+        G, Z1 = cell.gates, cell.others
+        if not cell.rows:
+            op = getattr(rn, cell.name + "_cell")
+            h_new, s_new, saved = add(cell.name + "_cell", op, xg=t(B, G * H), hg=t(B, G * H), h=t(B, H), s=t(Z1, B, H))
+            add(cell.name + "_cell_backward", getattr(rn, cell.name + "_cell_backward"), dh_new=t(B, H),
+                ds_new=t(Z1, B, H), h=t(B, H), s=t(Z1, B, H), h_new=h_new, saved=saved)
+        for proj in (False, True) if cell.proj else (False,):
+            p = P if proj else H
+            sfx = "[proj]" if proj else ""
+            zoned = cell.zoned and not proj
+            mask = torch.bernoulli(torch.full((T, B, cell.zoned * H), 0.5, dtype=torch.float64), generator=g).to(device)
+            zone = dict(zoneout_mask=mask if zoned else None, zoneout=0.25 if zoned else 0.0)
+            x, w_ih, w_hh, h0, s0 = t(T, B, I), t(G * H, I), t(G * H, p), t(B, p), t(Z1, B, H)
+            params = [t(cell.param_units * H) if cell.params else None for _ in range(2)]
+            w_hr = t(P, H) if proj else None
+            y, hn, sn, s_all, saved, stats, r = add(
+                cell.name + "_seq" + sfx, getattr(rn, cell.name + "_seq"), x=x, w_ih=w_ih, w_hh=w_hh, b_ih=t(G * H),
+                b_hh=t(G * H), h0=h0, s0=s0, param0=params[0], param1=params[1], w_hr=w_hr, lengths=lengths, **zone,
+                clip=0.5, eps=1e-5, save=True, path=0)
+            add(cell.name + "_seq_backward" + sfx, getattr(rn, cell.name + "_seq_backward"), dy=t(T, B, p),
+                dh_n=t(B, p), ds_n=t(Z1, B, H), x=x, w_ih=w_ih, w_hh=w_hh, h0=h0, s0=s0, param0=params[0],
+                param1=params[1], w_hr=w_hr, lengths=lengths, **zone, clip=0.5, y=y, s_all=s_all, saved=saved,
+                stats=stats, r=r, path=0, output_mask=[True] * 10)
     return calls
-
-
-def unused(arg, value):
-    """lstm_seq_backward's r (the cell outputs before projection) is empty and unread without w_hr."""
-    return arg == "r" and value.numel() == 0
 
 
 def bad_values(name, arg, value, device):
     """(what, bad value) pairs for one argument of a good call."""
-    if isinstance(value, str):
-        return [("unknown nonlinearity", "gelu")]
+    cell = cell_of(name)
     if isinstance(value, float):
         return [("negative", -0.5)] + ([("above 1", 1.5)] if arg == "zoneout" else []) + \
-            ([("zero", 0.0)] if arg == "eps" else [])
+            ([("zero", 0.0)] if arg == "eps" else []) if arg != "eps" or cell.params else []
     if isinstance(value, int) and not isinstance(value, bool):
         return [("path 3", 3), ("path -1", -1)]
+    if arg in ("param0", "param1") and value is None:  # cells without parameters: one given is one too many
+        return [("given", torch.zeros(3, dtype=torch.float64, device=device))]
     if not isinstance(value, torch.Tensor):
-        return []
-    if unused(arg, value):
         return []
     bigger = list(value.shape)
     bigger[-1] += 1
@@ -113,7 +90,7 @@ def bad_values(name, arg, value, device):
         bad += [("int32", value.int()), ("size 1", value[:1])]
     else:
         bad += [("float32", value.float()), ("int32", value.int())]
-    if arg in ("saved", "norm") and "seq" in name:
+    if arg == "saved" and "seq" in name:
         bad.append(("empty (save=False)", value[:0]))
     return bad
 
@@ -155,7 +132,7 @@ def fake_error(op, args, device_of=None):
 def test_bad_argument_raises_same_error_eager_and_fake(device, name, arg, what):
     op, args = call_with(device, name, arg, what)
     eager = error_of(lambda: op(*args))
-    assert eager.startswith(name.split("[")[0] + ": ") or eager.startswith("Unknown nonlinearity"), eager
+    assert eager.startswith(name.split("[")[0] + ": "), eager
     assert fake_error(op, args) == eager
 
 
@@ -164,7 +141,7 @@ def test_every_tensor_argument_of_every_op_is_checked():
     covered = {(name, arg) for name, arg, _ in CASES}
     for name, (_, args) in good_calls("cpu").items():
         for arg, value in args:
-            if isinstance(value, torch.Tensor) and not unused(arg, value):
+            if isinstance(value, torch.Tensor) or arg.startswith("param"):
                 assert (name, arg) in covered, (name, arg)
     assert {name for name, _ in covered} == set(good_calls("cpu"))
 
@@ -173,7 +150,7 @@ def test_every_tensor_argument_of_every_op_is_checked():
 def test_wrong_device_raises_in_fake_kernels(name):
     """CUDA calls with one argument left on the CPU (fake tensors: this runs without a GPU)."""
     op, args = good_calls("cpu")[name]
-    tensors = [i for i, (arg, v) in enumerate(args) if isinstance(v, torch.Tensor) and not unused(arg, v)]
+    tensors = [i for i, (arg, v) in enumerate(args) if isinstance(v, torch.Tensor)]
     for moved in tensors[1:]:
         def device_of(i, a):
             if not isinstance(a, torch.Tensor) or i == moved:
@@ -189,7 +166,7 @@ def test_wrong_device_raises_in_fake_kernels(name):
 def test_wrong_device_raises_in_cuda_kernels(name):
     op, args = good_calls("cuda")[name]
     for moved, (arg, value) in enumerate(args):
-        if moved == 0 or not isinstance(value, torch.Tensor) or unused(arg, value):
+        if moved == 0 or not isinstance(value, torch.Tensor):
             continue
         bad = [v.cpu() if i == moved and isinstance(v, torch.Tensor) else v for i, (_, v) in enumerate(args)]
         msg = error_of(lambda: op(*bad))

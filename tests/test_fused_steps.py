@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rnnext import ops, reference
-from conftest import close, outputs_and_grads
+from conftest import cast, close, outputs_and_grads
 from test_layernorm import make_args as ln_args
 from test_sequence import make_args as sequence_args
 from test_zoneout import make_args as zoneout_args
@@ -37,8 +37,7 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
     else:
         args, mask = zoneout_args(mode, T, B, H, "cpu", lengths, seed=3, I=19)
     kw = dict(reverse=reverse, clip=0.9, zoneout_mask=mask if zoneout else None)
-    low = {k: v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-           for k, v in args.items()}
+    low = cast(args, torch.float32)
     got = outputs_and_grads(ops.recurrence, low, **dict(kw, zoneout_mask=mask.float() if zoneout else None))
     want = outputs_and_grads(reference.recurrence, args, **kw)
     assert len(got) == len(want)
@@ -65,8 +64,7 @@ def test_float32_wide_gates_match_reference(mode, H, lengths):
     else:
         args = sequence_args({"MGRU": "mgru", "RNN": "rnn_tanh"}[mode], 3, 3, H, "cpu", lengths=lengths, seed=6)
     args.update({k: (args[k] / 16).detach().requires_grad_() for k in ("w_ih", "w_hh")})
-    low = {k: v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-           for k, v in args.items()}
+    low = cast(args, torch.float32)
     got = outputs_and_grads(ops.recurrence, low, clip=0.9)
     want = outputs_and_grads(reference.recurrence, args, clip=0.9)
     assert len(got) == len(want)
@@ -103,8 +101,7 @@ def test_16bit_threads_rule(three_threads, mode, dtype, lengths, T, B, H):
         args = ln_args(mode, T, B, H, "cpu", lengths, seed=4, I=19)
     else:
         args, _ = zoneout_args(mode, T, B, H, "cpu", lengths, seed=4, I=19)
-    low = {k: v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-           for k, v in args.items()}
+    low = cast(args, dtype)
     exact = outputs_and_grads(reference.recurrence, args, clip=0.9)
     got = outputs_and_grads(ops.recurrence, low, clip=0.9)
     base = outputs_and_grads(reference.recurrence, low, clip=0.9)

@@ -155,7 +155,7 @@ def test_bad_batch_sizes_raise_instead_of_crashing():
 def _lstm_args(T=4, B=3, I=2, H=3):
     g = torch.Generator().manual_seed(0)
     t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
-    return dict(mode="LSTM", x=t(T, B, I), w_ih=t(4 * H, I), h0=t(B, H), c0=t(B, H), w_hh=t(4 * H, H))
+    return dict(cell="lstm", x=t(T, B, I), w_ih=t(4 * H, I), w_hh=t(4 * H, H), states=(t(B, H), t(B, H)))
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("ops", marks=pytest.mark.skipif(

@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnext
-from rnnext import ops, reference
-from conftest import assert_low_precision_rule, close, cpu_and_cuda, outputs_and_grads
+from rnnext import cells, ops, reference
+from conftest import gradcheck_recurrence, assert_low_precision_rule, close, cpu_and_cuda, outputs_and_grads
 
 BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 CELLS = {"LNLSTM": (4, 5, 2), "LNGRU": (3, 6, 1)}  # gates, norms' values per unit, zoneout parts
@@ -26,12 +26,12 @@ def make_args(mode, T, B, H, device, lengths, seed, I=4, dtype=torch.float64):
         lens = torch.randint(1, T + 1, (B,), generator=g)
         lens[0] = T
         lens = lens.to(device)
-    args = dict(x=t(T, B, I), w_ih=t(G * H, I), h0=t(B, H), c0=t(B, H) if mode == "LNLSTM" else None,
-                w_hh=t(G * H, H), b_ih=t(G * H), b_hh=t(G * H), ln_w=1 + t(N * H, sc=0.3), ln_b=t(N * H, sc=0.3))
-    for v in args.values():
-        if v is not None:
-            v.requires_grad_()
-    return dict(mode=mode, lengths=lens, **args)
+    leaf = lambda *s, sc=0.5: t(*s, sc=sc).requires_grad_()  # noqa: E731
+    x, w_ih = leaf(T, B, I), leaf(G * H, I)
+    states = (leaf(B, H), leaf(B, H)) if mode == "LNLSTM" else (leaf(B, H),)
+    w_hh, b_ih, b_hh = leaf(G * H, H), leaf(G * H), leaf(G * H)
+    params = ((1 + t(N * H, sc=0.3)).requires_grad_(), leaf(N * H, sc=0.3))
+    return dict(cell=mode, x=x, w_ih=w_ih, w_hh=w_hh, states=states, b_ih=b_ih, b_hh=b_hh, params=params, lengths=lens)
 
 
 @BUILT
@@ -61,33 +61,23 @@ def test_fused_matches_reference(device, mode, lengths, reverse, zoneout, T, B, 
 @pytest.mark.parametrize("lengths", [False, True])
 def test_gradcheck_and_opcheck(mode, lengths):
     args = make_args(mode, 3, 2, 3, "cpu", lengths, seed=5)
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-    def f(*tensors):
-        y, h, c = ops.recurrence(**dict(args, **dict(zip(names, tensors))), eps=1e-3)
-        return (y, h) if c is None else (y, h, c)
-
-    assert torch.autograd.gradcheck(f, [args[k] for k in names])
+    assert gradcheck_recurrence(ops.recurrence, args, eps=1e-3)
     a = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    if mode == "LNLSTM":
-        op, call = torch.ops.rnnext.lnlstm_seq, (a["x"], a["w_ih"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"],
-                                                 a["ln_w"], a["ln_b"], a["lengths"], 1e-3, 0.5, True, 1, None, 0.2)
-    else:
-        op, call = torch.ops.rnnext.lngru_seq, (a["x"], a["w_ih"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["ln_w"],
-                                                a["ln_b"], a["lengths"], 1e-3, 0.5, True, 1, None, 0.2)
+    h0, *rest = [s.detach() for s in args["states"]]
+    s0 = torch.stack(rest) if rest else h0.new_empty(0, *h0.shape)
+    param0, param1 = [p.detach() for p in args["params"]]
+    name = cells.get(mode).name
+    mask = torch.bernoulli(torch.full((3, 2, CELLS[mode][2] * 3), 0.5, dtype=torch.float64),
+                           generator=torch.Generator().manual_seed(1))
+    call = (a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], h0, s0, param0, param1, None, a["lengths"], mask, 0.0,
+            0.5, 1e-3, True, 1)
+    op = getattr(torch.ops.rnnext, name + "_seq")
     torch.library.opcheck(op, call)
-    out = op(*call)
+    y, hn, sn, s_all, saved, stats, r = op(*call)
     d = lambda t: torch.randn_like(t)  # noqa: E731
-    if mode == "LNLSTM":
-        y, hn, cn, c_all, norm, rstd = out
-        torch.library.opcheck(torch.ops.rnnext.lnlstm_seq_backward,
-                              (d(y), d(hn), d(cn), a["x"], a["w_ih"], y, a["h0"], a["c0"], c_all, norm, rstd,
-                               a["w_hh"], a["ln_w"], a["ln_b"], a["lengths"], 0.5, 1, None, 0.2))
-    else:
-        y, hn, norm, rstd = out
-        torch.library.opcheck(torch.ops.rnnext.lngru_seq_backward,
-                              (d(y), d(hn), a["x"], a["w_ih"], y, a["h0"], norm, rstd, a["w_hh"], a["ln_w"], a["ln_b"],
-                               a["lengths"], 0.5, 1, None, 0.2))
+    torch.library.opcheck(getattr(torch.ops.rnnext, name + "_seq_backward"),
+                          (d(y), d(hn), d(sn), a["x"], a["w_ih"], a["w_hh"], h0, s0, param0, param1, None, a["lengths"],
+                           mask, 0.0, 0.5, y, s_all, saved, stats, r, 1, [True] * 10))
 
 
 def layer_outputs_and_grads(model, x, hx, backend):

@@ -93,13 +93,15 @@ def test_cell(device):
     close(cell(x[0], a[0]), want[0], 1e-10)
     xg, hg = torch.randn(2, 10, device=device, dtype=torch.float64), torch.randn(2, 10, device=device,
                                                                                    dtype=torch.float64)
-    for got, ref in zip(ops.mgru_cell(xg, hg, a), reference.mgru_cell(xg, hg, a), strict=True):
+    for got, ref in zip(ops.step("minimal_gru", xg, hg, (a,)), reference.step("minimal_gru", xg, hg, (a,)), strict=True):
         torch.testing.assert_close(got, ref)
-    args = tuple(t.requires_grad_() for t in (xg, hg, a))
-    torch.library.opcheck(torch.ops.rnnext.mgru_cell, args)
-    assert torch.autograd.gradcheck(lambda *t: ops.mgru_cell(*t)[0], args)
-    torch.library.opcheck(torch.ops.rnnext.mgru_cell_backward,
-                          (torch.randn_like(a), a.detach(), torch.rand(2, 10, device=device, dtype=torch.float64)))
+    s = a.new_empty(0, *a.shape)
+    args = tuple(t.requires_grad_() for t in (xg, hg, a)) + (s,)
+    torch.library.opcheck(torch.ops.rnnext.minimal_gru_cell, args)
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.rnnext.minimal_gru_cell(*t, s)[0], args[:3])
+    torch.library.opcheck(torch.ops.rnnext.minimal_gru_cell_backward,
+                          (torch.randn_like(a), s, a.detach(), s, torch.randn_like(a),
+                           torch.rand(2, 10, device=device, dtype=torch.float64)))
 
 
 def test_module_conveniences():

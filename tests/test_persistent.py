@@ -13,7 +13,7 @@ import torch
 
 import rnnext
 from rnnext import ops, reference
-from conftest import cpu_and_cuda
+from conftest import cast, cpu_and_cuda, tensors_in
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 
@@ -23,7 +23,8 @@ FIELDS = ("fits", "ctas", "units", "MT", "NT", "KT", "ktile", "smem", "elems")
 TYPES = {"bf16": (2, 1, torch.bfloat16), "fp16": (2, 1, torch.float16), "tf32": (4, 2, torch.float32),
          "fp64": (8, 0, torch.float64)}  # (bytes, persistent::Mma, dtype)
 # per cell: G, Z, SAVED, ZONED, reads_h_prev, reads_out (csrc/cells/*.h)
-CELLS = {"LSTM": (4, 2, 4, 2, 0, 0), "GRU": (3, 1, 4, 1, 1, 0), "MGRU": (2, 1, 2, 0, 1, 0), "RNN": (1, 1, 0, 0, 0, 1)}
+CELLS = {"lstm": (4, 2, 4, 2, 0, 0), "gru": (3, 1, 4, 1, 1, 0), "minimal_gru": (2, 1, 2, 0, 1, 0),
+         "rnn_tanh": (1, 1, 0, 0, 0, 1)}
 
 
 def parts(cell, backward):
@@ -62,26 +63,26 @@ def test_plan_is_consistent(backward, cell, B, H, dtype):
 def test_what_does_not_fit():
     """No plan for float64, rows that are not whole 16-byte pieces, B > 64, or weights beyond the register
     fragments (forward: 8 k-tiles of 16 a warp, H <= 1024 in 16-bit; TF32's k-tiles of 8, H <= 512)."""
-    assert not plan(False, "LSTM", 16, 256, "fp64")["fits"]
-    assert not plan(False, "LSTM", 16, 100, "bf16")["fits"] and plan(False, "LSTM", 16, 104, "bf16")["fits"]
-    assert not plan(False, "LSTM", 65, 256, "bf16")["fits"]
-    assert plan(False, "LSTM", 16, 1024, "bf16")["fits"] and not plan(False, "LSTM", 16, 1040, "bf16")["fits"]
-    assert plan(False, "LSTM", 16, 512, "tf32")["fits"] and not plan(False, "LSTM", 16, 520, "tf32")["fits"]
-    assert not plan(True, "LSTM", 33, 256, "bf16")["fits"]  # backward: one element a thread, B * 8 <= 256
+    assert not plan(False, "lstm", 16, 256, "fp64")["fits"]
+    assert not plan(False, "lstm", 16, 100, "bf16")["fits"] and plan(False, "lstm", 16, 104, "bf16")["fits"]
+    assert not plan(False, "lstm", 65, 256, "bf16")["fits"]
+    assert plan(False, "lstm", 16, 1024, "bf16")["fits"] and not plan(False, "lstm", 16, 1040, "bf16")["fits"]
+    assert plan(False, "lstm", 16, 512, "tf32")["fits"] and not plan(False, "lstm", 16, 520, "tf32")["fits"]
+    assert not plan(True, "lstm", 33, 256, "bf16")["fits"]  # backward: one element a thread, B * 8 <= 256
 
 
 def test_no_plan_below_sm80():
     """The mma instructions need sm_80: below, no plan (the kernel would trap)."""
     for arch in (70, 75):
         old = H100[:2] + (arch,)
-        assert not plan(False, "LSTM", 16, 256, "bf16", old)["fits"] and not plan(True, "GRU", 16, 256, "fp16", old)["fits"]
-    assert plan(False, "LSTM", 16, 256, "bf16", H100[:2] + (80,))["fits"]
+        assert not plan(False, "lstm", 16, 256, "bf16", old)["fits"] and not plan(True, "gru", 16, 256, "fp16", old)["fits"]
+    assert plan(False, "lstm", 16, 256, "bf16", H100[:2] + (80,))["fits"]
 
 
 @pytest.mark.parametrize("cell,B,H,dtype,directions", [
-    ("LSTM", 16, 768, "bf16", "fb"), ("LSTM", 16, 768, "fp16", "fb"), ("LSTM", 1, 256, "bf16", "fb"),
-    ("LSTM", 1, 256, "tf32", "fb"), ("GRU", 16, 768, "bf16", "fb"), ("RNN", 1, 256, "tf32", "fb"),
-    ("LSTM", 32, 512, "bf16", "fb"), ("LSTM", 64, 512, "bf16", "f"), ("GRU", 16, 1024, "bf16", "fb")])
+    ("lstm", 16, 768, "bf16", "fb"), ("lstm", 16, 768, "fp16", "fb"), ("lstm", 1, 256, "bf16", "fb"),
+    ("lstm", 1, 256, "tf32", "fb"), ("gru", 16, 768, "bf16", "fb"), ("rnn_tanh", 1, 256, "tf32", "fb"),
+    ("lstm", 32, 512, "bf16", "fb"), ("lstm", 64, 512, "bf16", "f"), ("gru", 16, 1024, "bf16", "fb")])
 def test_issue_configs_fit_an_h100(cell, B, H, dtype, directions):
     """The configurations of the performance targets are planned on chip (backward at B = 64 is not: one cell
     element a thread)."""
@@ -92,12 +93,12 @@ def test_issue_configs_fit_an_h100(cell, B, H, dtype, directions):
 def test_units_fill_the_register_tiles():
     """Forward: the most units a CTA whose gate rows fill the 4 register n-tiles (fewest CTAs) and whose cell
     elements (B * units) the threads hold, two each; backward: 8."""
-    for cell, units in (("LSTM", 8), ("GRU", 8), ("MGRU", 16), ("RNN", 32)):
+    for cell, units in (("lstm", 8), ("gru", 8), ("minimal_gru", 16), ("rnn_tanh", 32)):
         p = plan(False, cell, 16, 768, "bf16")
         assert p["units"] == units and p["ctas"] == 768 // units and p["NT"] == -(-CELLS[cell][0] * units // 8)
         assert plan(True, cell, 16, 768, "bf16")["units"] == 8
-    assert plan(False, "RNN", 20, 768, "bf16")["units"] == 24 and plan(False, "RNN", 64, 768, "bf16")["units"] == 8
-    assert plan(False, "LSTM", 16, 768, "bf16")["KT"] == 6 and plan(True, "LSTM", 16, 768, "bf16")["KT"] == 24
+    assert plan(False, "rnn_tanh", 20, 768, "bf16")["units"] == 24 and plan(False, "rnn_tanh", 64, 768, "bf16")["units"] == 8
+    assert plan(False, "lstm", 16, 768, "bf16")["KT"] == 6 and plan(True, "lstm", 16, 768, "bf16")["KT"] == 24
 
 
 # ---- the per-CTA code, run ------------------------------------------------------------------------
@@ -109,8 +110,9 @@ def make_args(cell, T, B, H, dtype, seed, lengths=False, bias=True, device="cpu"
     def t(*shape, scale=0.5):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()
 
-    args = dict(x=t(T, B, 5), w_ih=t(G * H, 5), h0=t(B, H), c0=t(B, H) if cell == "LSTM" else None,
-                w_hh=t(G * H, H, scale=1 / H ** 0.5), b_ih=t(G * H) if bias else None, b_hh=t(G * H) if bias else None)
+    args = dict(x=t(T, B, 5), w_ih=t(G * H, 5), w_hh=t(G * H, H, scale=1 / H ** 0.5),
+                states=(t(B, H), t(B, H)) if cell == "lstm" else (t(B, H),), b_ih=t(G * H) if bias else None,
+                b_hh=t(G * H) if bias else None)
     lens = None
     if lengths:
         lens = torch.randint(1, T + 1, (B,), generator=g)
@@ -120,12 +122,13 @@ def make_args(cell, T, B, H, dtype, seed, lengths=False, bias=True, device="cpu"
 
 
 def outputs_and_grads(fn, args, **kw):
-    """(y, h_n[, c_n]) and the gradients of a fixed random projection of them w.r.t. every tensor argument."""
-    y, h, c = fn(**args, **kw)
-    outs = [y, h] + ([c] if c is not None else [])
+    """y and the final states, and the gradients of a fixed random projection of them w.r.t. every tensor
+    argument."""
+    y, states = fn(**args, **kw)
+    outs = [y, *states]
     g = torch.Generator().manual_seed(7)
     loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum() for o in outs)
-    leaves = [v for v in args.values() if v is not None]
+    leaves = list(tensors_in(args.values()))
     return [o.detach() for o in outs] + [d.detach() for d in torch.autograd.grad(loss, leaves)]
 
 
@@ -150,15 +153,15 @@ def check_against_reference(cell, T, B, H, dtype, tf32=True, want=(True, True), 
     lengths = kw.pop("lengths", False)
     args, lens = make_args(cell, T, B, H, TYPES[dtype][2], seed=T * 100 + B * 10 + H, lengths=lengths,
                            bias=kw.pop("bias", True))
-    exact = {k: None if v is None else v.detach().double().requires_grad_() for k, v in args.items()}
+    exact = cast(args, torch.float64)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        got, fwd, bwd = ran(lambda: outputs_and_grads(ops.recurrence, args, mode=cell, lengths=lens, path=2, **kw))
-        step = outputs_and_grads(ops.recurrence, args, mode=cell, lengths=lens, path=1, **kw)
+        got, fwd, bwd = ran(lambda: outputs_and_grads(ops.recurrence, args, cell=cell, lengths=lens, path=2, **kw))
+        step = outputs_and_grads(ops.recurrence, args, cell=cell, lengths=lens, path=1, **kw)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    ref = outputs_and_grads(reference.recurrence, exact, mode=cell, lengths=lens, **kw)
+    ref = outputs_and_grads(reference.recurrence, exact, cell=cell, lengths=lens, **kw)
     assert (fwd, bwd) == want
     ours, base = relative_errors(got, ref), relative_errors(step, ref)
     for i, (e, b) in enumerate(zip(ours, base)):
@@ -194,14 +197,14 @@ def test_persistent_matches_reference(cell, dtype, option, T, B, H):
     check_against_reference(cell, T, B, H, dtype, **kw)
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_two_elements_a_thread(cell):
     """B * units > 256: the forward's threads have two cell elements each (B = 40, units 8: 320); the backward
     does not fit (one element a thread) and runs per step."""
     check_against_reference(cell, 3, 40, 16, "bf16", want=(True, False), lengths=True)
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "RNN"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn_tanh"])
 def test_k_split_over_warps(monkeypatch, cell):
     """With an H100's 132 SMs: H = 264 (17 k-tiles of 16, warps with 3, 2 and none), the backward's K = G*H
     over every warp."""
@@ -211,8 +214,8 @@ def test_k_split_over_warps(monkeypatch, cell):
 
 def test_fits_up_to_the_sms_then_falls_back(monkeypatch):
     """On the emulated 8 SMs, H = 64 is 8 CTAs of 8 units; H = 72 does not fit and runs per step."""
-    check_against_reference("LSTM", 3, 2, 64, "bf16")
-    check_against_reference("LSTM", 3, 2, 72, "bf16", want=(False, False))
+    check_against_reference("lstm", 3, 2, 64, "bf16")
+    check_against_reference("lstm", 3, 2, 72, "bf16", want=(False, False))
 
 
 def test_thread_and_cta_order_do_not_change_the_results(monkeypatch):
@@ -222,7 +225,7 @@ def test_thread_and_cta_order_do_not_change_the_results(monkeypatch):
     for setting in ("1", "1,reverse"):
         monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", setting)
         results.append([check_against_reference(cell, 4, 20, 40, "bf16", lengths=True, zoneout=0.2 if cell in
-                                                 ("LSTM", "GRU") else 0.0) for cell in CELLS])
+                                                 ("lstm", "gru") else 0.0) for cell in CELLS])
     for a, b in zip(*results):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -230,11 +233,11 @@ def test_thread_and_cta_order_do_not_change_the_results(monkeypatch):
 def test_float64_and_float32_without_tf32_run_per_step():
     """fp64 stays per step; fp32 runs persistent only where torch allows TF32 matmuls."""
     for dtype, tf32 in (("fp64", True), ("tf32", False)):
-        args, _ = make_args("LSTM", 3, 2, 16, TYPES[dtype][2], seed=1)
+        args, _ = make_args("lstm", 3, 2, 16, TYPES[dtype][2], seed=1)
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            _, fwd, bwd = ran(lambda: outputs_and_grads(ops.recurrence, args, mode="LSTM", path=2))
+            _, fwd, bwd = ran(lambda: outputs_and_grads(ops.recurrence, args, cell="lstm", path=2))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         assert not fwd and not bwd
@@ -243,7 +246,7 @@ def test_float64_and_float32_without_tf32_run_per_step():
 def test_cpu_users_never_get_the_emulation(monkeypatch):
     """use_backend("persistent") on CPU runs the per-step loop unless a test asks for the emulation."""
     monkeypatch.delenv("RNNEXT_TEST_EMULATE_PERSISTENT")
-    check_against_reference("LSTM", 3, 2, 8, "bf16", want=(False, False))
+    check_against_reference("lstm", 3, 2, 8, "bf16", want=(False, False))
     lstm = torch.nn.LSTM(3, 8).double()
     layer = rnnext.convert(torch.nn.LSTM(3, 8).double())
     layer.load_state_dict(lstm.state_dict())
@@ -258,13 +261,13 @@ def test_forcing_the_per_step_path_works_whatever_the_default(monkeypatch):
     """Where the persistent kernel is the default (the emulation told to act as such a device), path 0 runs it,
     path 2 too, and path 1 (per step, what use_backend("step") asks for) never does."""
     monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", "default")
-    args, _ = make_args("GRU", 3, 2, 8, torch.bfloat16, seed=2)
+    args, _ = make_args("gru", 3, 2, 8, torch.bfloat16, seed=2)
     for path, want in ((0, True), (2, True), (1, False)):
-        _, fwd, bwd = ran(lambda: outputs_and_grads(ops.recurrence, args, mode="GRU", path=path))
+        _, fwd, bwd = ran(lambda: outputs_and_grads(ops.recurrence, args, cell="gru", path=path))
         assert (fwd, bwd) == (want, want), path
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_a_failed_launch_falls_back_to_per_step(monkeypatch, cell):
     """A persistent launch that cannot run (on CUDA: cudaErrorCooperativeLaunchTooLarge and kin; here the
     emulation told to fail after planning) leaves the sequence to the per-step loop, with every step's
@@ -278,26 +281,26 @@ def test_a_timeout_gives_nan_and_the_next_call_raises(monkeypatch, backward):
     """A grid barrier that gives up (emulated) leaves NaN in the outputs (forward: y, h_n, c_n; backward: the
     gradients), no exception in that call (the host does not wait for the kernel); the next persistent launch
     raises, once; check_persistent raises too."""
-    args, _ = make_args("LSTM", 4, 2, 16, torch.bfloat16, seed=3)
+    args, _ = make_args("lstm", 4, 2, 16, torch.bfloat16, seed=3)
     if backward:
-        y, h, c = ops.recurrence("LSTM", **args, path=2)
+        y, (h, c) = ops.recurrence("lstm", **args, path=2)
         monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", "1,timeout")
-        grads = torch.autograd.grad(y.float().sum() + h.float().sum(), [args["x"], args["w_hh"], args["h0"]])
+        grads = torch.autograd.grad(y.float().sum() + h.float().sum(), [args["x"], args["w_hh"], args["states"][0]])
         assert all(torch.isnan(g).all() for g in grads)
     else:
         monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", "1,timeout")
         with torch.no_grad():
-            y, h, c = ops.recurrence("LSTM", **args, path=2)
+            y, (h, c) = ops.recurrence("lstm", **args, path=2)
         assert torch.isnan(y).all() and torch.isnan(h).all() and torch.isnan(c).all()
     monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", "1")
     with torch.no_grad(), pytest.raises(RuntimeError, match="timed out in its grid barrier"):
-        ops.recurrence("LSTM", **args, path=2)
+        ops.recurrence("lstm", **args, path=2)
     with torch.no_grad():
-        y, _, _ = ops.recurrence("LSTM", **args, path=2)
+        y, _ = ops.recurrence("lstm", **args, path=2)
     assert torch.isfinite(y).all()
     monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", "1,timeout")
     with torch.no_grad():
-        ops.recurrence("LSTM", **args, path=2)
+        ops.recurrence("lstm", **args, path=2)
     with pytest.raises(RuntimeError, match="timed out in its grid barrier"):
         torch.ops.rnnext.check_persistent()
     torch.ops.rnnext.check_persistent()  # reported once
@@ -335,7 +338,7 @@ import torch, rnnext
 x, w_ih = torch.randn(4, 2, 8, device="cuda").bfloat16(), torch.randn(32, 8, device="cuda").bfloat16()
 h0, c0 = torch.zeros(2, 8, device="cuda").bfloat16(), torch.zeros(2, 8, device="cuda").bfloat16()
 w = torch.randn(32, 8, device="cuda").bfloat16()
-y = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w, None, None, None, None, 0.0, False, 2)[0]
+y = torch.ops.rnnext.lstm_seq(x, w_ih, w, None, None, h0, c0[None], None, None, save=False, path=2)[0]
 torch.cuda.synchronize()
 print("nan" if torch.isnan(y).all().item() else "numbers")
 for _ in range(2):
@@ -349,7 +352,7 @@ g = torch.cuda.CUDAGraph()
 s = torch.cuda.Stream()
 with torch.cuda.stream(s):
     with torch.cuda.graph(g):
-        y = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w, None, None, None, None, 0.0, False, 2)[0]
+        y = torch.ops.rnnext.lstm_seq(x, w_ih, w, None, None, h0, c0[None], None, None, save=False, path=2)[0]
 torch.ops.rnnext.check_persistent()  # capture launches nothing
 g.replay()
 try:

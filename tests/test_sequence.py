@@ -12,14 +12,14 @@ from conftest import close, cpu_and_cuda
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 
-# name: (mode, gates, proj_size, nonlinearity)
-CASES = {"lstm": ("LSTM", 4, 0, "tanh"), "lstm_proj": ("LSTM", 4, 3, "tanh"), "gru": ("GRU", 3, 0, "tanh"),
-         "mgru": ("MGRU", 2, 0, "tanh"), "rnn_tanh": ("RNN", 1, 0, "tanh"), "rnn_relu": ("RNN", 1, 0, "relu")}
+# name: (cell, gates, proj_size)
+CASES = {"lstm": ("lstm", 4, 0), "lstm_proj": ("lstm", 4, 3), "gru": ("gru", 3, 0), "mgru": ("minimal_gru", 2, 0),
+         "rnn_tanh": ("rnn_tanh", 1, 0), "rnn_relu": ("rnn_relu", 1, 0)}
 
 
 def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=False, seed=0):
-    """Leaf tensors for recurrence(mode, x, w_ih, h0, c0, w_hh, b_ih, b_hh, w_hr, lengths, ...); input size 3."""
-    mode, G, P, _ = CASES[case]
+    """Leaf tensors for recurrence(cell, x, w_ih, w_hh, states, b_ih, b_hh, w_hr=, lengths=); input size 3."""
+    cell, G, P = CASES[case]
     P = P or H
     g = torch.Generator().manual_seed(seed)
     t = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(device, dtype).requires_grad_()  # noqa
@@ -28,9 +28,11 @@ def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=Fal
         lens = torch.randint(1, T + 1, (B,), generator=g)
         lens[0] = T
         lens = lens.to(device)
-    return dict(mode=mode, x=t(T, B, 3), w_ih=t(G * H, 3), h0=t(B, P), c0=t(B, H) if mode == "LSTM" else None, w_hh=t(G * H, P),
-                b_ih=t(G * H) if bias else None, b_hh=t(G * H) if bias else None, w_hr=t(P, H) if CASES[case][2] else None, lengths=lens,
-                nonlinearity=CASES[case][3])
+    x, w_ih = t(T, B, 3), t(G * H, 3)
+    states = (t(B, P), t(B, H)) if cell == "lstm" else (t(B, P),)
+    w_hh = t(G * H, P)
+    return dict(cell=cell, x=x, w_ih=w_ih, w_hh=w_hh, states=states, b_ih=t(G * H) if bias else None,
+                b_hh=t(G * H) if bias else None, w_hr=t(P, H) if CASES[case][2] else None, lengths=lens)
 
 
 PATHS = [1, pytest.param(2, id="2-fallback")]
@@ -65,7 +67,7 @@ def test_matches_reference(device, case, lengths, reverse, bias, T, B, H, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_padding_is_zero_and_state_carries(device, case, path):
     args = make_args(case, 6, 4, 5, device, lengths=True, seed=3)
-    y, h, _ = fused(path)(**args)
+    y, (h, *_) = fused(path)(**args)
     lens = args["lengths"].tolist()
     for b, n in enumerate(lens):
         assert torch.all(y[n:, b] == 0)
@@ -85,15 +87,12 @@ def test_deterministic(device, case, path):
 
 def op_call(case, args, path, clip=0.25, save=True):
     """The forward op and all its positional arguments."""
-    a = args
-    if a["mode"] == "LSTM":
-        return torch.ops.rnnext.lstm_seq, (a["x"], a["w_ih"], a["h0"], a["c0"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
-                                           a["lengths"], clip, save, path)
-    if a["mode"] in ("GRU", "MGRU"):
-        op = torch.ops.rnnext.gru_seq if a["mode"] == "GRU" else torch.ops.rnnext.mgru_seq
-        return op, (a["x"], a["w_ih"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"], clip, save, path)
-    return torch.ops.rnnext.rnn_seq, (a["x"], a["w_ih"], a["h0"], a["w_hh"], a["b_ih"], a["b_hh"], a["lengths"],
-                                      a["nonlinearity"], clip, path)
+    a = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    h0, *rest = [s.detach() for s in a["states"]]
+    s0 = torch.stack(rest) if rest else h0.new_empty(0, h0.size(0), a["w_ih"].size(0) // CASES[case][1])
+    op = getattr(torch.ops.rnnext, a["cell"] + "_seq")
+    return op, (a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], h0, s0, None, None, a["w_hr"], a["lengths"], None,
+                0.0, clip, 1e-5, save, path)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -106,32 +105,74 @@ def test_opcheck(device, case, lengths, path):
     torch.library.opcheck(op, inputs)
 
 
+def backward_call(case, args, path, mask=(True,) * 10, seed=0):
+    """The backward op and its positional arguments, after the forward: random output gradients."""
+    op, inputs = op_call(case, args, path)
+    with torch.no_grad():
+        y, hn, sn, s_all, saved, stats, r = op(*inputs)
+    x, w_ih, w_hh, b_ih, b_hh, h0, s0, param0, param1, w_hr, lengths, zmask, zoneout, clip = inputs[:14]
+    g = torch.Generator().manual_seed(seed)
+    d = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)  # noqa: E731
+    return getattr(torch.ops.rnnext, args["cell"] + "_seq_backward"), (
+        d(y), d(hn), d(sn), x, w_ih, w_hh, h0, s0, param0, param1, w_hr, lengths, zmask, zoneout, clip, y, s_all, saved,
+        stats, r, path, list(mask))
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lengths", [False, True])
 @pytest.mark.parametrize("path", PATHS)
 def test_opcheck_backward(device, case, lengths, path):
     args = make_args(case, 4, 3, 5, device, lengths=lengths, seed=6)
-    op, inputs = op_call(case, args, path)
-    with torch.no_grad():
-        out = op(*inputs)
-    a = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    d = lambda t: torch.randn_like(t)  # noqa: E731
-    if a["mode"] == "LSTM":
-        y, hn, cn, c_all, saved, r = out
-        torch.library.opcheck(torch.ops.rnnext.lstm_seq_backward,
-                              (d(y), d(hn), d(cn), a["x"], a["w_ih"], y, a["h0"], a["c0"], c_all, saved, r,
-                               a["w_hh"], a["w_hr"], a["lengths"], 0.25, path))
-    elif a["mode"] in ("GRU", "MGRU"):
-        y, hn, saved = out
-        torch.library.opcheck(getattr(torch.ops.rnnext, a["mode"].lower() + "_seq_backward"),
-                              (d(y), d(hn), a["x"], a["w_ih"], y, a["h0"], saved, a["w_hh"], a["lengths"], 0.25,
-                               path))
-    else:
-        y, hn = out
-        torch.library.opcheck(torch.ops.rnnext.rnn_seq_backward,
-                              (d(y), d(hn), a["x"], a["w_ih"], y, a["h0"], a["w_hh"], a["lengths"], a["nonlinearity"],
-                               0.25, path))
+    op, inputs = backward_call(case, args, path)
+    torch.library.opcheck(op, inputs)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lengths", [False, True])
+def test_output_mask_computes_what_is_asked_only(device, case, lengths):
+    """Each gradient of the backward op alone (output_mask one-hot) equals the all-gradients call's; the others
+    come back empty."""
+    args = make_args(case, 5, 3, 4, device, lengths=lengths, seed=8)
+    op, full_call = backward_call(case, args, 1, seed=9)
+    full = op(*full_call)
+    names = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "s0", "param0", "param1", "w_hr")
+    for i in range(10):
+        mask = [j == i for j in range(10)]
+        _, call = backward_call(case, args, 1, mask, seed=9)
+        got = op(*call)
+        for j, (g, f) in enumerate(zip(got, full)):
+            if names[j].startswith("param"):  # these cells have none
+                assert g.numel() == 0 and f.numel() == 0
+            elif j == i and (names[i] != "w_hr" or args["w_hr"] is not None):
+                assert torch.equal(g, f), names[i]
+            else:
+                assert g.numel() == 0, (names[i], names[j])
+
+
+@pytest.mark.parametrize("case", ["lstm", "gru", "rnn_tanh"])
+def test_frozen_first_layer_costs_no_input_or_weight_gradient(case):
+    """Through autograd, a first layer on raw features with frozen input weights and no biases: autograd asks
+    the backward op for the recurrent weight's and the states' gradients only (output_mask; the op's other
+    outputs stay empty and cost no GEMM: test_output_mask_computes_what_is_asked_only), equal to the
+    reference's."""
+    args = make_args(case, 6, 3, 5, "cpu", seed=10)
+    full = outputs_and_grads(ops.recurrence, args, False)
+    frozen = dict(args, x=args["x"].detach(), w_ih=args["w_ih"].detach(), b_ih=None, b_hh=None)
+    frozen_ref = dict(args, x=frozen["x"], w_ih=frozen["w_ih"], b_ih=None, b_hh=None)
+    got = outputs_and_grads(ops.recurrence, frozen, False)
+    want = outputs_and_grads(reference.recurrence, frozen_ref, False)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(got) < len(full)
+
+
+def test_unknown_cell_fails_by_name():
+    args = make_args("gru", 2, 2, 3, "cpu")
+    for impl in (ops, reference):
+        with pytest.raises(ValueError, match="unknown cell 'grux'"):
+            impl.recurrence(**dict(args, cell="grux"))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -142,12 +183,14 @@ def test_gradcheck(device, case, lengths, path):
     args = make_args(case, 3, 2, 2, device, lengths=lengths, seed=7)
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
 
-    def f(*tensors):
-        kw = dict(args, **dict(zip(names, tensors)))
-        y, h, c = fused(path)(**kw)
-        return (y, h) if c is None else (y, h, c)
+    states = args["states"]
 
-    assert torch.autograd.gradcheck(f, [args[k] for k in names])
+    def f(*tensors):
+        kw = dict(args, **dict(zip(names, tensors)), states=tensors[len(names):])
+        y, final = fused(path)(**kw)
+        return (y, *final)
+
+    assert torch.autograd.gradcheck(f, [args[k] for k in names] + list(states))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -165,7 +208,7 @@ def test_state_grad_clip_matches_reference(device, case, lengths, reverse, path)
     unclipped = outputs_and_grads(fused(path), args, reverse)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    n_out = 3 if CASES[case][0] == "LSTM" else 2
+    n_out = 1 + len(args["states"])
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(got[n_out:], unclipped[n_out:]))  # clipping acted
     for a, b in zip(got[:n_out], unclipped[:n_out]):
         assert torch.equal(a, b)  # forward untouched
@@ -182,13 +225,13 @@ def test_save_false_skips_saving_only(device, case, lengths, path):
     op, light_call = op_call(case, args, path, 0.0, False)
     full = op(*full_call)
     light = op(*light_call)
-    n_out = 3 if CASES[case][0] == "LSTM" else 2
-    for a, b in zip(full[:n_out], light[:n_out]):
+    for a, b in zip(full[:3], light[:3]):  # y, h_n, s_n
         assert torch.equal(a, b)
-    assert all(t.size(0) == 0 for t in light[n_out:n_out + (2 if CASES[case][0] == "LSTM" else 1)])
-    torch.library.opcheck(op, tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in light_call))
+    assert all(t.size(0) == 0 for t in light[3:6])  # s_all, saved, stats
+    torch.library.opcheck(op, light_call)
+    leaf = light_call[0].clone().requires_grad_()
     with pytest.raises(RuntimeError, match="without saving for backward"):
-        light[0].sum().backward()
+        op(leaf, *light_call[1:])[0].sum().backward()
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -204,8 +247,9 @@ def test_lstm_cell_state_carried_in_float(device, dtype, path, zoneout):
     w_ih = torch.tensor([[20.0], [20.0], [0.001], [0.0]], device=device).to(dtype)  # x @ w_ih^T: the gates
     h0, c0 = torch.zeros(1, 1, device=device, dtype=dtype), torch.ones(1, 1, device=device, dtype=dtype)
     w_hh = torch.zeros(4, 1, device=device, dtype=dtype)
-    cn = torch.ops.rnnext.lstm_seq(x, w_ih, h0, c0, w_hh, None, None, None, None, 0.0, True, path, None, zoneout)[2]
-    assert abs(cn.item() - (1 + 0.3 * (1 - zoneout))) < 0.01
+    sn = torch.ops.rnnext.lstm_seq(x, w_ih, w_hh, None, None, h0, c0[None], None, None, None, None, None, zoneout, 0.0,
+                                   1e-5, True, path)[2]
+    assert abs(sn[0].item() - (1 + 0.3 * (1 - zoneout))) < 0.01
 
 
 def chunk_steps(B, GH, elem):
@@ -231,6 +275,7 @@ def test_projection_in_chunks_matches_reference(case, T, lengths, reverse, plain
         args["w_hh"] /= args["w_hh"].size(1) ** 0.5  # does not amplify rounding errors step after step
     low = {k: v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
            for k, v in args.items()}
+    low["states"] = tuple(v.detach().to(dtype).requires_grad_() for v in args["states"])
     got = outputs_and_grads(ops.recurrence, low, reverse, plain_sum=plain_sum)
     want = outputs_and_grads(reference.recurrence, args, reverse, plain_sum=plain_sum)
     for a, b in zip(got, want, strict=True):

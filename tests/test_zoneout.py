@@ -8,7 +8,7 @@ from torch import nn
 
 import rnnext
 from rnnext import functional, ops, reference
-from conftest import RecordedMasks, assert_low_precision_rule, close, cpu_and_cuda, outputs_and_grads
+from conftest import gradcheck_recurrence, RecordedMasks, assert_low_precision_rule, close, cpu_and_cuda, outputs_and_grads
 
 BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 MODES = {"LSTM": 2, "GRU": 1}  # mode: parts of the mask (h, c)
@@ -24,8 +24,10 @@ def make_args(mode, T, B, H, device, lengths, seed, I=3):
         lens[0] = T
         lens = lens.to(device)
     mask = torch.bernoulli(torch.full((T, B, MODES[mode] * H), 0.3, dtype=torch.float64), generator=g).to(device)
-    return dict(mode=mode, x=t(T, B, I), w_ih=t(G * H, I), h0=t(B, H), c0=t(B, H) if mode == "LSTM" else None,
-                w_hh=t(G * H, H), b_ih=t(G * H), b_hh=t(G * H), lengths=lens), mask
+    x, w_ih = t(T, B, I), t(G * H, I)
+    states = (t(B, H), t(B, H)) if mode == "LSTM" else (t(B, H),)
+    w_hh = t(G * H, H)
+    return dict(cell=mode, x=x, w_ih=w_ih, w_hh=w_hh, states=states, b_ih=t(G * H), b_hh=t(G * H), lengths=lens), mask
 
 
 @BUILT
@@ -51,13 +53,7 @@ def test_fused_matches_reference(device, mode, lengths, reverse, path, kind):
 @pytest.mark.parametrize("path", [1, 2])
 def test_gradcheck(mode, path):
     args, mask = make_args(mode, 3, 2, 2, "cpu", True, seed=7)
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-    def f(*tensors):
-        y, h, c = ops.recurrence(**dict(args, **dict(zip(names, tensors))), zoneout_mask=mask, path=path)
-        return (y, h) if c is None else (y, h, c)
-
-    assert torch.autograd.gradcheck(f, [args[k] for k in names])
+    assert gradcheck_recurrence(ops.recurrence, args, zoneout_mask=mask, path=path)
 
 
 def loop(cell_cls, model, x, train, p, masks):
@@ -190,10 +186,10 @@ def test_op_refuses_zoneout_with_projection():
     args, _ = make_args("LSTM", 3, 2, 4, "cpu", False, seed=1)
     w_hr = torch.randn(2, 4, dtype=torch.float64)
     h0 = torch.zeros(2, 2, dtype=torch.float64)
-    a = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    c0 = args["states"][1].detach()
     with pytest.raises(RuntimeError, match="lstm_seq: zoneout with proj_size is not supported"):
-        torch.ops.rnnext.lstm_seq(a["x"], a["w_ih"], h0, a["c0"], a["w_hh"][:, :2], None, None, w_hr, None, 0.0, True,
-                                  0, None, 0.3)
+        torch.ops.rnnext.lstm_seq(args["x"].detach(), args["w_ih"].detach(), args["w_hh"].detach()[:, :2], None, None,
+                                  h0, c0[None], None, None, w_hr, zoneout=0.3)
 
 
 @BUILT

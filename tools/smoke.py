@@ -16,8 +16,8 @@ import torch, rnnext
 assert rnnext.ops.LOAD_ERROR is None, rnnext.ops.LOAD_ERROR
 x = torch.randn(4, 3, 6, device={device!r})
 try:
-    torch.ops.rnnext.lstm_seq(x, x.new_zeros(20, 6), x.new_zeros(2, 5), x.new_zeros(3, 5), x.new_zeros(20, 5), None,
-                              None, None, None)
+    torch.ops.rnnext.lstm_seq(x, x.new_zeros(20, 6), x.new_zeros(20, 5), None, None, x.new_zeros(2, 5),
+                              x.new_zeros(1, 3, 5), None, None)
 except RuntimeError as e:
     assert "expected h0 of shape [3, 5], got [2, 5]" in str(e), str(e)
     print("raised:", e)

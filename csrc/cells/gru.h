@@ -9,8 +9,9 @@ namespace rnnext {
 namespace cells {
 
 struct GRU {
+  static constexpr const char* name = "gru";
   static constexpr int G = 3, Z = 1, SAVED = 4, ZONED = 1;
-  static constexpr bool separate_hg = true, reads_h_prev = true, reads_out = false, rows = false;
+  static constexpr bool separate_hg = true, reads_h_prev = true, reads_out = false, rows = false, proj = false;
 
   template <typename V>
   static RNNEXT_HD void forward(const V* x, const V* hp, const V* prev, V* next, V* saved) {

@@ -36,8 +36,9 @@ RNNEXT_HD V lstm_state_backward(V dct, const LSTMGates<V>& a, V c_prev, LSTMGate
 }
 
 struct LSTM {
+  static constexpr const char* name = "lstm";
   static constexpr int G = 4, Z = 2, SAVED = 4, ZONED = 2;
-  static constexpr bool separate_hg = false, reads_h_prev = false, reads_out = false, rows = false;
+  static constexpr bool separate_hg = false, reads_h_prev = false, reads_out = false, rows = false, proj = true;
 
   // x, hp [G]: the input and hidden projections' pre-activations (biases included); prev, next [Z] (h, c).
   template <typename V>

@@ -9,8 +9,9 @@ namespace rnnext {
 namespace cells {
 
 struct MinimalGRU {
+  static constexpr const char* name = "minimal_gru";
   static constexpr int G = 2, Z = 1, SAVED = 2, ZONED = 0;
-  static constexpr bool separate_hg = false, reads_h_prev = true, reads_out = false, rows = false;
+  static constexpr bool separate_hg = false, reads_h_prev = true, reads_out = false, rows = false, proj = false;
 
   template <typename V>
   static RNNEXT_HD void forward(const V* x, const V* hp, const V* prev, V* next, V* saved) {

@@ -10,8 +10,9 @@ enum class Act { Tanh, Relu };
 
 template <Act act>
 struct RNN {
+  static constexpr const char* name = act == Act::Tanh ? "rnn_tanh" : "rnn_relu";
   static constexpr int G = 1, Z = 1, SAVED = 0, ZONED = 0;
-  static constexpr bool separate_hg = false, reads_h_prev = false, reads_out = true, rows = false;
+  static constexpr bool separate_hg = false, reads_h_prev = false, reads_out = true, rows = false, proj = false;
 
   template <typename V>
   static RNNEXT_HD void forward(const V* x, const V* hp, const V*, V* next, V*) {

@@ -4,12 +4,14 @@
 // biases, variable lengths, zoneout and BPTT clipping.
 //
 // A cell is a struct with
+//   name     its ops' names: torch.ops.rnnext.<name>_seq, ...
 //   G        gate rows of w_ih and w_hh ([G*H, .]), SAVED values saved per unit and step for backward
 //   Z        carried states per unit: h first (the step GEMM's operand), then the others (LSTM: c)
 //   ZONED    how many of the first states zoneout applies to (0: none)
 //   separate_hg   the hidden projection gets its own gradient (the GRU's b_hn sits inside r*(.))
 //   reads_h_prev, reads_out   its math reads h before the step (forward and backward) / the new h (backward)
-//   rows     it needs whole rows (layer norm: cells/layernorm.h); else it is computed unit by unit, here
+//   rows     it needs whole rows (layer norm: cells/rows.h); else it is computed unit by unit, here
+//   proj     it takes proj_size (an LSTM's projection of h)
 //   forward<V>(x[G], hp[G], prev[Z], next[Z], saved[SAVED])
 //       x, hp: the input and hidden projections' pre-activations, biases included
 //   backward<V>(saved[SAVED], prev[Z], out[Z], dnext[Z], dx[G], dhp[G], dprev[Z])
@@ -45,10 +47,7 @@
 // the step's backward (LSTM with projection: the projected h). The other states' gradients are not
 // clipped. Past a sequence's end nothing is clipped.
 #pragma once
-#include "cells/gru.h"
-#include "cells/lstm.h"
-#include "cells/minimal_gru.h"
-#include "cells/rnn.h"
+#include "cells/common.h"
 
 namespace rnnext {
 namespace cells {

@@ -89,8 +89,8 @@ struct CudaLauncher {
   }
   template <bool Rows, typename S, typename MakeF>
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-                              const Tensor& w_hh, int64_t H, const MakeF& make_f) {
-    cell_gemm_each_step<CudaLauncher, Rows>(t0, t1, dh, dhg, direct, w_hh, H, make_f);
+                              const Tensor& w_hh, int64_t H, bool to_h0, const MakeF& make_f) {
+    cell_gemm_each_step<CudaLauncher, Rows>(t0, t1, dh, dhg, direct, w_hh, H, to_h0, make_f);
   }
 
   template <typename Cell, typename S, typename A>

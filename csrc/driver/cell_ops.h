@@ -1,153 +1,72 @@
-// Single-step cell ops (schemas in ops.cpp): one cells/step.h kernel on precomputed projections.
-// xg, hg [B, G*H] (G = 4 LSTM, 3 GRU, 2 lecture's GRU, 1 RNN); states [B, H]; saved [B, S*H].
+// Single-step cell ops (schemas in ops.cpp): one cells/step.h kernel on precomputed projections, for every
+// element cell of cells/all.h.
+//   xg, hg [B, G*H] (biases included); h [B, H], s [Z-1, B, H]: the states before the step
+//   -> h_new [B, H], s_new [Z-1, B, H], saved [B, SAVED*H]
+//   backward: dh_new, ds_new the gradients of h_new, s_new; h_new the step's output (cells that read it)
+//   -> dgates [B, G*H] (the pre-activations' gradients: xg's, and hg's the same; cells whose hg has its own:
+//      [B, 2*G*H], xg's then hg's), dh [B, H] (h's but through hg), ds [Z-1, B, H]
+// The states are tensors of the input type here (the sequence ops carry 16-bit types' states in float).
 #pragma once
 #include "driver/common.h"
 
 namespace rnnext {
 
-// Checks ref [B, G*H] (named ref_name), then each of `same` for ref's shape and each of `states`
-// for [B, H]; returns H.
-inline int64_t check_cell(const char* op, const char* ref_name, const Tensor& ref, int64_t G,
-                          std::initializer_list<std::pair<const char*, const Tensor*>> same,
-                          std::initializer_list<std::pair<const char*, const Tensor*>> states) {
-  const Checks c{op, ref_name, ref};
-  c.dims(ref, 2, G == 1 ? "[B, H]" : G == 2 ? "[B, 2*H]" : G == 3 ? "[B, 3*H]" : "[B, 4*H]");
-  TORCH_CHECK(ref.size(1) % G == 0, op, ": ", ref_name, ".size(1) = ", ref.size(1), " is not a multiple of ", G);
-  const int64_t H = ref.size(1) / G;
-  for (auto [name, t] : same) c.shape(name, *t, ref.sizes());
-  for (auto [name, t] : states) c.shape(name, *t, {ref.size(0), H});
+template <typename Cell>
+int64_t check_cell(const Checks& c, const Tensor& gates, int64_t width, const Tensor& h, const Tensor& s) {
+  c.dims(gates, 2, width == 1 ? "[B, H]" : "[B, " + std::to_string(width) + "*H]");
+  TORCH_CHECK(gates.size(1) % width == 0, c.op, ": ", c.ref_name, ".size(1) = ", gates.size(1),
+              " is not a multiple of ", width);
+  const int64_t B = gates.size(0), H = gates.size(1) / width;
+  c.shape("h", h, {B, H});
+  c.shape("s", s, {Cell::Z - 1, B, H});
   return H;
 }
 
-// One step of Cell on [B, H]: the generic forward functor over the op's tensors (states of the input type).
-template <typename Cell, typename S>
-using CellFwd = cells::Forward<Cell, S, at::opmath_type<S>, S>;
-template <typename Cell, typename S>
-using CellBwd = cells::Backward<Cell, S, at::opmath_type<S>, S>;
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& xg, const Tensor& hg, const Tensor& cx) {
-  const int64_t H = check_cell("lstm_cell", "xg", xg, 4, {{"hg", &hg}}, {{"cx", &cx}});
-  auto x = xg.contiguous(), h = hg.contiguous(), c = cx.contiguous();
-  auto hy = at::empty_like(c), cy = at::empty_like(c), saved = at::empty_like(x);
-  RNNEXT_DISPATCH(xg.scalar_type(), "lstm_cell", [&] {
+template <typename L, typename Cell>
+std::tuple<Tensor, Tensor, Tensor> cell_step(const Tensor& xg, const Tensor& hg, const Tensor& h, const Tensor& s) {
+  const std::string name = std::string(Cell::name) + "_cell";
+  const Checks c{name.c_str(), "xg", xg};
+  const int64_t H = check_cell<Cell>(c, xg, Cell::G, h, s), B = xg.size(0);
+  c.shape("hg", hg, xg.sizes());
+  auto x = xg.contiguous(), g = hg.contiguous(), h0 = h.contiguous(), s0 = s.contiguous();
+  auto h1 = at::empty_like(h0), s1 = at::empty_like(s0), saved = at::empty({B, Cell::SAVED * H}, x.options());
+  RNNEXT_DISPATCH(xg.scalar_type(), "cell", [&] {
     using S = scalar_t;
-    L::run(xg.device(), c.size(0), H,
-           CellFwd<cells::LSTM, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
-                                   .st_prev = cptr<S>(c), .st = mptr<S>(cy), .y = mptr<S>(hy), .saved = mptr<S>(saved),
-                                   .plane = c.numel()});
+    L::run(xg.device(), B, H,
+           cells::Forward<Cell, S, at::opmath_type<S>, S>{
+               .step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(g), .h_prev = cptr<S>(h0),
+               .st_prev = cptr<S>(s0), .st = mptr<S>(s1), .y = mptr<S>(h1), .saved = mptr<S>(saved), .plane = B * H});
   });
-  return {hy, cy, saved};
+  return {h1, s1, saved};
 }
 
-template <typename L>
-std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& dhy, const Tensor& dcy, const Tensor& cx,
-                                              const Tensor& cy, const Tensor& saved) {
-  const int64_t H = check_cell("lstm_cell_backward", "saved", saved, 4, {},
-                               {{"dhy", &dhy}, {"dcy", &dcy}, {"cx", &cx}, {"cy", &cy}});
-  auto dh = dhy.contiguous(), c0 = cx.contiguous(), s = saved.contiguous();
-  auto dgates = at::empty_like(s), dcx = dcy.clone(at::MemoryFormat::Contiguous);
-  RNNEXT_DISPATCH(cx.scalar_type(), "lstm_cell_backward", [&] {
+template <typename L, typename Cell>
+std::tuple<Tensor, Tensor, Tensor> cell_step_backward(const Tensor& dh_new, const Tensor& ds_new, const Tensor& h,
+                                                      const Tensor& s, const Tensor& h_new, const Tensor& saved) {
+  const std::string name = std::string(Cell::name) + "_cell_backward";
+  const Checks c{name.c_str(), "dh_new", dh_new};
+  c.dims(dh_new, 2, "[B, H]");
+  const int64_t B = dh_new.size(0), H = dh_new.size(1);
+  c.shape("saved", saved, {B, Cell::SAVED * H});
+  c.shape("ds_new", ds_new, {Cell::Z - 1, B, H});
+  c.shape("h", h, {B, H});
+  c.shape("s", s, {Cell::Z - 1, B, H});
+  c.shape("h_new", h_new, {B, H});
+  const int64_t width = (Cell::separate_hg ? 2 : 1) * Cell::G * H;
+  auto dh1 = dh_new.contiguous(), h0 = h.contiguous(), s0 = s.contiguous(), h1 = h_new.contiguous(),
+       sv = saved.contiguous();
+  auto dgates = at::empty({B, width}, sv.options()), dh = at::empty_like(h0),
+       ds = ds_new.clone(at::MemoryFormat::Contiguous);
+  RNNEXT_DISPATCH(saved.scalar_type(), "cell_backward", [&] {
     using S = scalar_t;
-    L::run(cx.device(), c0.size(0), H,
-           CellBwd<cells::LSTM, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
-                                   .st_prev = cptr<S>(c0), .dst = mptr<S>(dcx), .dxg = mptr<S>(dgates),
-                                   .dhg = mptr<S>(dgates), .ldg = 4 * H, .plane = c0.numel()});
+    S* d = mptr<S>(dgates);
+    L::run(saved.device(), B, H,
+           cells::Backward<Cell, S, at::opmath_type<S>, S>{
+               .step = {nullptr, 0, H}, .dh_next = cptr<S>(dh1), .saved = cptr<S>(sv), .h_prev = cptr<S>(h0),
+               .st_prev = cptr<S>(s0), .out = cptr<S>(h1), .dst = mptr<S>(ds), .dxg = d,
+               .dhg = Cell::separate_hg ? d + Cell::G * H : d, .direct = mptr<S>(dh), .ldg = width, .plane = B * H});
   });
-  return {dgates, dcx};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor> gru_cell(const Tensor& xg, const Tensor& hg, const Tensor& hx) {
-  const int64_t H = check_cell("gru_cell", "xg", xg, 3, {{"hg", &hg}}, {{"hx", &hx}});
-  auto x = xg.contiguous(), h = hg.contiguous(), h0 = hx.contiguous();
-  auto hy = at::empty_like(h0), saved = at::empty({h0.size(0), 4 * H}, h0.options());
-  RNNEXT_DISPATCH(xg.scalar_type(), "gru_cell", [&] {
-    using S = scalar_t;
-    L::run(xg.device(), h0.size(0), H,
-           CellFwd<cells::GRU, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
-                                  .h_prev = cptr<S>(h0), .y = mptr<S>(hy), .saved = mptr<S>(saved)});
-  });
-  return {hy, saved};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& dhy, const Tensor& hx, const Tensor& saved) {
-  const int64_t H = check_cell("gru_cell_backward", "saved", saved, 4, {}, {{"dhy", &dhy}, {"hx", &hx}});
-  auto dh = dhy.contiguous(), h0 = hx.contiguous(), s = saved.contiguous();
-  const int64_t B = h0.size(0);
-  auto dxg = at::empty({B, 3 * H}, h0.options()), dhg = at::empty({B, 3 * H}, h0.options()),
-       dhx = at::empty_like(h0);
-  RNNEXT_DISPATCH(hx.scalar_type(), "gru_cell_backward", [&] {
-    using S = scalar_t;
-    L::run(hx.device(), B, H,
-           CellBwd<cells::GRU, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
-                                  .h_prev = cptr<S>(h0), .dxg = mptr<S>(dxg), .dhg = mptr<S>(dhg),
-                                  .direct = mptr<S>(dhx), .ldg = 3 * H});
-  });
-  return {dxg, dhg, dhx};
-}
-
-template <typename L>
-Tensor rnn_cell(const Tensor& xg, const Tensor& hg, std::string_view nonlinearity) {
-  const int64_t H = check_cell("rnn_cell", "xg", xg, 1, {{"hg", &hg}}, {});
-  auto x = xg.contiguous(), h = hg.contiguous();
-  auto hy = at::empty_like(x);
-  with_act(nonlinearity, [&](auto act) {
-    RNNEXT_DISPATCH(xg.scalar_type(), "rnn_cell", [&] {
-      using S = scalar_t;
-      L::run(xg.device(), x.size(0), H,
-             CellFwd<cells::RNN<decltype(act)::value>, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x),
-                                                          .hg = cptr<S>(h), .y = mptr<S>(hy)});
-    });
-  });
-  return hy;
-}
-
-template <typename L>
-Tensor rnn_cell_backward(const Tensor& dhy, const Tensor& hy, std::string_view nonlinearity) {
-  const int64_t H = check_cell("rnn_cell_backward", "hy", hy, 1, {{"dhy", &dhy}}, {});
-  auto dh = dhy.contiguous(), h = hy.contiguous();
-  auto dpre = at::empty_like(h);
-  with_act(nonlinearity, [&](auto act) {
-    RNNEXT_DISPATCH(hy.scalar_type(), "rnn_cell_backward", [&] {
-      using S = scalar_t;
-      L::run(hy.device(), h.size(0), H,
-             CellBwd<cells::RNN<decltype(act)::value>, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh),
-                                                          .out = cptr<S>(h), .dxg = mptr<S>(dpre),
-                                                          .dhg = mptr<S>(dpre), .ldg = H});
-    });
-  });
-  return dpre;
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor> mgru_cell(const Tensor& xg, const Tensor& hg, const Tensor& hx) {
-  const int64_t H = check_cell("mgru_cell", "xg", xg, 2, {{"hg", &hg}}, {{"hx", &hx}});
-  auto x = xg.contiguous(), h = hg.contiguous(), h0 = hx.contiguous();
-  auto hy = at::empty_like(h0), saved = at::empty_like(x);
-  RNNEXT_DISPATCH(xg.scalar_type(), "mgru_cell", [&] {
-    using S = scalar_t;
-    L::run(xg.device(), h0.size(0), H,
-           CellFwd<cells::MinimalGRU, S>{.step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(h),
-                                         .h_prev = cptr<S>(h0), .y = mptr<S>(hy), .saved = mptr<S>(saved)});
-  });
-  return {hy, saved};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor> mgru_cell_backward(const Tensor& dhy, const Tensor& hx, const Tensor& saved) {
-  const int64_t H = check_cell("mgru_cell_backward", "saved", saved, 2, {}, {{"dhy", &dhy}, {"hx", &hx}});
-  auto dh = dhy.contiguous(), h0 = hx.contiguous(), s = saved.contiguous();
-  auto dgates = at::empty_like(s), dhx = at::empty_like(h0);
-  RNNEXT_DISPATCH(hx.scalar_type(), "mgru_cell_backward", [&] {
-    using S = scalar_t;
-    L::run(hx.device(), h0.size(0), H,
-           CellBwd<cells::MinimalGRU, S>{.step = {nullptr, 0, H}, .dh_next = cptr<S>(dh), .saved = cptr<S>(s),
-                                         .h_prev = cptr<S>(h0), .dxg = mptr<S>(dgates), .dhg = mptr<S>(dgates),
-                                         .direct = mptr<S>(dhx), .ldg = 2 * H});
-  });
-  return {dgates, dhx};
+  return {dgates, dh, ds};
 }
 
 }  // namespace rnnext

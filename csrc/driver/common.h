@@ -17,7 +17,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cells/step.h"
+#include "cells/seq.h"
 
 namespace rnnext {
 
@@ -42,7 +42,7 @@ struct Checks {
   const char* ref_name;
   const Tensor& ref;
 
-  void dims(const Tensor& t, int64_t n, const char* shape) const {
+  void dims(const Tensor& t, int64_t n, const std::string& shape) const {
     TORCH_CHECK(t.dim() == n, op, ": expected ", ref_name, " of shape ", shape, ", got ", t.sizes());
     TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": expected ", ref_name,
                 " of dtype torch.float32, torch.float64, torch.float16 or torch.bfloat16, got ",
@@ -71,21 +71,6 @@ struct Checks {
     TORCH_CHECK(v >= 0, op, ": expected clip >= 0 (0 = off), got ", v);
   }
 };
-
-inline cells::Act parse_act(std::string_view nonlinearity) {
-  if (nonlinearity == "tanh") return cells::Act::Tanh;
-  TORCH_CHECK(nonlinearity == "relu", "Unknown nonlinearity: ", nonlinearity);
-  return cells::Act::Relu;
-}
-
-// Calls fn(std::integral_constant<cells::Act, A>) for the runtime activation.
-template <typename Fn>
-void with_act(std::string_view nonlinearity, const Fn& fn) {
-  if (parse_act(nonlinearity) == cells::Act::Tanh)
-    fn(std::integral_constant<cells::Act, cells::Act::Tanh>{});
-  else
-    fn(std::integral_constant<cells::Act, cells::Act::Relu>{});
-}
 
 template <typename T>
 const T* cptr(const Tensor& t) {

@@ -20,9 +20,10 @@
 //       between h (read at even steps) and other (the CPU runs the steps in one parallel region)
 //   template <bool Rows, typename S, typename MakeF>
 //   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-//                               const Tensor& w_step, int64_t H, const MakeF& make_f);
+//                               const Tensor& w_step, int64_t H, bool to_h0, const MakeF& make_f);
 //       backward steps t1-1 down to t0, each: the cell functor make_f(t) (reads dh, writes dhg[t - t0]), then
-//       dh = direct + dhg[t - t0] @ w_hh (direct undefined: 0); w_step = step_weights(w_hh, 1, H, B)
+//       dh = direct + dhg[t - t0] @ w_hh (direct undefined: 0), but at step 0 only where to_h0 (dh0 asked
+//       for); w_step = step_weights(w_hh, 1, H, B)
 //   (gemm_cell_each_step, cell_gemm_each_step below do them step by step)
 //   static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem);
 //       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
@@ -95,24 +96,31 @@ void gemm_cell_each_step(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, co
 }
 template <typename L, bool Rows, typename MakeF>
 void cell_gemm_each_step(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-                         const Tensor& w_hh, int64_t H, const MakeF& make_f) {
+                         const Tensor& w_hh, int64_t H, bool to_h0, const MakeF& make_f) {
   for (int64_t t = t1 - 1; t >= t0; --t) {
     run_cell<L, Rows>(dh.device(), dh.size(0), H, make_f(t));
-    L::gemm(dh, dhg[t - t0], w_hh, direct);
+    if (t > 0 || to_h0) L::gemm(dh, dhg[t - t0], w_hh, direct);
   }
 }
 
 // What a forward reads and writes (contiguous; w_hr, r undefined without a projection). h: the carried
 // state, h0 on entry, h_n on exit.
 struct FwdTensors {
-  Tensor x, w_ih, b_ih, b_hh, w_hh, w_hr, lengths, y, h, c_all, saved, r;
+  Tensor x, w_ih, b_ih, b_hh, w_hh, w_hr, lengths, y, h, s_all, saved, r;
+};
+
+// Which gradients a backward computes (its output_mask), in the order of the forward's tensor inputs.
+struct Needs {
+  bool x, w_ih, w_hh, b_ih, b_hh, h0, s0, params, w_hr;
 };
 
 // What a backward reads and writes. dh: the carried gradient of the state, dhn on entry, dh0 on exit;
 // direct [B, P] or undefined (see cells/seq.h); the weight gradients are accumulated transposed
-// (dw^T = operand^T @ dgates: the operand a row-major GEMM has to transpose is the smaller one).
+// (dw^T = operand^T @ dgates: the operand a row-major GEMM has to transpose is the smaller one), those not
+// needed undefined; db_ih holds the hidden bias's gradient too where the cell's hg shares xg's.
 struct BwdTensors {
   Tensor dy, y, h0, saved, w_hh, x, w_ih, lengths, dh, direct, dx, dw_ih_t, dw_hh_t, db_ih, db_hh;
+  Needs need;
 };
 
 template <typename L, typename Cell, typename S, typename A>
@@ -194,21 +202,27 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     dy_chunk.narrow(0, 0, t1 - t0).copy_(b.dy.narrow(0, t0, t1 - t0));
     p.dy = cptr<S>(dy_chunk);
   };
-  // From the chunk of steps [t0, t1): dx of those steps, and their part of the weight and bias gradients.
+  // From the chunk of steps [t0, t1): dx of those steps, and their part of the weight and bias gradients
+  // (those asked for).
+  const Needs& need = b.need;
   auto gradients = [&](int64_t t0, int64_t t1) {
     RECORD_FUNCTION("rnnext::bwd_gradients", std::vector<c10::IValue>());
     const auto dxg_c = steps(dxg, 0, t1 - t0), dhg_c = steps(dhg, 0, t1 - t0);
-    auto dx = steps(b.dx, t0, t1);
-    L::gemm(dx, dxg_c, b.w_ih, Tensor());
-    L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_c, b.dw_ih_t);
-    int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
-    if (t0 == 0) {
-      L::gemm(b.dw_hh_t, b.h0.t(), dhg[0], b.dw_hh_t);
-      s0 = 1;
+    if (need.x) {
+      auto dx = steps(b.dx, t0, t1);
+      L::gemm(dx, dxg_c, b.w_ih, Tensor());
     }
-    if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
-    b.db_ih.add_(dxg_c.sum(0));
-    if (Cell::separate_hg) b.db_hh.add_(dhg_c.sum(0));
+    if (need.w_ih) L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_c, b.dw_ih_t);
+    if (need.w_hh) {
+      int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
+      if (t0 == 0) {
+        L::gemm(b.dw_hh_t, b.h0.t(), dhg[0], b.dw_hh_t);
+        s0 = 1;
+      }
+      if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
+    }
+    if (b.db_ih.defined()) b.db_ih.add_(dxg_c.sum(0));
+    if (b.db_hh.defined()) b.db_hh.add_(dhg_c.sum(0));
   };
   if constexpr (!Cell::rows) {
     if (whole) {
@@ -227,8 +241,9 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     hold(t0, t1);
     if (!proj) {
       RECORD_FUNCTION("rnnext::bwd_steps", std::vector<c10::IValue>());
-      L::template cell_gemm_steps<Cell::rows, S>(t0, t1, b.dh, dhg, b.direct, w_step, p.H,
-                                                 [&](int64_t t) { return cells::backward_step<Cell>(p, t, cptr<S>(b.dh), false); });
+      L::template cell_gemm_steps<Cell::rows, S>(t0, t1, b.dh, dhg, b.direct, w_step, p.H, need.h0, [&](int64_t t) {
+        return cells::backward_step<Cell>(p, t, cptr<S>(b.dh), false);
+      });
     } else {
       for (int64_t t = t1 - 1; t >= t0; --t) {  // LSTM with projection: the carry, the projection GEMM, the cell
         L::run(device, p.B, p.P,
@@ -238,7 +253,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
                                      .direct = p.direct, .clip = p.clip});
         L::gemm(dr, dhp[t], w_hr, Tensor());
         run_cell<L, Cell::rows>(device, p.B, p.H, cells::backward_step<Cell>(p, t, cptr<S>(dr), true));
-        L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
+        if (t > 0 || need.h0) L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
       }
     }
     gradients(t0, t1);

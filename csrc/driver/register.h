@@ -1,4 +1,5 @@
-// Every op's kernel for one device: each device's file calls register_ops<ItsLauncher>(m).
+// Every op's kernel for one device: each device's file calls register_ops<ItsLauncher>(m), which registers
+// every cell of cells/all.h.
 #pragma once
 #include "driver/cell_ops.h"
 #include "driver/sequence.h"
@@ -7,26 +8,16 @@ namespace rnnext {
 
 template <typename L>
 void register_ops(torch::Library& m) {
-  m.impl("lstm_cell", &lstm_cell<L>);
-  m.impl("lstm_cell_backward", &lstm_cell_backward<L>);
-  m.impl("gru_cell", &gru_cell<L>);
-  m.impl("gru_cell_backward", &gru_cell_backward<L>);
-  m.impl("rnn_cell", &rnn_cell<L>);
-  m.impl("rnn_cell_backward", &rnn_cell_backward<L>);
-  m.impl("lstm_seq", &lstm_seq<L>);
-  m.impl("lstm_seq_backward", &lstm_seq_backward<L>);
-  m.impl("gru_seq", &gru_seq<L>);
-  m.impl("gru_seq_backward", &gru_seq_backward<L>);
-  m.impl("rnn_seq", &rnn_seq<L>);
-  m.impl("rnn_seq_backward", &rnn_seq_backward<L>);
-  m.impl("mgru_cell", &mgru_cell<L>);
-  m.impl("mgru_cell_backward", &mgru_cell_backward<L>);
-  m.impl("mgru_seq", &mgru_seq<L>);
-  m.impl("mgru_seq_backward", &mgru_seq_backward<L>);
-  m.impl("lnlstm_seq", &lnlstm_seq<L>);
-  m.impl("lnlstm_seq_backward", &lnlstm_seq_backward<L>);
-  m.impl("lngru_seq", &lngru_seq<L>);
-  m.impl("lngru_seq_backward", &lngru_seq_backward<L>);
+  cells::each([&](auto cell) {
+    using Cell = decltype(cell);
+    const std::string name = Cell::name;
+    m.impl((name + "_seq").c_str(), &seq<L, Cell>);
+    m.impl((name + "_seq_backward").c_str(), &seq_backward<L, Cell>);
+    if constexpr (!Cell::rows) {
+      m.impl((name + "_cell").c_str(), &cell_step<L, Cell>);
+      m.impl((name + "_cell_backward").c_str(), &cell_step_backward<L, Cell>);
+    }
+  });
 }
 
 }  // namespace rnnext

@@ -1,29 +1,39 @@
-// Sequence ops (schemas in ops.cpp): one layer-direction, the input projection and the whole
-// recurrence in C++ (driver/loops.h: per step one GEMM hg = h @ w_hh^T and one cells/step.h kernel,
-// which adds the biases; or the device's persistent kernel). Backward walks the steps in reverse; the
-// weight gradients are GEMMs over chunks of steps. Nothing is allocated inside the step loops.
+// Sequence ops (schemas in ops.cpp): for every cell of cells/all.h, <name>_seq and <name>_seq_backward, one
+// layer-direction, the input projection and the whole recurrence in C++ (driver/loops.h: per step one GEMM
+// hg = h @ w_hh^T and one cell kernel, which adds the biases; or the device's persistent kernel). Backward
+// walks the steps in reverse; the weight gradients are GEMMs over chunks of steps. Nothing is allocated
+// inside the step loops.
 //
 //   x        [T, B, I]    input, T >= 1, steps in order: the caller flips reverse directions (each
 //                         sequence within its length)
 //   w_ih     [G*H, I]     xg = x @ w_ih^T is computed here, a few steps at a time on CPU
-//   h0       [B, P]       P = proj_size for LSTM with w_hr, else H;  c0 [B, H] (LSTM)
-//   w_hh     [G*H, P]     b_ih, b_hh [G*H] (optional);  w_hr [P, H] (LSTM proj_size, optional)
-//   lengths  [B] int64 on x's device (optional): rows with lengths[b] <= t keep their state and
-//                         output 0
-//   y        [T, B, P]    outputs;  h_n [B, P], c_n [B, H] the final (carried) states; the cell state is
-//                         carried in float for 16-bit types (the GEMM input h stays in the input type)
-//   c_all    [T, B, H]    LSTM cell state after each step (0 past the end), for backward
-//   saved    [T, B, S*H]  activated gates for backward (LSTM i,f,g,o; GRU r,z,n,hn; lecture's GRU u,c~)
-//   save     false: no backward will follow (no_grad); c_all and saved are then [0, B, .] and not written
-//   r        [T, B, H]    LSTM with w_hr: cell outputs o*tanh(c) before the projection; else [0]
+//   w_hh     [G*H, P]     b_ih, b_hh [G*H] (optional)
+//   h0       [B, P]       P = proj_size with w_hr, else H
+//   s0       [Z-1, B, H]  the other carried states (LSTM: c0; [0, B, H] for cells with one state)
+//   param0, param1  the cell's PARAMS parameters (the first ones given), [PARAM_UNITS*H] each (layer norm: its
+//            weight and bias)
+//   w_hr     [P, H]       proj_size (cells with proj: the LSTM), optional
+//   lengths  [B] int64 on x's device (optional): rows with lengths[b] <= t keep their state and output 0
+//   zoneout_mask [T, B, ZONED*H] keep weights (training), optional; else zoneout: the keep weight of every
+//                unit (eval's mixture), 0 = off; cells with ZONED > 0 only, not with w_hr (cells/step.h)
+//   clip     BPTT clipping of h's gradient at every step (0 = off); eps: layer norm's (cells with PARAMS)
+//   save     false: no backward will follow (no_grad): s_all, saved and stats come back with T = 0
 //   path     0 auto, 1 per-step, 2 persistent (where the device has it and the plan fits; else per-step)
-//   ln_w, ln_b    [N*H] the layer-normalised cells' norms (cells/layernorm.h: LSTM N = 5, GRU N = 6), eps;
-//                 norm [T, B, N*H] and rstd [T, B, 2] (float, double for double) what their backward needs
-//   zoneout_mask  [T, B, Z*H] keep weights (Z = 2 LSTM: h then c; 1 GRU), optional; else zoneout: the keep
-//                 weight of every unit (eval's mixture); see cells/step.h. LSTM and GRU only, not with w_hr
-// Backward needs the state before each step only where the step is within its sequence, and there it
-// equals the previous output: h_prev[t] = y[t-1] (h0 at t = 0), so the states are not saved.
+// returns
+//   y        [T, B, P]    outputs;  h_n [B, P], s_n [Z-1, B, H]: the final states (the other states are
+//                         carried in float for 16-bit types; the GEMM input h stays in the input type)
+//   s_all    [T, Z-1, B, H] the other states after each step (0 past the end)
+//   saved    [T, B, SAVED*H] what backward needs per unit (cells/<cell>.h);  stats [T, B, STATS] per row
+//                         (row cells; float, double for double)
+//   r        [T, B, H]    with w_hr: the cell outputs before the projection; else [0, B, H]
+// Backward takes the gradients of y, h_n, s_n, the forward's inputs and outputs, and output_mask: which
+// gradients to compute, in the order of the forward's tensor inputs (x, w_ih, w_hh, b_ih, b_hh, h0, s0,
+// param0, param1, w_hr); those not asked for come back empty, and cost no GEMM. Backward needs the state before
+// each step only where the step is within its sequence, and there it equals the previous output: h_prev[t]
+// = y[t-1] (h0 at t = 0), so h is not saved.
 #pragma once
+#include <array>
+
 #include "driver/loops.h"
 
 namespace rnnext {
@@ -43,428 +53,194 @@ struct Zoneout {
   bool on() const { return mask.defined() || p > 0; }
 };
 
-inline Zoneout check_zoneout(const Checks& c, const OptTensor& mask, double p, int64_t Z, const Dims& d,
-                             bool projected) {
-  TORCH_CHECK(p >= 0 && p <= 1, c.op, ": expected zoneout in [0, 1], got ", p);
-  if (mask) c.shape("zoneout_mask", *mask, {d.T, d.B, Z * d.H});
-  TORCH_CHECK(!(projected && (mask || p > 0)), c.op, ": zoneout with proj_size is not supported");
-  return {mask ? mask->contiguous() : Tensor(), p};
+// The cell's own name in messages: the op's prefix.
+template <typename Cell>
+std::string gates_shape() {
+  return Cell::G == 1 ? "H" : std::to_string(Cell::G) + "*H";
 }
 
-// Forward: x [T, B, I] fixes T, B, I and the device and dtype of everything; w_ih H; w_hr P.
-inline Dims check_seq(const char* op, int64_t G, const Tensor& x, const Tensor& w_ih, const Tensor& h0,
-                      const Tensor* c0, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                      const OptTensor& w_hr, const OptTensor& lengths, double clip) {
-  const Checks c{op, "x", x};
-  c.dims(x, 3, "[T, B, I]");
-  TORCH_CHECK(x.size(0) > 0, op, ": expected a sequence length larger than 0");
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % G == 0 && w_ih.size(1) == I, op, ": expected w_ih of shape [", G,
-              "*H, ", I, "], got ", w_ih.sizes());
+// The checks of the forward and the backward alike: everything but what only one of them has. T, B, P come
+// from c.ref (x forward, y backward), H from w_ih (with w_hr: its columns).
+template <typename Cell, typename R = cells::RowTraits<Cell>>
+Dims check_common(const Checks& c, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const Tensor& h0,
+                  const Tensor& s0, const std::vector<Tensor>& params, const OptTensor& w_hr, const OptTensor& lengths,
+                  const OptTensor& zoneout_mask, double zoneout, double clip) {
+  const int64_t T = c.ref.size(0), B = c.ref.size(1);
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == T && x.size(1) == B, c.op, ": expected x of shape [", T, ", ", B,
+              ", I], got ", x.sizes());
+  c.like("x", x);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % Cell::G == 0 && w_ih.size(0) > 0 && w_ih.size(1) == x.size(2), c.op,
+              ": expected w_ih of shape [", gates_shape<Cell>(), ", ", x.size(2), "], got ", w_ih.sizes());
   c.like("w_ih", w_ih);
-  const int64_t H = w_ih.size(0) / G;
+  const int64_t H = w_ih.size(0) / Cell::G;
+  TORCH_CHECK(!w_hr || Cell::proj, c.op, ": proj_size (w_hr) is not supported by this cell");
   if (w_hr) {
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(1) == H, op, ": expected w_hr of shape [P, ", H,
-                "] with P > 0, got ", w_hr->sizes());
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(1) == H, c.op, ": expected w_hr of shape [P, ",
+                H, "] with P > 0, got ", w_hr->sizes());
     c.like("w_hr", *w_hr);
   }
   const int64_t P = w_hr ? w_hr->size(0) : H;
   c.shape("h0", h0, {B, P});
-  if (c0) c.shape("c0", *c0, {B, H});
-  c.shape("w_hh", w_hh, {G * H, P});
-  if (b_ih) c.shape("b_ih", *b_ih, {G * H});
-  if (b_hh) c.shape("b_hh", *b_hh, {G * H});
+  c.shape("s0", s0, {Cell::Z - 1, B, H});
+  c.shape("w_hh", w_hh, {Cell::G * H, P});
+  TORCH_CHECK(int64_t(params.size()) == R::params, c.op, ": expected ", R::params,
+              " cell parameters (param0, param1), got ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) c.shape(i ? "param1" : "param0", params[i], {R::param_units * H});
   c.lengths(lengths, B);
   c.clip(clip);
+  TORCH_CHECK(zoneout >= 0 && zoneout <= 1, c.op, ": expected zoneout in [0, 1], got ", zoneout);
+  TORCH_CHECK(Cell::ZONED > 0 || !(zoneout_mask || zoneout > 0), c.op, ": zoneout is not supported by this cell");
+  if (zoneout_mask) c.shape("zoneout_mask", *zoneout_mask, {T, B, Cell::ZONED * H});
+  TORCH_CHECK(!(w_hr && (zoneout_mask || zoneout > 0)), c.op, ": zoneout with proj_size is not supported");
   return {T, B, H, P};
-}
-
-// Backward: y [T, B, P] (what forward returned) fixes T, B, P and the device and dtype; H = P, or
-// for an LSTM with projection (w_hr [P, H], checked by the caller) w_hh [4*H, P] gives H. dy, dhn,
-// h0, w_hh, x and w_ih are checked here, the cell's other tensors by the caller.
-inline Dims check_seq_backward(const Checks& c, int64_t G, bool projected, const Tensor& dy, const Tensor& dhn,
-                               const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
-                               const Tensor& w_hh, const OptTensor& lengths, double clip) {
-  c.dims(y, 3, "[T, B, P]");
-  TORCH_CHECK(y.size(0) > 0, c.op, ": expected a sequence length larger than 0");
-  const int64_t P = y.size(2), H = projected && w_hh.dim() == 2 ? w_hh.size(0) / G : P;
-  const Dims d{y.size(0), y.size(1), H, P};
-  c.shape("w_hh", w_hh, {G * H, P});
-  c.shape("dy", dy, {d.T, d.B, P});
-  c.shape("dhn", dhn, {d.B, P});
-  c.shape("h0", h0, {d.B, P});
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == d.T && x.size(1) == d.B, c.op, ": expected x of shape [", d.T, ", ", d.B,
-              ", I], got ", x.sizes());
-  c.like("x", x);
-  c.shape("w_ih", w_ih, {G * H, x.size(2)});
-  c.lengths(lengths, d.B);
-  c.clip(clip);
-  return d;
-}
-
-// What forward saved [T, B, S*H]; empty when forward ran with save=False.
-inline void check_saved(const Checks& c, const Tensor& saved, int64_t S, const Dims& d) {
-  TORCH_CHECK(!(saved.dim() == 3 && saved.size(0) == 0 && d.T > 0), c.op,
-              ": saved is empty: the forward ran with save=False, which saves nothing for backward");
-  c.shape("saved", saved, {d.T, d.B, S * d.H});
 }
 
 inline Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : Tensor(); }
 
-inline FwdTensors fwd_tensors(const Dims& d, int64_t S, const Tensor& x, const Tensor& w_ih, const Tensor& h0,
-                              const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                              const OptTensor& lengths, bool save, bool lstm) {
-  auto opts = x.options();
-  const int64_t Ts = save ? d.T : 0;
-  return {.x = x.contiguous(), .w_ih = w_ih.contiguous(), .b_ih = contiguous_or_undefined(b_ih),
-          .b_hh = contiguous_or_undefined(b_hh), .w_hh = w_hh.contiguous(), .w_hr = contiguous_or_undefined(w_hr),
-          .lengths = contiguous_or_undefined(lengths), .y = at::empty({d.T, d.B, d.P}, opts),
-          .h = h0.clone(at::MemoryFormat::Contiguous), .c_all = at::empty({lstm ? Ts : 0, d.B, d.H}, opts),
-          .saved = at::empty({S ? Ts : 0, d.B, S * d.H}, opts), .r = at::empty({w_hr ? d.T : 0, d.B, d.H}, opts)};
+// The cell parameters given, param0 then param1.
+inline std::vector<Tensor> given(const OptTensor& param0, const OptTensor& param1) {
+  std::vector<Tensor> out;
+  for (const auto* p : {&param0, &param1})
+    if (*p) out.push_back(**p);
+  return out;
 }
 
-template <typename S, typename A>
-cells::SeqFwd<S, A> fwd_pointers(const Dims& d, FwdTensors& f, Tensor& c, bool save, const Zoneout& z = {}) {
-  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(f.lengths), .xg = nullptr,
-          .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .st = mptr<A>(c), .y = mptr<S>(f.y),
-          .st_all = save && f.c_all.numel() ? mptr<S>(f.c_all) : nullptr,
-          .saved = save && f.saved.numel() ? mptr<S>(f.saved) : nullptr, .r = f.w_hr.defined() ? mptr<S>(f.r) : nullptr,
-          .keep = cptr<S>(z.mask), .keep_p = A(z.p)};
+// The cell's parameters, contiguous, as a launcher's pointers want them.
+template <typename S>
+void param_pointers(const std::vector<Tensor>& params, const S* (&out)[cells::kMaxParams]) {
+  for (int i = 0; i < cells::kMaxParams; ++i) out[i] = i < int(params.size()) ? cptr<S>(params[i]) : nullptr;
 }
 
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq(const Tensor& x, const Tensor& w_ih,
-                                                                    const Tensor& h0, const Tensor& c0,
-                                                                    const Tensor& w_hh, const OptTensor& b_ih,
-                                                                    const OptTensor& b_hh, const OptTensor& w_hr,
-                                                                    const OptTensor& lengths, double clip, bool save,
-                                                                    int64_t path, const OptTensor& zoneout_mask,
-                                                                    double zoneout) {
-  const Dims d = check_seq("lstm_seq", 4, x, w_ih, h0, &c0, w_hh, b_ih, b_hh, w_hr, lengths, clip);
-  const Path how = check_path("lstm_seq", path);
-  const auto z = check_zoneout({"lstm_seq", "x", x}, zoneout_mask, zoneout, 2, d, w_hr.has_value());
-  auto f = fwd_tensors(d, 4, x, w_ih, h0, w_hh, b_ih, b_hh, w_hr, lengths, save, true);
-  Tensor c;  // the carried cell state, in acc_t: 16-bit types would round it at every step
-  RNNEXT_DISPATCH(x.scalar_type(), "lstm_seq", [&] {
-    using A = at::opmath_type<scalar_t>;
-    c = c0.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    forward<L, cells::LSTM>(how, fwd_pointers<scalar_t, A>(d, f, c, save, z), f);
-  });
-  return {f.y, f.h, c.to(x.scalar_type()), f.c_all, f.saved, f.r};
-}
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Forward of the GRU and the lecture's GRU.
-template <typename L, typename Cell>
-std::tuple<Tensor, Tensor, Tensor> gated_seq(const char* op, const Tensor& x, const Tensor& w_ih, const Tensor& h0,
-                                             const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                             const OptTensor& lengths, double clip, bool save, int64_t path,
-                                             const OptTensor& zoneout_mask = std::nullopt, double zoneout = 0) {
-  const Dims d = check_seq(op, Cell::G, x, w_ih, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
+template <typename L, typename Cell, typename R = cells::RowTraits<Cell>>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> seq(
+    const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+    const Tensor& h0, const Tensor& s0, const OptTensor& param0, const OptTensor& param1, const OptTensor& w_hr,
+    const OptTensor& lengths, const OptTensor& zoneout_mask, double zoneout, double clip, double eps, bool save,
+    int64_t path) {
+  const auto params_ = given(param0, param1);
+  const std::string name = std::string(Cell::name) + "_seq";
+  const char* op = name.c_str();
+  const Checks c{op, "x", x};
+  c.dims(x, 3, "[T, B, I]");
+  TORCH_CHECK(x.size(0) > 0, op, ": expected a sequence length larger than 0");
+  const auto [T, B, H, P] = check_common<Cell>(c, x, w_ih, w_hh, h0, s0, params_, w_hr, lengths, zoneout_mask,
+                                               zoneout, clip);
+  if (b_ih) c.shape("b_ih", *b_ih, {Cell::G * H});
+  if (b_hh) c.shape("b_hh", *b_hh, {Cell::G * H});
+  TORCH_CHECK(R::params == 0 || eps > 0, op, ": expected eps > 0, got ", eps);
   const Path how = check_path(op, path);
-  const auto z = Cell::separate_hg ? check_zoneout({op, "x", x}, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
-  auto f = fwd_tensors(d, Cell::SAVED, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, false);
-  Tensor none;
-  RNNEXT_DISPATCH(x.scalar_type(), "gated_seq", [&] {
-    using A = at::opmath_type<scalar_t>;
-    forward<L, Cell>(how, fwd_pointers<scalar_t, A>(d, f, none, save, z), f);
-  });
-  return {f.y, f.h, f.saved};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor> gru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
-                                           const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                           double clip, bool save, int64_t path, const OptTensor& zoneout_mask,
-                                           double zoneout) {
-  return gated_seq<L, cells::GRU>("gru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path, zoneout_mask,
-                                  zoneout);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor> mgru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
-                                            const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                            double clip, bool save, int64_t path) {
-  return gated_seq<L, cells::MinimalGRU>("mgru_seq", x, w_ih, h0, w_hh, b_ih, b_hh, lengths, clip, save, path);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor> rnn_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& w_hh,
-                                   const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& lengths,
-                                   std::string_view nonlinearity, double clip, int64_t path) {
-  const Dims d = check_seq("rnn_seq", 1, x, w_ih, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
-  const Path how = check_path("rnn_seq", path);
-  auto f = fwd_tensors(d, 0, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, false, false);
-  Tensor none;
-  with_act(nonlinearity, [&](auto act) {
-    RNNEXT_DISPATCH(x.scalar_type(), "rnn_seq", [&] {
-      using A = at::opmath_type<scalar_t>;
-      forward<L, cells::RNN<decltype(act)::value>>(how, fwd_pointers<scalar_t, A>(d, f, none, false), f);
-    });
-  });
-  return {f.y, f.h};
-}
-
-inline BwdTensors bwd_tensors(const Dims& d, int64_t G, bool need_direct, const Tensor& dy, const Tensor& dhn,
-                              const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
-                              const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths) {
-  auto opts = y.options();
-  const int64_t I = x.size(2);
-  return {.dy = dy, .y = y.contiguous(), .h0 = h0.contiguous(), .saved = saved.contiguous(),
-          .w_hh = w_hh.contiguous(), .x = x.contiguous(), .w_ih = w_ih.contiguous(),
-          .lengths = contiguous_or_undefined(lengths), .dh = dhn.clone(at::MemoryFormat::Contiguous),
-          .direct = need_direct ? at::empty({d.B, d.P}, opts) : Tensor(), .dx = at::empty({d.T, d.B, I}, opts),
-          .dw_ih_t = at::zeros({I, G * d.H}, opts), .dw_hh_t = at::zeros({d.P, G * d.H}, opts),
-          .db_ih = at::zeros({G * d.H}, opts), .db_hh = at::zeros({G * d.H}, opts)};
-}
-
-template <typename S, typename A>
-cells::SeqBwd<S, A> bwd_pointers(const Dims& d, BwdTensors& b, const Tensor& c_all, const Tensor& c0, Tensor& dc,
-                                 double clip, const Zoneout& z = {}) {
-  return {.T = d.T, .B = d.B, .H = d.H, .P = d.P, .t0 = 0, .lengths = cptr<int64_t>(b.lengths), .dy = cptr<S>(b.dy),
-          .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved), .st_all = cptr<S>(c_all),
-          .s0 = cptr<S>(c0), .dst = mptr<A>(dc), .dxg = nullptr, .dhg = nullptr, .direct = mptr<S>(b.direct),
-          .clip = A(clip), .keep = cptr<S>(z.mask), .keep_p = A(z.p)};
-}
-
-// dx, dw_ih, dh0, dw_hh, db_ih, db_hh: the gradients every cell returns.
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gradients(BwdTensors& b, bool separate_dhg) {
-  return {b.dx, L::contiguous(b.dw_ih_t.t()), b.dh, L::contiguous(b.dw_hh_t.t()), b.db_ih,
-          separate_dhg ? b.db_hh : b.db_ih.clone()};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_seq_backward(
-    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
-    const Tensor& h0, const Tensor& c0_, const Tensor& c_all_, const Tensor& saved, const Tensor& r_,
-    const Tensor& w_hh, const OptTensor& w_hr_, const OptTensor& lengths, double clip, int64_t path,
-    const OptTensor& zoneout_mask, double zoneout) {
-  const Checks ck{"lstm_seq_backward", "y", y};
-  const Dims d = check_seq_backward(ck, 4, w_hr_.has_value(), dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
-  const int64_t T = d.T, B = d.B, H = d.H, P = d.P;
-  if (w_hr_) ck.shape("w_hr", *w_hr_, {P, H});
-  ck.shape("dcn", dcn, {B, H});
-  ck.shape("c0", c0_, {B, H});
-  ck.shape("c_all", c_all_, {T, B, H});
-  check_saved(ck, saved, 4, d);
-  if (w_hr_) ck.shape("r", r_, {T, B, H});
-  const Path how = check_path(ck.op, path);
-  const auto z = check_zoneout(ck, zoneout_mask, zoneout, 2, d, w_hr_.has_value());
-  const bool proj = w_hr_.has_value();
-  auto b = bwd_tensors(d, 4, lengths.has_value() || z.on(), dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
-  auto c_all = c_all_.contiguous(), c0 = c0_.contiguous(), r = r_.contiguous();
-  auto w_hr = contiguous_or_undefined(w_hr_);
-  auto dhp = proj ? at::empty({T, B, P}, y.options()) : Tensor();
-  Tensor dc;  // carried across steps like c: in acc_t
-  RNNEXT_DISPATCH(y.scalar_type(), "lstm_seq_backward", [&] {
-    using A = at::opmath_type<scalar_t>;
-    dc = dcn.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    backward<L, cells::LSTM>(how, bwd_pointers<scalar_t, A>(d, b, c_all, c0, dc, clip, z), b, w_hr, dhp);
-  });
-  auto dw_hr = proj ? at::empty({P, H}, y.options()) : at::empty({0}, y.options());
-  if (proj) L::gemm(dw_hr, dhp.reshape({T * B, P}).t(), r.reshape({T * B, H}), Tensor());  // over all steps
-  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients<L>(b, false);
-  return {dx, dw_ih, dh0, dc.to(y.scalar_type()), dw_hh, db_ih, db_hh, dw_hr};
-}
-
-// Backward of gated_seq.
-template <typename L, typename Cell>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_seq_backward(
-    const char* op, const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
-    const Tensor& h0, const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path,
-    const OptTensor& zoneout_mask = std::nullopt, double zoneout = 0) {
-  const Checks ck{op, "y", y};
-  const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
-  check_saved(ck, saved, Cell::SAVED, d);
-  const Path how = check_path(op, path);
-  const auto z = Cell::separate_hg ? check_zoneout(ck, zoneout_mask, zoneout, 1, d, false) : Zoneout{};
-  auto b = bwd_tensors(d, Cell::G, true, dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths);
-  Tensor none;
-  RNNEXT_DISPATCH(y.scalar_type(), "gated_seq_backward", [&] {
-    using A = at::opmath_type<scalar_t>;
-    backward<L, Cell>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip, z), b, none, none);
-  });
-  return gradients<L>(b, Cell::separate_hg);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_seq_backward(
-    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
-    const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path,
-    const OptTensor& zoneout_mask, double zoneout) {
-  return gated_seq_backward<L, cells::GRU>("gru_seq_backward", dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip,
-                                           path, zoneout_mask, zoneout);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mgru_seq_backward(
-    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
-    const Tensor& saved, const Tensor& w_hh, const OptTensor& lengths, double clip, int64_t path) {
-  return gated_seq_backward<L, cells::MinimalGRU>("mgru_seq_backward", dy, dhn, x, w_ih, y, h0, saved, w_hh, lengths, clip,
-                                            path);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_seq_backward(
-    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
-    const Tensor& w_hh, const OptTensor& lengths, std::string_view nonlinearity, double clip, int64_t path) {
-  const Checks ck{"rnn_seq_backward", "y", y};
-  const Dims d = check_seq_backward(ck, 1, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
-  const Path how = check_path(ck.op, path);
-  auto b = bwd_tensors(d, 1, lengths.has_value(), dy, dhn, x, w_ih, y, h0, y, w_hh, lengths);
-  Tensor none;
-  with_act(nonlinearity, [&](auto act) {
-    RNNEXT_DISPATCH(y.scalar_type(), "rnn_seq_backward", [&] {
-      using A = at::opmath_type<scalar_t>;
-      backward<L, cells::RNN<decltype(act)::value>>(how, bwd_pointers<scalar_t, A>(d, b, none, none, none, clip), b,
-                                                    none, none);
-    });
-  });
-  return gradients<L>(b, false);
-}
-
-// ---- layer-normalised cells -------------------------------------------------------------------------
-
-// ln_w, ln_b [N*H]; returns them contiguous.
-inline std::pair<Tensor, Tensor> check_ln(const Checks& c, const Tensor& ln_w, const Tensor& ln_b, int64_t N,
-                                          const Dims& d) {
-  c.shape("ln_w", ln_w, {N * d.H});
-  c.shape("ln_b", ln_b, {N * d.H});
-  return {ln_w.contiguous(), ln_b.contiguous()};
-}
-
-// What a layer-normalised forward saved: norm [T, B, N*H] (empty when it ran with save=False) and rstd
-// [T, B, 2] in the math type.
-inline void check_ln_saved(const Checks& c, const Tensor& norm, const Tensor& rstd, int64_t N, const Dims& d) {
-  TORCH_CHECK(!(norm.dim() == 3 && norm.size(0) == 0 && d.T > 0), c.op,
-              ": norm is empty: the forward ran with save=False, which saves nothing for backward");
-  c.shape("norm", norm, {d.T, d.B, N * d.H});
-  const auto acc = c.ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(rstd.sizes() == at::IntArrayRef({d.T, d.B, 2}) && rstd.scalar_type() == acc, c.op,
-              ": expected rstd of dtype ", dtype_name(acc), " and shape [", d.T, ", ", d.B, ", 2], got ",
-              dtype_name(rstd.scalar_type()), " ", rstd.sizes());
-  TORCH_CHECK(rstd.device() == c.ref.device(), c.op, ": rstd is on ", rstd.device(), " but ", c.ref_name, " is on ",
-              c.ref.device());
-}
-
-// Forward of LayerNormLSTM (c0 given) and LayerNormGRU: (y, h_n, c_n or empty, c_all or empty, norm, rstd).
-template <typename L, typename Cell>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_seq(
-    const char* op, const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor* c0, const Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& ln_w_, const Tensor& ln_b_, const OptTensor& lengths,
-    double eps, double clip, bool save, int64_t path, const OptTensor& zoneout_mask, double zoneout) {
-  const Checks ck{op, "x", x};
-  const Dims d = check_seq(op, Cell::G, x, w_ih, h0, c0, w_hh, b_ih, b_hh, std::nullopt, lengths, clip);
-  const auto [ln_w, ln_b] = check_ln(ck, ln_w_, ln_b_, Cell::N, d);
-  TORCH_CHECK(eps > 0, op, ": expected eps > 0, got ", eps);
-  const Path how = check_path(op, path);
-  const auto z = check_zoneout(ck, zoneout_mask, zoneout, c0 ? 2 : 1, d, false);
-  auto f = fwd_tensors(d, 0, x, w_ih, h0, w_hh, b_ih, b_hh, std::nullopt, lengths, save, c0 != nullptr);
-  const int64_t Ts = save ? d.T : 0;
-  auto norm = at::empty({Ts, d.B, Cell::N * d.H}, x.options());
-  auto rstd = at::empty({Ts, d.B, 2}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  Tensor c;
-  auto work = at::empty({d.B, 2 * d.H}, rstd.options());  // the row functors' scratch
-  RNNEXT_DISPATCH(x.scalar_type(), "ln_seq", [&] {
+  const auto opts = x.options();
+  const int64_t Ts = save ? T : 0, Z1 = Cell::Z - 1;
+  FwdTensors f{.x = x.contiguous(), .w_ih = w_ih.contiguous(), .b_ih = contiguous_or_undefined(b_ih),
+               .b_hh = contiguous_or_undefined(b_hh), .w_hh = w_hh.contiguous(), .w_hr = contiguous_or_undefined(w_hr),
+               .lengths = contiguous_or_undefined(lengths), .y = at::empty({T, B, P}, opts),
+               .h = h0.clone(at::MemoryFormat::Contiguous), .s_all = at::empty({Ts, Z1, B, H}, opts),
+               .saved = at::empty({Ts, B, Cell::SAVED * H}, opts), .r = at::empty({w_hr ? T : 0, B, H}, opts)};
+  auto stats = at::empty({Ts, B, R::stats}, opts.dtype(acc_type(x.scalar_type())));
+  auto work = at::empty({B, R::work_forward * H}, stats.options());
+  std::vector<Tensor> params;
+  for (const auto& p : params_) params.push_back(p.contiguous());
+  const Zoneout z{zoneout_mask ? zoneout_mask->contiguous() : Tensor(), zoneout};
+  Tensor st;  // the carried states but h, in acc_t: 16-bit types would round them at every step
+  RNNEXT_DISPATCH(x.scalar_type(), "seq", [&] {
     using S = scalar_t;
     using A = at::opmath_type<S>;
-    if (c0) c = c0->to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    auto p = fwd_pointers<S, A>(d, f, c, save, z);
-    p.ln_w = cptr<S>(ln_w);
-    p.ln_b = cptr<S>(ln_b);
-    p.eps = A(eps);
-    p.ln_norm = save ? mptr<S>(norm) : nullptr;
-    p.ln_rstd = save ? mptr<A>(rstd) : nullptr;
-    p.ln_work = mptr<A>(work);
+    st = s0.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
+    cells::SeqFwd<S, A> p{.T = T, .B = B, .H = H, .P = P, .t0 = 0, .lengths = cptr<int64_t>(f.lengths),
+                          .xg = nullptr, .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .st = mptr<A>(st),
+                          .y = mptr<S>(f.y), .st_all = save && Z1 ? mptr<S>(f.s_all) : nullptr,
+                          .saved = save && Cell::SAVED ? mptr<S>(f.saved) : nullptr,
+                          .stats = save && R::stats ? mptr<A>(stats) : nullptr,
+                          .r = w_hr ? mptr<S>(f.r) : nullptr, .keep = cptr<S>(z.mask), .keep_p = A(z.p),
+                          .eps = A(eps), .work = mptr<A>(work)};
+    param_pointers<S>(params, p.param);
     forward<L, Cell>(how, p, f);
   });
-  return {f.y, f.h, c0 ? c.to(x.scalar_type()) : at::empty({0}, x.options()), f.c_all, norm, rstd};
+  return {f.y, f.h, st.to(x.scalar_type()), f.s_all, f.saved, stats, f.r};
 }
 
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lnlstm_seq(
-    const Tensor& x, const Tensor& w_ih, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& ln_w, const Tensor& ln_b, const OptTensor& lengths,
-    double eps, double clip, bool save, int64_t path, const OptTensor& zoneout_mask, double zoneout) {
-  return ln_seq<L, cells::LNLSTM>("lnlstm_seq", x, w_ih, h0, &c0, w_hh, b_ih, b_hh, ln_w, ln_b, lengths, eps, clip,
-                                  save, path, zoneout_mask, zoneout);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor> lngru_seq(const Tensor& x, const Tensor& w_ih, const Tensor& h0,
-                                                     const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                                                     const Tensor& ln_w, const Tensor& ln_b, const OptTensor& lengths,
-                                                     double eps, double clip, bool save, int64_t path,
-                                                     const OptTensor& zoneout_mask, double zoneout) {
-  auto [y, hn, cn, c_all, norm, rstd] = ln_seq<L, cells::LNGRU>("lngru_seq", x, w_ih, h0, nullptr, w_hh, b_ih, b_hh,
-                                                                ln_w, ln_b, lengths, eps, clip, save, path,
-                                                                zoneout_mask, zoneout);
-  return {y, hn, norm, rstd};
-}
-
-// Backward of ln_seq: dx, dw_ih, dh0, dc0 (LSTM; else empty), dw_hh, db_ih, db_hh, dln_w, dln_b.
-template <typename L, typename Cell>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ln_seq_backward(
-    const char* op, const Tensor& dy, const Tensor& dhn, const Tensor* dcn, const Tensor& x, const Tensor& w_ih,
-    const Tensor& y, const Tensor& h0, const Tensor* c0_, const Tensor* c_all_, const Tensor& norm, const Tensor& rstd,
-    const Tensor& w_hh, const Tensor& ln_w_, const Tensor& ln_b_, const OptTensor& lengths, double clip, int64_t path,
-    const OptTensor& zoneout_mask, double zoneout) {
-  const Checks ck{op, "y", y};
-  const Dims d = check_seq_backward(ck, Cell::G, false, dy, dhn, x, w_ih, y, h0, w_hh, lengths, clip);
-  if (dcn) {
-    ck.shape("dcn", *dcn, {d.B, d.H});
-    ck.shape("c0", *c0_, {d.B, d.H});
-    ck.shape("c_all", *c_all_, {d.T, d.B, d.H});
-  }
-  check_ln_saved(ck, norm, rstd, Cell::N, d);
-  const auto [ln_w, ln_b] = check_ln(ck, ln_w_, ln_b_, Cell::N, d);
+template <typename L, typename Cell, typename R = cells::RowTraits<Cell>>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> seq_backward(
+    const Tensor& dy, const Tensor& dhn, const Tensor& dsn, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& h0, const Tensor& s0, const OptTensor& param0, const OptTensor& param1, const OptTensor& w_hr,
+    const OptTensor& lengths, const OptTensor& zoneout_mask, double zoneout, double clip, const Tensor& y,
+    const Tensor& s_all, const Tensor& saved, const Tensor& stats, const Tensor& r, int64_t path,
+    std::array<bool, 10> mask) {
+  const auto params_ = given(param0, param1);
+  const std::string name = std::string(Cell::name) + "_seq_backward";
+  const char* op = name.c_str();
+  const Checks c{op, "y", y};
+  c.dims(y, 3, "[T, B, P]");
+  TORCH_CHECK(y.size(0) > 0, op, ": expected a sequence length larger than 0");
+  const auto [T, B, H, P] = check_common<Cell>(c, x, w_ih, w_hh, h0, s0, params_, w_hr, lengths, zoneout_mask,
+                                               zoneout, clip);
+  TORCH_CHECK(P == y.size(2), op, ": expected y of shape [", T, ", ", B, ", ", P, "], got ", y.sizes());
+  c.shape("dy", dy, {T, B, P});
+  c.shape("dh_n", dhn, {B, P});
+  c.shape("ds_n", dsn, {Cell::Z - 1, B, H});
+  TORCH_CHECK(!(saved.dim() == 3 && saved.size(0) == 0), op,
+              ": saved is empty: the forward ran with save=False, which saves nothing for backward");
+  c.shape("saved", saved, {T, B, Cell::SAVED * H});
+  c.shape("s_all", s_all, {T, Cell::Z - 1, B, H});
+  const auto acc = acc_type(y.scalar_type());
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({T, B, R::stats}) && stats.scalar_type() == acc, op,
+              ": expected stats of dtype ", dtype_name(acc), " and shape [", T, ", ", B, ", ", R::stats, "], got ",
+              dtype_name(stats.scalar_type()), " ", stats.sizes());
+  TORCH_CHECK(stats.device() == y.device(), op, ": stats is on ", stats.device(), " but y is on ", y.device());
+  c.shape("r", r, {w_hr ? T : 0, B, H});
   const Path how = check_path(op, path);
-  const auto z = check_zoneout(ck, zoneout_mask, zoneout, dcn ? 2 : 1, d, false);
-  auto b = bwd_tensors(d, Cell::G, !dcn || lengths.has_value() || z.on(), dy, dhn, x, w_ih, y, h0, y, w_hh, lengths);
-  auto c_all = c_all_ ? c_all_->contiguous() : Tensor(), c0 = c0_ ? c0_->contiguous() : Tensor();
-  const auto rs = rstd.contiguous(), norm_c = norm.contiguous();
-  // the row functors' scratch; each row's sums of the norms' weight and bias gradients
-  auto work = at::empty({d.B, Cell::N * d.H}, rs.options()), dw = at::zeros({d.B, Cell::N * d.H}, rs.options()),
-       db = at::zeros({d.B, Cell::N * d.H}, rs.options());
-  Tensor dc;
-  RNNEXT_DISPATCH(y.scalar_type(), "ln_seq_backward", [&] {
+  const Needs need{mask[0], mask[1], mask[2], mask[3], mask[4], mask[5], mask[6], mask[7] || mask[8], mask[9]};
+  const auto opts = y.options();
+  const int64_t G = Cell::G, I = x.size(2);
+  const Zoneout z{zoneout_mask ? zoneout_mask->contiguous() : Tensor(), zoneout};
+  // direct: the share of dh_prev that skips the GEMM: rows past their end, zoneout, and cells whose h_prev
+  // reaches h otherwise (GRU, MinimalGRU, the layer-normalised GRU)
+  const bool direct = lengths.has_value() || z.on() || Cell::reads_h_prev;
+  auto e = [&](int64_t n) { return at::empty({n}, opts); };
+  BwdTensors b{.dy = dy, .y = y.contiguous(), .h0 = h0.contiguous(), .saved = saved.contiguous(),
+               .w_hh = w_hh.contiguous(), .x = x.contiguous(), .w_ih = w_ih.contiguous(),
+               .lengths = contiguous_or_undefined(lengths), .dh = dhn.clone(at::MemoryFormat::Contiguous),
+               .direct = direct ? at::empty({B, P}, opts) : Tensor(),
+               .dx = need.x ? at::empty({T, B, I}, opts) : e(0),
+               .dw_ih_t = need.w_ih ? at::zeros({I, G * H}, opts) : Tensor(),
+               .dw_hh_t = need.w_hh ? at::zeros({P, G * H}, opts) : Tensor(),
+               .db_ih = need.b_ih || (need.b_hh && !Cell::separate_hg) ? at::zeros({G * H}, opts) : Tensor(),
+               .db_hh = need.b_hh && Cell::separate_hg ? at::zeros({G * H}, opts) : Tensor(), .need = need};
+  auto s_all_c = s_all.contiguous(), s0_c = s0.contiguous(), stats_c = stats.contiguous(), r_c = r.contiguous();
+  auto w_hr_c = contiguous_or_undefined(w_hr);
+  auto dhp = w_hr ? at::empty({T, B, P}, opts) : Tensor();
+  std::vector<Tensor> params, dparams;
+  for (const auto& p : params_) params.push_back(p.contiguous());
+  auto work = at::empty({B, R::work_backward * H}, opts.dtype(acc));
+  for (int64_t i = 0; i < R::params; ++i)
+    dparams.push_back(need.params ? at::zeros({B, R::param_units * H}, opts.dtype(acc)) : Tensor());
+  Tensor dst;  // carried across steps like the states: in acc_t
+  RNNEXT_DISPATCH(y.scalar_type(), "seq_backward", [&] {
     using S = scalar_t;
     using A = at::opmath_type<S>;
-    if (dcn) dc = dcn->to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    auto p = bwd_pointers<S, A>(d, b, c_all, c0, dc, clip, z);
-    p.ln_w = cptr<S>(ln_w);
-    p.ln_b = cptr<S>(ln_b);
-    p.ln_norm = cptr<S>(norm_c);
-    p.ln_rstd = cptr<A>(rs);
-    p.ln_work = mptr<A>(work);
-    p.ln_dw = mptr<A>(dw);
-    p.ln_db = mptr<A>(db);
-    backward<L, Cell>(how, p, b, Tensor(), Tensor());
+    dst = dsn.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
+    cells::SeqBwd<S, A> p{.T = T, .B = B, .H = H, .P = P, .t0 = 0, .lengths = cptr<int64_t>(b.lengths),
+                          .dy = cptr<S>(b.dy), .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved),
+                          .st_all = cptr<S>(s_all_c), .s0 = cptr<S>(s0_c), .stats = cptr<A>(stats_c),
+                          .dst = mptr<A>(dst), .dxg = nullptr, .dhg = nullptr, .direct = mptr<S>(b.direct),
+                          .clip = A(clip), .keep = cptr<S>(z.mask), .keep_p = A(z.p), .work = mptr<A>(work)};
+    param_pointers<S>(params, p.param);
+    for (int i = 0; i < cells::kMaxParams; ++i)
+      p.dparam[i] = i < int(dparams.size()) ? mptr<A>(dparams[i]) : nullptr;
+    backward<L, Cell>(how, p, b, w_hr_c, dhp);
   });
-  auto [dx, dw_ih, dh0, dw_hh, db_ih, db_hh] = gradients<L>(b, Cell::separate_hg);
-  return {dx, dw_ih, dh0, dcn ? dc.to(y.scalar_type()) : at::empty({0}, y.options()), dw_hh, db_ih, db_hh,
-          dw.sum(0).to(y.scalar_type()), db.sum(0).to(y.scalar_type())};
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lnlstm_seq_backward(
-    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& w_ih, const Tensor& y,
-    const Tensor& h0, const Tensor& c0, const Tensor& c_all, const Tensor& norm, const Tensor& rstd,
-    const Tensor& w_hh, const Tensor& ln_w, const Tensor& ln_b, const OptTensor& lengths, double clip, int64_t path,
-    const OptTensor& zoneout_mask, double zoneout) {
-  return ln_seq_backward<L, cells::LNLSTM>("lnlstm_seq_backward", dy, dhn, &dcn, x, w_ih, y, h0, &c0, &c_all, norm,
-                                           rstd, w_hh, ln_w, ln_b, lengths, clip, path, zoneout_mask, zoneout);
-}
-
-template <typename L>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lngru_seq_backward(
-    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& w_ih, const Tensor& y, const Tensor& h0,
-    const Tensor& norm, const Tensor& rstd, const Tensor& w_hh, const Tensor& ln_w, const Tensor& ln_b,
-    const OptTensor& lengths, double clip, int64_t path, const OptTensor& zoneout_mask, double zoneout) {
-  auto [dx, dw_ih, dh0, dc0, dw_hh, db_ih, db_hh, dln_w, dln_b] = ln_seq_backward<L, cells::LNGRU>(
-      "lngru_seq_backward", dy, dhn, nullptr, x, w_ih, y, h0, nullptr, nullptr, norm, rstd, w_hh, ln_w, ln_b, lengths,
-      clip, path, zoneout_mask, zoneout);
-  return {dx, dw_ih, dh0, dw_hh, db_ih, db_hh, dln_w, dln_b};
+  auto dw_hr = need.w_hr && w_hr ? at::empty({P, H}, opts) : e(0);
+  if (need.w_hr && w_hr) L::gemm(dw_hr, dhp.reshape({T * B, P}).t(), r_c.reshape({T * B, H}), Tensor());
+  Tensor dparam[cells::kMaxParams] = {e(0), e(0)};
+  for (int i = 0; i < int(dparams.size()); ++i)
+    if (mask[7 + i]) dparam[i] = dparams[i].sum(0).to(y.scalar_type());
+  const auto give = [&](bool needed, const Tensor& t) { return needed ? t : e(0); };
+  return {need.x ? b.dx : e(0), need.w_ih ? L::contiguous(b.dw_ih_t.t()) : e(0),
+          need.w_hh ? L::contiguous(b.dw_hh_t.t()) : e(0), give(need.b_ih, b.db_ih),
+          need.b_hh ? (Cell::separate_hg ? b.db_hh : b.db_ih.clone()) : e(0), give(need.h0, b.dh),
+          need.s0 ? dst.to(y.scalar_type()) : at::empty({0, B, H}, opts), dparam[0], dparam[1], dw_hr};
 }
 
 }  // namespace rnnext

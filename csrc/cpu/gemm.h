@@ -1,0 +1,91 @@
+// The CPU's GEMMs: oneDNN's brgemm micro-kernel (ATen's cpublas) tiled and threaded, and the transposing
+// copies of their operands.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+
+#include "driver/common.h"
+
+namespace rnnext {
+
+// float GEMMs through oneDNN's brgemm micro-kernel (ATen's cpublas), tiled and threaded here: at::mm's MKL ran
+// the step GEMMs at half its speed on the AMD EPYC measured (docs/design.md). float only (16-bit needs a
+// packed B; double has no brgemm). Whether this torch and CPU have it is probed once.
+inline bool have_brgemm() {
+  static const bool ok = [] {
+    try {
+      float a[1] = {1.f}, b[1] = {2.f}, c[1] = {0.f};
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, a, b, c, false);
+      return c[0] == 2.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// m.contiguous(); for a transposed float matrix (stride(0) == 1) 16x16 register transposes in 64x64 blocks
+// over the threads (ATen's transposing copy is several times slower). pad (a GEMM's right operand): rows of a
+// multiple of 4 KB get 64 bytes more, because brgemm reads a column block down B's rows and rows 4 KB apart
+// share L1 sets (docs/design.md, "One layer-direction").
+inline int64_t padded_row(int64_t n) { return n % 1024 == 0 ? n + 16 : n; }
+
+inline Tensor contiguous(const Tensor& m, bool pad = false) {
+  if (m.scalar_type() != at::kFloat || m.dim() != 2 || m.stride(1) == 1 || m.stride(0) != 1) return m.contiguous();
+  const int64_t M = m.size(0), N = m.size(1), ldo = pad ? padded_row(N) : N;
+  auto out = at::empty({M, ldo}, m.options()).narrow(1, 0, N);
+  float* dst = out.mutable_data_ptr<float>();
+  constexpr int64_t kBlock = 64;
+  const int64_t ld = m.stride(1), blocks_n = (N + kBlock - 1) / kBlock;
+  const float* src = m.const_data_ptr<float>();  // m[i][j] at src[j * ld + i]
+  at::parallel_for(0, (M + kBlock - 1) / kBlock * blocks_n, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk / blocks_n * kBlock, j0 = blk % blocks_n * kBlock;
+      at::vec::transpose_mxn<float>(src + j0 * ld + i0, ld, dst + i0 * ldo + j0, ldo, int(std::min(kBlock, N - j0)),
+                                    int(std::min(kBlock, M - i0)));
+    }
+  });
+  return out;
+}
+
+// C (+)= A[M, K] @ B[K, N], row-major, K in blocks whose B is at most 512 KB (half an L2 of the machines
+// measured): a brgemm call over a larger B re-streams it from L3 for each block of rows (docs/design.md).
+inline void brgemm_blocks(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
+                          const float* A, const float* B, float* C) {
+  constexpr int64_t kFloats = int64_t(1) << 17;
+  const int64_t block = K * N <= kFloats ? K : std::max<int64_t>(64, kFloats / N & ~int64_t(63));
+  for (int64_t k0 = 0; k0 < K; k0 += block)
+    at::native::cpublas::brgemm(M, N, std::min(block, K - k0), lda, ldb, ldc, add || k0 > 0, A + k0, B + k0 * ldb, C,
+                                false);
+}
+
+// out = add + a @ b (add may be out itself): tiles of kTileM x kTileN over the threads, K in blocks
+// accumulated in place. brgemm wants row-major operands: a transposed view is copied first.
+inline void brgemm_gemm(Tensor& out, const Tensor& a_, const Tensor& b_, const Tensor& add) {
+  constexpr int64_t kTileM = 128;  // 64-128 x 128-256 within 5% of each other (docs/design.md)
+  const auto a = a_.stride(1) == 1 ? a_ : contiguous(a_), b = b_.stride(1) == 1 ? b_ : contiguous(b_);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1), lda = a.stride(0), ldb = b.stride(0),
+                ldc = out.stride(0);
+  // Columns per tile: 256, fewer (down to 64) where too few row tiles keep every thread busy (the step
+  // GEMMs have M = batch).
+  const int64_t row_tiles = (M + kTileM - 1) / kTileM, threads = at::get_num_threads();
+  const int64_t split = row_tiles >= threads ? 1 : (threads + row_tiles - 1) / row_tiles;
+  const int64_t kTileN = std::clamp<int64_t>(((N + split - 1) / split + 15) & ~int64_t(15), 64, 256);
+  if (add.defined() && !add.is_same(out)) out.copy_(add);
+  const float *A = a.const_data_ptr<float>(), *Bm = b.const_data_ptr<float>();
+  float* C = out.mutable_data_ptr<float>();
+  const int64_t tiles_n = (N + kTileN - 1) / kTileN, tiles = (M + kTileM - 1) / kTileM * tiles_n;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = t / tiles_n * kTileM, n0 = t % tiles_n * kTileN;
+      const int64_t mb = std::min(kTileM, M - m0), nb = std::min(kTileN, N - n0);
+      brgemm_blocks(mb, nb, K, lda, ldb, ldc, add.defined(), A + m0 * lda, Bm + n0, C + m0 * ldc + n0);
+    }
+  });
+}
+
+}  // namespace rnnext
