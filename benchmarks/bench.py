@@ -9,9 +9,12 @@ zoneout 0.1, training) vs the Python loops a user writes today (loops.py), in th
 
 Times are medians of torch.utils.benchmark measurements (with torch's thread count: torch.nn uses
 every core), the candidates interleaved round by round so that drift hits all alike. fwd runs under
-no_grad; fwd+bwd is forward plus backward of the output's sum. Peak memory is what fwd+bwd adds on
+no_grad; fwd+bwd is forward plus backward of the output's sum, with the input requiring grad (a layer after
+another); "fwd+bwd, x no grad" the same with an input that needs no gradient (a first layer: no dx), for
+torch.nn as for rnnext. Peak memory is what fwd+bwd adds on
 top of the inputs and weights (CUDA: max_memory_allocated; CPU: peak RSS growth, each candidate in
-its own process): for the long-sequence configs of MEMORY, and with --full for every config. Writes <out>/<device>-<dtype>.{csv,md,png}; prints the Markdown table last.
+its own process): for the long-sequence configs of MEMORY, and with --full for every config. Writes
+<out>/<device>-<dtype>.{csv,md,png}; prints the Markdown table last.
 """
 import argparse
 import csv
@@ -57,10 +60,15 @@ def full_sweep():
     return cfgs
 
 
-def flops(cell, T, B, I, H):
-    """Forward GEMM FLOPs (input projection + recurrence); fwd+bwd is ~3x."""
+MODES = ("fwd", "fwd+bwd", "fwd+bwd, x no grad")
+
+
+def flops(cell, T, B, I, H, mode="fwd"):
+    """GEMM FLOPs: forward (input projection + recurrence); backward twice that (the steps' dh and dW_hh, dx and
+    dW_ih), less dx's without an input gradient."""
     G = CELLS[cell][2]
-    return 2 * T * B * G * H * (I + H)
+    fwd = 2 * T * B * G * H * (I + H)
+    return {"fwd": fwd, "fwd+bwd": 3 * fwd, "fwd+bwd, x no grad": 3 * fwd - 2 * T * B * G * H * I}[mode]
 
 
 def build(cell, cand, T, B, I, H, device, dtype):
@@ -74,14 +82,14 @@ def build(cell, cand, T, B, I, H, device, dtype):
         with torch.no_grad(), rnnext.use_backend(backend):
             model(x)
 
-    def fwd_bwd():
+    def fwd_bwd(input_grad=True):
         with rnnext.use_backend(backend):
-            y, _ = model(x.requires_grad_())
+            y, _ = model(x.requires_grad_(input_grad))
         y.sum().backward()
         x.grad = None
         model.zero_grad(set_to_none=True)
 
-    return fwd, fwd_bwd
+    return fwd, fwd_bwd, functools.partial(fwd_bwd, False)
 
 
 def sync(device):
@@ -185,9 +193,9 @@ def main(argv=None):
     work = [(cell, cfg) for cfg in configs for cell in cells]
     for cell, (T, B, I, H) in tqdm(work, desc="benchmark", unit="config"):
         fns = {c: build(cell, c, T, B, I, H, args.device, dtype) for c in cands}
-        for mode, k in (("fwd", 0), ("fwd+bwd", 1)):
+        for k, mode in enumerate(MODES):
             t = measure({c: fns[c][k] for c in cands}, args.device, rounds)
-            gf = flops(cell, T, B, I, H) * (1 if mode == "fwd" else 3) / t["rnnext"] / 1e9
+            gf = flops(cell, T, B, I, H, mode) / t["rnnext"] / 1e9
             row = dict(cell=cell, T=T, B=B, I=I, H=H, dtype=args.dtype, mode=mode,
                        **{f"{c} ms": round(t[c] * 1e3, 4) for c in cands},
                        **{f"{c}/torch.nn": round(t[c] / t["torch.nn"], 3) for c in cands if c != "torch.nn"},
@@ -222,7 +230,7 @@ def main(argv=None):
     table += "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows)
     summary = []
     for c in (c for c in cands if c.startswith("rnnext")):
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in MODES:
             for cell in cells:
                 ratios = [r[f"{c}/torch.nn"] for r in rows if r["cell"] == cell and r["mode"] == mode]
                 summary.append(f"{cell} {mode}: geometric-mean {c}/torch.nn = "
@@ -249,12 +257,14 @@ def plot(rows, cells, path, title):
     fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
     for ax, cell in zip(axes[0], cells):
         mine = [r for r in rows if r["cell"] == cell]
-        labels = sorted({f"{r['T']},{r['B']},{r['I']},{r['H']}" for r in mine}, key=lambda s: [int(v) for v in s.split(",")])
-        for i, mode in enumerate(("fwd", "fwd+bwd")):
+        labels = sorted({f"{r['T']},{r['B']},{r['I']},{r['H']}" for r in mine},
+                        key=lambda s: [int(v) for v in s.split(",")])
+        width = 0.8 / len(MODES)
+        for i, mode in enumerate(MODES):
             vals = {f"{r['T']},{r['B']},{r['I']},{r['H']}": r["rnnext/torch.nn"] for r in mine if r["mode"] == mode}
-            ax.bar([k + 0.4 * i for k in range(len(labels))], [vals[lab] for lab in labels], width=0.4, label=mode)
+            ax.bar([k + width * i for k in range(len(labels))], [vals[lab] for lab in labels], width=width, label=mode)
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([k + 0.2 for k in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(labels))], labels, rotation=45, ha="right", fontsize=7)
         ax.set_title(cell.upper())
         ax.set_ylabel("rnnext time / torch.nn time")
         ax.legend()

@@ -27,7 +27,8 @@ class LayerNormLSTMLoop(nn.Module):
 
 
 class LayerNormGRULoop(nn.Module):
-    """A layer-normalised GRU as a loop over steps (rnnext's formulation: biases inside the norms, norms with a bias)."""
+    """A layer-normalised GRU as a loop over steps (rnnext's formulation: biases inside the norms, norms with a
+    bias)."""
 
     def __init__(self, input_size, hidden_size):
         super().__init__()

@@ -1,4 +1,4 @@
-// Every rnnext op schema, in one place. Kernels: cpu/kernels.cpp, cuda/kernels.cu.
+// Every rnnext op schema, in one place. Kernels: cpu/register.cpp, cpu/keep_mask.cpp, cuda/kernels.cu.
 // Python side (fake kernels, autograd): rnnext/ops.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -36,12 +36,13 @@ void check_persistent() {
 }  // namespace
 
 TORCH_LIBRARY(rnnext, m) {
-  m.def("persistent_plan(bool backward, int G, int B, int H, int elem, int mma, int parts, int sms, "
-        "int smem_per_block, int arch) -> int[]",
-        &persistent_plan);
+  m.def(
+      "persistent_plan(bool backward, int G, int B, int H, int elem, int mma, int parts, int sms, "
+      "int smem_per_block, int arch) -> int[]",
+      &persistent_plan);
   m.def("check_persistent() -> ()", &check_persistent);
 
-  // Zoneout's keep masks on CPU (cpu/kernels.cpp; rnnext.reference.keep_mask is its transcription): 1 with
+  // Zoneout's keep masks on CPU (cpu/keep_mask.cpp; rnnext.reference.keep_mask is its transcription): 1 with
   // probability p, from a counter-based hash of seed (a one-element int64 CPU tensor).
   m.def("keep_mask(Tensor seed, int[] size, float p, ScalarType dtype) -> Tensor");
 
@@ -49,11 +50,12 @@ TORCH_LIBRARY(rnnext, m) {
   // conventions and output_mask's order in driver/sequence.h. The cell's own parameters are param0, param1
   // (layer norm's weight and bias) rather than a Tensor[]: AOTInductor's proxy executor passes an empty list
   // as None.
-  const std::string seq = "_seq(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor h0, Tensor s0, "
-                          "Tensor? param0, Tensor? param1, Tensor? w_hr=None, Tensor? lengths=None, "
-                          "Tensor? zoneout_mask=None, "
-                          "float zoneout=0., float clip=0., float eps=1e-5, bool save=True, int path=0) -> (Tensor y, "
-                          "Tensor h_n, Tensor s_n, Tensor s_all, Tensor saved, Tensor stats, Tensor r)";
+  const std::string seq =
+      "_seq(Tensor x, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor h0, Tensor s0, "
+      "Tensor? param0, Tensor? param1, Tensor? w_hr=None, Tensor? lengths=None, "
+      "Tensor? zoneout_mask=None, "
+      "float zoneout=0., float clip=0., float eps=1e-5, bool save=True, int path=0) -> (Tensor y, "
+      "Tensor h_n, Tensor s_n, Tensor s_all, Tensor saved, Tensor stats, Tensor r)";
   const std::string seq_backward =
       "_seq_backward(Tensor dy, Tensor dh_n, Tensor ds_n, Tensor x, Tensor w_ih, Tensor w_hh, Tensor h0, Tensor s0, "
       "Tensor? param0, Tensor? param1, Tensor? w_hr, Tensor? lengths, Tensor? zoneout_mask, float zoneout, "
@@ -63,9 +65,11 @@ TORCH_LIBRARY(rnnext, m) {
   // One step of an element cell on precomputed projections (driver/cell_ops.h): xg, hg [B, G*H] biases included,
   // h [B, H], s [Z-1, B, H] the states before; saved [B, SAVED*H]; dgates [B, G*H] (2*G*H: xg's, then hg's,
   // for cells whose hg has its own gradient).
-  const std::string cell = "_cell(Tensor xg, Tensor hg, Tensor h, Tensor s) -> (Tensor h_new, Tensor s_new, Tensor saved)";
-  const std::string cell_backward = "_cell_backward(Tensor dh_new, Tensor ds_new, Tensor h, Tensor s, Tensor h_new, "
-                                    "Tensor saved) -> (Tensor dgates, Tensor dh, Tensor ds)";
+  const std::string cell =
+      "_cell(Tensor xg, Tensor hg, Tensor h, Tensor s) -> (Tensor h_new, Tensor s_new, Tensor saved)";
+  const std::string cell_backward =
+      "_cell_backward(Tensor dh_new, Tensor ds_new, Tensor h, Tensor s, Tensor h_new, "
+      "Tensor saved) -> (Tensor dgates, Tensor dh, Tensor ds)";
   rnnext::cells::each([&](auto c) {
     using Cell = decltype(c);
     const std::string name = Cell::name;

@@ -42,8 +42,8 @@ CELLS = {c.name: c for c in (
          params=("ln_w", "ln_b"), param_units=6),
 )}
 
-# torch.nn's mode strings (nn.RNNBase.mode) and rnnext's layers' for the same cells
-MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "MGRU": "minimal_gru",
+# torch.nn's mode strings (nn.RNNBase.mode), MinimalGRU's, and short names for the layer-normalised cells
+MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "MINIMAL_GRU": "minimal_gru",
          "LNLSTM": "layernorm_lstm", "LNGRU": "layernorm_gru"}
 
 

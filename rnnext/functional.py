@@ -1,4 +1,4 @@
-"""Functional RNN, LSTM, GRU and the lecture's GRU (``mgru``): layers x directions x padded/packed
+"""Functional RNN, LSTM, GRU and MinimalGRU (the lecture's GRU): layers x directions x padded/packed
 sequences over a backend.
 
 The backend is chosen per call: the fused ops (:mod:`rnnext.ops`) where they run on the input's
@@ -165,7 +165,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
 
 
 @_autocasting
-def mgru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
+def minimal_gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One step of the lecture's GRU (update gate only). input ``[B, I]``, hx ``[B, H]`` -> h'."""
     return _step("minimal_gru", input, (hx,), w_ih, w_hh, b_ih, b_hh, backend)[0]
 
@@ -295,7 +295,7 @@ def gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
 
 
 @_autocasting
-def mgru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+def minimal_gru(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
          batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None):
     """Multi-layer GRU of the lecture notes (update gate u and candidate c~ only, weight rows (u, c):
     ``h = u*c~ + (1-u)*h'``), flat weights and shapes as :func:`gru` with 2H gate rows. Returns
@@ -343,5 +343,5 @@ def layer_norm_gru(input, hx, params, ln, has_biases=True, num_layers=1, dropout
     return x, h
 
 
-for _f in (lstm, gru, mgru, rnn, layer_norm_lstm, layer_norm_gru):
+for _f in (lstm, gru, minimal_gru, rnn, layer_norm_lstm, layer_norm_gru):
     _f.__doc__ = _f.__doc__.replace("{clip}", _CLIP_DOC).replace("{zoneout}", _ZONEOUT_DOC).replace("{ln}", _LN_DOC)

@@ -221,7 +221,7 @@ class MinimalGRU(_Layer):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not MinimalGRU")
         super().__init__("RNN_TANH", *args, **kwargs)  # torch.nn knows no 2-gate mode: widen its weights
-        self.mode = "MGRU"
+        self.mode = "MINIMAL_GRU"
         for names in self._all_weights:
             for name in names:
                 old = getattr(self, name)
@@ -230,7 +230,7 @@ class MinimalGRU(_Layer):
         self._init_flat_weights()
 
     def _run(self, input, hx, batch_sizes):
-        return functional.mgru(input, hx, self._flat_weights, **self._args(batch_sizes))
+        return functional.minimal_gru(input, hx, self._flat_weights, **self._args(batch_sizes))
 
 
 # ---- layer-normalised layers ---------------------------------------------------------------------
@@ -400,14 +400,14 @@ class RNNCell(_NoScript, nn.RNNCell):
 
 class MinimalGRUCell(_NoScript, nn.RNNCellBase):
     """One step of :class:`MinimalGRU` (update gate only) on the fused cell op
-    (``torch.ops.rnnext.mgru_cell``); weights ``[2H, I]``, ``[2H, H]`` with rows (u, c); saves (u, c~)."""
+    (``torch.ops.rnnext.minimal_gru_cell``); weights ``[2H, I]``, ``[2H, H]`` with rows (u, c); saves (u, c~)."""
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
         super().__init__(input_size, hidden_size, bias, num_chunks=2, device=device, dtype=dtype)
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
-        return _single_state_step(self, "MinimalGRUCell", input, hx, functional.mgru_cell)
+        return _single_state_step(self, "MinimalGRUCell", input, hx, functional.minimal_gru_cell)
 
 
 class LayerNormLSTMCell(LayerNormLSTM):

@@ -141,7 +141,7 @@ def _shr(z, k):
 
 
 def keep_mask(seed, size, p, dtype):
-    """``torch.ops.rnnext.keep_mask`` (cpu/kernels.cpp) in PyTorch, bit for bit: element i is 1 where half
+    """``torch.ops.rnnext.keep_mask`` (cpu/keep_mask.cpp) in PyTorch, bit for bit: element i is 1 where half
     i % 2 (low, high) of splitmix64 of counter i // 2 (seed + counter * golden ratio) is below p * 2^32."""
     n = math.prod(size)
     z = seed.reshape(()) + torch.arange((n + 1) // 2, dtype=torch.int64) * _u64(0x9E3779B97F4A7C15)

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-# The persistent kernels' CPU emulation runs only where a test asks for it (csrc/cpu/kernels.cpp, emulated::mode):
+# The persistent kernels' CPU emulation runs only where a test asks for it (csrc/cpu/emulation.h, emulated::settings):
 # every test that asks for the persistent path on CPU means to run it. tests/test_persistent.py unsets it to
 # check that users never get it.
 os.environ["RNNEXT_TEST_EMULATE_PERSISTENT"] = "1"

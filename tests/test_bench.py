@@ -11,14 +11,15 @@ import bench  # noqa: E402
 
 def test_bench_smoke(tmp_path, capsys):
     rows = bench.main(["--smoke", "--device", "cpu", "--no-memory", "--out", str(tmp_path)])
-    assert {(r["cell"], r["mode"]) for r in rows} == {(c, m) for c in bench.CELLS for m in ("fwd", "fwd+bwd")}
+    assert {(r["cell"], r["mode"]) for r in rows} == {(c, m) for c in bench.CELLS for m in bench.MODES}
     for r in rows:
         assert r["rnnext ms"] > 0 and r["torch.nn ms"] > 0 and r["reference ms"] > 0
     with open(tmp_path / "cpu-float32-smoke.csv") as f:
         assert f.readline().startswith("# rnnext benchmark:")
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "cpu-float32-smoke.png").stat().st_size > 0
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"- {list(bench.CELLS)[-1]} fwd+bwd: geometric-mean")
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith(f"- {list(bench.CELLS)[-1]} {bench.MODES[-1]}: geometric-mean")
 
 
 def test_bench_rejects_unknown_cell(tmp_path):

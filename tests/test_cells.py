@@ -5,7 +5,7 @@ from torch import nn
 
 import rnnext
 from rnnext import ops, reference
-from conftest import CUDA, close, cpu_and_cuda, same_error
+from conftest import close, cpu_and_cuda, same_error
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 
@@ -128,16 +128,16 @@ def test_cell_detects_swapped_gates():
 
 # ---- the ops themselves ---------------------------------------------------------------------------
 
-ALL = list(CELLS) + ["minimal_gru"]
-G["minimal_gru"] = 2
-Z = {"lstm": 2}
+ALL = [c.name for c in rnnext.cells.CELLS.values() if not c.rows]  # every cell with a single-step op
+G = {c: rnnext.cells.get(c).gates for c in ALL}
+Z = {c: rnnext.cells.get(c).states for c in ALL}
 
 
 def op_inputs(kind, B, H, device, dtype=torch.float64, requires_grad=True):
     """The cell op and (xg, hg, h, s)."""
     t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
     return getattr(torch.ops.rnnext, kind + "_cell"), (t(B, G[kind] * H), t(B, G[kind] * H), t(B, H),
-                                                       t(Z.get(kind, 1) - 1, B, H))
+                                                       t(Z[kind] - 1, B, H))
 
 
 def states_of(h, s):
@@ -174,7 +174,7 @@ def test_op_matches_reference(device, kind):
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("kind", ALL)
 def test_op_fp32_activations_over_float_range(device, kind):
-    """The fp32 sigmoid/tanh (CPU: polynomial exp, see cpu/kernels.cpp) within 1e-6 of float64 from -inf to
+    """The fp32 sigmoid/tanh (CPU: polynomial exp, see cpu/vec.h) within 1e-6 of float64 from -inf to
     inf, NaN kept: values drawn into every gate, in vector lanes and in the scalar tail (H = 37); zero hg
     and state, so that no sum in float32 cancels."""
     H, g = 37, G[kind]
@@ -188,7 +188,7 @@ def test_op_fp32_activations_over_float_range(device, kind):
                                                              generator=gen)]])
     xg = flat[torch.randperm(flat.numel(), generator=gen)].view(rows, g * H).float().double()  # float32's inputs
     hg, h = torch.zeros(rows, g * H, dtype=torch.float64), torch.zeros(rows, H, dtype=torch.float64)
-    s = torch.zeros(Z.get(kind, 1) - 1, rows, H, dtype=torch.float64)
+    s = torch.zeros(Z[kind] - 1, rows, H, dtype=torch.float64)
     op = getattr(torch.ops.rnnext, kind + "_cell")
     h_new, s_new, saved = op(*[a.to(device, torch.float32) for a in (xg, hg, h, s)])
     ours = (*states_of(h_new, s_new), saved)

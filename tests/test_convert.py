@@ -10,7 +10,8 @@ class Tagger(nn.Module):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
         self.rnns = nn.ModuleList([nn.LSTM(6, 7, num_layers=2, bidirectional=True, batch_first=True),
-                                   nn.GRU(14, 4, batch_first=True), nn.RNN(4, 3, nonlinearity="relu", batch_first=True)])
+                                   nn.GRU(14, 4, batch_first=True),
+                                   nn.RNN(4, 3, nonlinearity="relu", batch_first=True)])
         self.cell = nn.GRUCell(3, 3)
         self.head = nn.Linear(3, 2)
 

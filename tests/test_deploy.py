@@ -233,68 +233,13 @@ def test_fsdp2_two_processes_match_one(tmp_path):
 
 # The "Deploying" section for README.md: test_readme_deploying_commands_run runs its python blocks, from README.md
 # once the section is there, else from here.
-DEPLOYING = '''
-## Deploying
-
-rnnext's layers and cells go through PyTorch's own deployment tools; `import rnnext` is all they need.
-
-**ONNX.** `torch.onnx.export` (needs `pip install onnx onnxscript`) writes standard operators: `LSTM`, `GRU`
-and `RNN` become ONNX `LSTM`/`GRU`/`RNN` nodes, the others (proj_size, MinimalGRU, the LayerNorm layers, zoneout)
-a `Scan` (`Loop` with `dynamo=False`) over one step of standard operators, so the sequence length stays dynamic:
-
-```python
-import torch
-import rnnext
-
-model = rnnext.LSTM(8, 16, num_layers=2, batch_first=True).eval()
-x = torch.randn(4, 10, 8)
-batch, steps = torch.export.Dim("batch"), torch.export.Dim("steps")
-torch.onnx.export(model, (x,), "lstm.onnx", dynamic_shapes=({0: batch, 1: steps},))
-
-import onnxruntime
-
-session = onnxruntime.InferenceSession("lstm.onnx")
-y, h, c = session.run(None, {session.get_inputs()[0].name: torch.randn(3, 25, 8).numpy()})
-```
-
-Zoneout exports in eval mode (its mixture); PackedSequence input exports with `dynamo=False` (the lengths become
-the nodes' `sequence_lens`), as for torch.nn's layers.
-
-**torch.export and AOTInductor** keep the fused ops (`torch.ops.rnnext.*`) in the graph; where the package runs,
-`import rnnext` first:
-
-```python
-ep = torch.export.export(model, (x,))
-path = torch._inductor.aoti_compile_and_package(ep, package_path="lstm.pt2")
-compiled = torch._inductor.aoti_load_package(path)
-y, (h, c) = compiled(x)
-torch.testing.assert_close(y, model(x)[0])
-```
-
-**TorchScript.** `torch.jit.trace` works (`import rnnext` before `torch.jit.load`); `torch.jit.script` does not
-(it raises, pointing here):
-
-```python
-traced = torch.jit.trace(model, (x,))
-traced.save("lstm.ts")
-```
-
-**Back to torch.nn.** `rnnext.to_torch(model)` swaps rnnext's LSTM/GRU/RNN and their cells inside a model for
-torch.nn's, in place, sharing the parameters (the inverse of `rnnext.convert`); MinimalGRU, the LayerNorm layers,
-zoneout and state_grad_clip have no torch.nn equivalent: it raises, naming them.
-
-```python
-plain = rnnext.to_torch(model)
-scripted = torch.jit.script(plain)
-```
-'''
 
 
 def _deploying_blocks():
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    text = readme.read_text() if readme.exists() else ""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = re.search(r"^## Deploying\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    return re.findall(r"```python\n(.*?)```", section.group(1) if section else DEPLOYING, re.S)
+    assert section, "README.md has no '## Deploying' section"
+    return re.findall(r"```python\n(.*?)```", section.group(1), re.S)
 
 
 def test_readme_deploying_commands_run(tmp_path, monkeypatch):

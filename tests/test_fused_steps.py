@@ -1,4 +1,4 @@
-"""The CPU's fused float32 steps (cpu/kernels.cpp gemm_cell_steps, cell_gemm_steps): one parallel region per
+"""The CPU's fused float32 steps (cpu/launcher.h gemm_cell_steps, cell_gemm_steps): one parallel region per
 chunk of steps, each thread a block of 16-unit columns (the last one ragged) and, for the layer-normalised
 cells, a share of the rows. Three threads on 37 hidden units and 5 rows split both unevenly; lengths and a
 zoneout mask exercise the gradient that bypasses the GEMM (`direct`)."""
@@ -48,13 +48,13 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
 
 @BUILT
 @pytest.mark.parametrize("mode,H", [("LSTM", 512), ("GRU", 512), ("LNLSTM", 512), ("GRU", 1024), ("LNGRU", 1024),
-                                    ("MGRU", 512), ("RNN", 1024)])
+                                    ("MINIMAL_GRU", 512), ("RNN", 1024)])
 @pytest.mark.parametrize("lengths", [False, True])
 def test_float32_wide_gates_match_reference(mode, H, lengths):
-    """Wide layers: the GEMMs run over K in blocks (cpu/kernels.cpp brgemm_blocks: the backward step's K = G*H
+    """Wide layers: the GEMMs run over K in blocks (cpu/gemm.h brgemm_blocks: the backward step's K = G*H
     against a thread's columns, dx's K = G*H), and rows of G*H floats that are a multiple of 1024 are padded:
     the right operands w_ih^T, w_hh^T (contiguous(pad)) and backward's gate gradients (gate_stride), which
-    every backward cell (LSTM, GRU, MGRU, RNN, LNLSTM, LNGRU: G*H = 2048, 3072, 1024, 1024, 2048, 3072)
+    every backward cell (LSTM, GRU, MINIMAL_GRU, RNN, LNLSTM, LNGRU: G*H = 2048, 3072, 1024, 1024, 2048, 3072)
     writes and every GEMM reads with that row stride; GRU at H = 512 (1536) unpadded. Weights scaled by 1/16
     so that the gates do not saturate."""
     if mode.startswith("LN"):
@@ -62,7 +62,8 @@ def test_float32_wide_gates_match_reference(mode, H, lengths):
     elif mode in ("LSTM", "GRU"):
         args, _ = zoneout_args(mode, 3, 3, H, "cpu", lengths, seed=6, I=19)
     else:
-        args = sequence_args({"MGRU": "mgru", "RNN": "rnn_tanh"}[mode], 3, 3, H, "cpu", lengths=lengths, seed=6)
+        cell = {"MINIMAL_GRU": "minimal_gru", "RNN": "rnn_tanh"}[mode]
+        args = sequence_args(cell, 3, 3, H, "cpu", lengths=lengths, seed=6)
     args.update({k: (args[k] / 16).detach().requires_grad_() for k in ("w_ih", "w_hh")})
     low = cast(args, torch.float32)
     got = outputs_and_grads(ops.recurrence, low, clip=0.9)

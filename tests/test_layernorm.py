@@ -1,6 +1,5 @@
 """LayerNormLSTM (torchaudio's RNN-T formulation) and LayerNormGRU (Haste's): fused ops vs the reference, every
 option of the layers. The layers and cells against those libraries' code, transcribed: test_oracles.py."""
-import functools
 import itertools
 
 import pytest
@@ -94,8 +93,8 @@ def layer_outputs_and_grads(model, x, hx, backend):
 @BUILT
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("mode", list(CELLS))
-@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias", list(itertools.product([1, 2], [False, True],
-                                                                                            [False, True], [True, False])))
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias",
+                         list(itertools.product([1, 2], [False, True], [False, True], [True, False])))
 def test_layer_options_fused_vs_reference(device, mode, num_layers, bidirectional, batch_first, bias):
     torch.manual_seed(num_layers + 2 * bidirectional + 4 * batch_first)
     model = LAYERS[mode](4, 5, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,

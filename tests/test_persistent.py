@@ -3,7 +3,6 @@
 runs through the emulation (cpu/emulation.h: every CTA's 256 threads with the device's plan, warp-wide MMAs
 over the warp's registers), on CUDA as the kernels. The emulation runs only where a test asks for it
 (RNNEXT_TEST_EMULATE_PERSISTENT, set for the test session in conftest.py)."""
-import itertools
 import os
 import subprocess
 import sys
@@ -75,7 +74,8 @@ def test_no_plan_below_sm80():
     """The mma instructions need sm_80: below, no plan (the kernel would trap)."""
     for arch in (70, 75):
         old = H100[:2] + (arch,)
-        assert not plan(False, "lstm", 16, 256, "bf16", old)["fits"] and not plan(True, "gru", 16, 256, "fp16", old)["fits"]
+        assert not plan(False, "lstm", 16, 256, "bf16", old)["fits"]
+        assert not plan(True, "gru", 16, 256, "fp16", old)["fits"]
     assert plan(False, "lstm", 16, 256, "bf16", H100[:2] + (80,))["fits"]
 
 
@@ -97,7 +97,8 @@ def test_units_fill_the_register_tiles():
         p = plan(False, cell, 16, 768, "bf16")
         assert p["units"] == units and p["ctas"] == 768 // units and p["NT"] == -(-CELLS[cell][0] * units // 8)
         assert plan(True, cell, 16, 768, "bf16")["units"] == 8
-    assert plan(False, "rnn_tanh", 20, 768, "bf16")["units"] == 24 and plan(False, "rnn_tanh", 64, 768, "bf16")["units"] == 8
+    assert plan(False, "rnn_tanh", 20, 768, "bf16")["units"] == 24
+    assert plan(False, "rnn_tanh", 64, 768, "bf16")["units"] == 8
     assert plan(False, "lstm", 16, 768, "bf16")["KT"] == 6 and plan(True, "lstm", 16, 768, "bf16")["KT"] == 24
 
 

@@ -6,15 +6,16 @@ import functools
 import pytest
 import torch
 
-from rnnext import ops, reference
+from rnnext import cells, ops, reference
 import conftest
 from conftest import close, cpu_and_cuda
 
 pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 
-# name: (cell, gates, proj_size)
-CASES = {"lstm": ("lstm", 4, 0), "lstm_proj": ("lstm", 4, 3), "gru": ("gru", 3, 0), "mgru": ("minimal_gru", 2, 0),
-         "rnn_tanh": ("rnn_tanh", 1, 0), "rnn_relu": ("rnn_relu", 1, 0)}
+# name: (cell, gates, proj_size): every element cell of rnnext.cells (a new one is tested here without an edit;
+# the row cells, layer norm: tests/test_layernorm.py), and the LSTM with a projection
+CASES = {c.name: (c.name, c.gates, 0) for c in cells.CELLS.values() if not c.rows}
+CASES["lstm_proj"] = ("lstm", 4, 3)
 
 
 def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=False, seed=0):
@@ -29,7 +30,7 @@ def make_args(case, T, B, H, device, dtype=torch.float64, bias=True, lengths=Fal
         lens[0] = T
         lens = lens.to(device)
     x, w_ih = t(T, B, 3), t(G * H, 3)
-    states = (t(B, P), t(B, H)) if cell == "lstm" else (t(B, P),)
+    states = (t(B, P), *[t(B, H) for _ in range(cells.get(cell).others)])
     w_hh = t(G * H, P)
     return dict(cell=cell, x=x, w_ih=w_ih, w_hh=w_hh, states=states, b_ih=t(G * H) if bias else None,
                 b_hh=t(G * H) if bias else None, w_hr=t(P, H) if CASES[case][2] else None, lengths=lens)
@@ -215,7 +216,7 @@ def test_state_grad_clip_matches_reference(device, case, lengths, reverse, path)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("case", ["lstm", "lstm_proj", "gru", "mgru"])
+@pytest.mark.parametrize("case", ["lstm", "lstm_proj", "gru", "minimal_gru"])
 @pytest.mark.parametrize("lengths", [False, True])
 @pytest.mark.parametrize("path", PATHS)
 def test_save_false_skips_saving_only(device, case, lengths, path):
@@ -253,7 +254,7 @@ def test_lstm_cell_state_carried_in_float(device, dtype, path, zoneout):
 
 
 def chunk_steps(B, GH, elem):
-    """cpu/kernels.cpp CpuLauncher::chunk_steps: steps of the input projection held at once on CPU."""
+    """cpu/launcher.h CpuLauncher::chunk_steps: steps of the input projection held at once on CPU."""
     return max(1, (1 << 20) // (B * GH * elem), -(-512 // B))
 
 

@@ -27,7 +27,7 @@ def test_truncated_bptt_matches_hand_written(cls, k):
     torch.manual_seed(0)
     rnn, head = cls(3, 5).double(), nn.Linear(5, 1).double()
     x, y = torch.randn(22, 2, 3, dtype=torch.float64), torch.randn(22, 2, 1, dtype=torch.float64)
-    state = ({k2: v.clone() for k2, v in rnn.state_dict().items()}, {k2: v.clone() for k2, v in head.state_dict().items()})
+    state = [{k2: v.clone() for k2, v in m.state_dict().items()} for m in (rnn, head)]
     want = hand_written(rnn, head, x, y, k, lr=0.1)
     rnn.load_state_dict(state[0])
     head.load_state_dict(state[1])

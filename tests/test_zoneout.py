@@ -8,7 +8,8 @@ from torch import nn
 
 import rnnext
 from rnnext import functional, ops, reference
-from conftest import gradcheck_recurrence, RecordedMasks, assert_low_precision_rule, close, cpu_and_cuda, outputs_and_grads
+from conftest import (gradcheck_recurrence, RecordedMasks, assert_low_precision_rule, close, cpu_and_cuda,
+                      outputs_and_grads)
 
 BUILT = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension not built")
 MODES = {"LSTM": 2, "GRU": 1}  # mode: parts of the mask (h, c)

@@ -1,7 +1,7 @@
 // Cell math shared by the CPU and CUDA kernels: every function here is compiled by both compilers,
 // so the CPU tests exercise the exact code the GPU runs. The math is templated on V, the type of a
 // value being computed: the accumulation type (one element; CPU and CUDA) or an at::vec::Vectorized
-// (a row segment; CPU, see cpu/kernels.cpp, which specialises Lanes for it).
+// (a row segment; CPU, see cpu/vec.h, which specialises Lanes for it).
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -29,9 +29,13 @@ RNNEXT_HD double tanh_(double x) { return tanh(x); }
 template <typename V>
 struct Lanes {
   template <typename S>
-  static RNNEXT_HD V load(const S* p) { return V(*p); }
+  static RNNEXT_HD V load(const S* p) {
+    return V(*p);
+  }
   template <typename S>
-  static RNNEXT_HD void store(S* p, V v) { *p = S(v); }
+  static RNNEXT_HD void store(S* p, V v) {
+    *p = S(v);
+  }
   static RNNEXT_HD V exp(V x) { return exp_(x); }
   static RNNEXT_HD V tanh(V x) { return tanh_(x); }
   static RNNEXT_HD V relu(V x) { return x < V(0) ? V(0) : x; }  // keeps NaN, as torch.relu does

@@ -30,10 +30,13 @@ struct Sums {
 template <typename A, typename E, typename Pre>
 RNNEXT_HD void moments(const E& e, int64_t n, const Pre& pre, A eps, A& mean, A& rstd) {
   mean = e.template sums<A, 1>(n, [&]<typename V>(int64_t k, V* s) { s[0] = s[0] + at_<V>(pre, k); }).v[0] / A(n);
-  const A var = e.template sums<A, 1>(n, [&]<typename V>(int64_t k, V* s) {
-                   const V d = at_<V>(pre, k) - V(mean);
-                   s[0] = s[0] + d * d;
-                 }).v[0] / A(n);
+  const A var = e.template sums<A, 1>(n,
+                                      [&]<typename V>(int64_t k, V* s) {
+                                        const V d = at_<V>(pre, k) - V(mean);
+                                        s[0] = s[0] + d * d;
+                                      })
+                    .v[0] /
+                A(n);
   rstd = rsqrt_(var + eps);
 }
 

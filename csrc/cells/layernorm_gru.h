@@ -24,7 +24,8 @@ struct LayerNormGRU {
     using A = typename F::acc;
     const auto& step = f.step;
     const auto& keep = f.keep;
-    const S *xg = f.xg, *hg = f.hg, *b_ih = f.b_ih, *b_hh = f.b_hh, *w = f.param[0], *b = f.param[1], *h_prev = f.h_prev;
+    const S *xg = f.xg, *hg = f.hg, *b_ih = f.b_ih, *b_hh = f.b_hh, *w = f.param[0], *b = f.param[1],
+            *h_prev = f.h_prev;
     const A eps = f.eps;
     A* rstd = f.stats;
     S *h = f.h, *y = f.y, *norm = f.saved;
@@ -61,7 +62,8 @@ struct LayerNormGRU {
         L::store(norm + n0 + 3 * H + k * H + j, xv[k]);
       }
     });
-    if (rstd) e.template loop<A>(1, [&]<typename V>(int64_t) {
+    if (rstd)
+      e.template loop<A>(1, [&]<typename V>(int64_t) {
         rstd[2 * r] = rx;
         rstd[2 * r + 1] = rh;
       });

@@ -25,7 +25,8 @@ struct LayerNormLSTM {
     using A = typename F::acc;
     const auto& step = f.step;
     const auto& keep = f.keep;
-    const S *xg = f.xg, *hg = f.hg, *b_ih = f.b_ih, *b_hh = f.b_hh, *w = f.param[0], *b = f.param[1], *h_prev = f.h_prev;
+    const S *xg = f.xg, *hg = f.hg, *b_ih = f.b_ih, *b_hh = f.b_hh, *w = f.param[0], *b = f.param[1],
+            *h_prev = f.h_prev;
     const A eps = f.eps, *c_prev = f.st_prev;
     A *c = f.st, *rstd = f.stats, *work = f.work;
     S *c_out = f.st_out, *h = f.h, *y = f.y, *norm = f.saved;
@@ -68,7 +69,8 @@ struct LayerNormLSTM {
       L::store(y + s0 + j, next[0]);
       if (norm) L::store(norm + 5 * s0 + 4 * H + j, chat);
     });
-    if (rstd) e.template loop<A>(1, [&]<typename V>(int64_t) {
+    if (rstd)
+      e.template loop<A>(1, [&]<typename V>(int64_t) {
         rstd[2 * r] = rg;
         rstd[2 * r + 1] = rc;
       });
@@ -91,9 +93,10 @@ struct LayerNormLSTM {
     // 1. Through h = o*tanh(c) and zoneout to the cell norm's output and a_o's gradient.
     const auto s = e.template sums<A, 2>(H, [&]<typename V>(int64_t j, V* acc) {
       using L = Lanes<V>;
-      const auto a = lstm_gates(affine(L::load(norm + n0 + j), w, b, j), affine(L::load(norm + n0 + H + j), w, b, H + j),
-                                affine(L::load(norm + n0 + 2 * H + j), w, b, 2 * H + j),
-                                affine(L::load(norm + n0 + 3 * H + j), w, b, 3 * H + j));
+      const auto a =
+          lstm_gates(affine(L::load(norm + n0 + j), w, b, j), affine(L::load(norm + n0 + H + j), w, b, H + j),
+                     affine(L::load(norm + n0 + 2 * H + j), w, b, 2 * H + j),
+                     affine(L::load(norm + n0 + 3 * H + j), w, b, 3 * H + j));
       L::store(dn + j, a.i);
       L::store(dn + H + j, a.f);
       L::store(dn + 2 * H + j, a.g);

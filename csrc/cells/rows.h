@@ -1,6 +1,6 @@
 // Cells that need whole rows (rows = true: layer norm reduces over a row's features): one row (one sequence
 // of the batch) per call, written once over a row executor E, which the CPU runs with one thread per row,
-// in vectors (cpu/kernels.cpp VecRow), and CUDA with one block per row (cuda/kernels.cu BlockRow):
+// in vectors (cpu/launcher.h VecRow), and CUDA with one block per row (cuda/kernels.cu BlockRow):
 //   e.template loop<A>(n, fn)   fn.template operator()<V>(k) for k < n, V a vector of A at k..k+lanes or
 //                               A itself, the work shared by E's threads
 //   e.template sums<A, M>(n, fn)   fn.template operator()<V>(k, acc) for k < n as loop does, adding into
@@ -64,9 +64,9 @@ struct RowForward {
       }
       L::store(y + s0 + j, V(0));
     });
-    if (saved) e.template loop<acc_t>(Cell::SAVED * H, [&]<typename V>(int64_t k) {
-        Lanes<V>::store(saved + Cell::SAVED * s0 + k, V(0));
-      });
+    if (saved)
+      e.template loop<acc_t>(Cell::SAVED * H,
+                             [&]<typename V>(int64_t k) { Lanes<V>::store(saved + Cell::SAVED * s0 + k, V(0)); });
     if (stats)
       e.template loop<acc_t>(1, [&]<typename V>(int64_t) {
         for (int k = 0; k < Cell::STATS; ++k) stats[Cell::STATS * r + k] = acc_t(0);
@@ -101,9 +101,8 @@ struct RowBackward {
       if (Cell::separate_hg) Lanes<V>::store(dhg + g0 + k, V(0));
     });
     if (direct)
-      e.template loop<acc_t>(H, [&]<typename V>(int64_t j) {
-        Lanes<V>::store(direct + r * H + j, Lanes<V>::load(dh_next + r * H + j));
-      });
+      e.template loop<acc_t>(
+          H, [&]<typename V>(int64_t j) { Lanes<V>::store(direct + r * H + j, Lanes<V>::load(dh_next + r * H + j)); });
   }
 };
 

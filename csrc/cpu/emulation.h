@@ -94,7 +94,8 @@ bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor
   } else {
     const Settings set = settings();
     if (!set.on || !use_persistent(path, set.by_default) || !has_mma<S>()) return false;
-    const Plan pl = make_plan(Dir::Forward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, forward_parts<Cell>(), device(set));
+    const Plan pl =
+        make_plan(Dir::Forward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, forward_parts<Cell>(), device(set));
     if (!pl.fits || set.fail) return false;
     check();
     RECORD_FUNCTION("rnnext::persistent_forward", std::vector<c10::IValue>());

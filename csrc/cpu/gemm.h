@@ -68,8 +68,7 @@ inline void brgemm_blocks(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t 
 inline void brgemm_gemm(Tensor& out, const Tensor& a_, const Tensor& b_, const Tensor& add) {
   constexpr int64_t kTileM = 128;  // 64-128 x 128-256 within 5% of each other (docs/design.md)
   const auto a = a_.stride(1) == 1 ? a_ : contiguous(a_), b = b_.stride(1) == 1 ? b_ : contiguous(b_);
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1), lda = a.stride(0), ldb = b.stride(0),
-                ldc = out.stride(0);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1), lda = a.stride(0), ldb = b.stride(0), ldc = out.stride(0);
   // Columns per tile: 256, fewer (down to 64) where too few row tiles keep every thread busy (the step
   // GEMMs have M = batch).
   const int64_t row_tiles = (M + kTileM - 1) / kTileM, threads = at::get_num_threads();

@@ -47,7 +47,6 @@ Tensor keep_mask(const Tensor& seed, at::IntArrayRef size, double p, at::ScalarT
   return out;
 }
 
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnnext, CPU, m) { m.impl("keep_mask", &keep_mask); }

@@ -81,7 +81,9 @@ struct Lanes<at::vec::Vectorized<S>> {
   static V relu(V x) { return at::vec::maximum(x, V(0)); }
   static V relu_grad(V dh, V h) { return V::blendv(V(0), dh, h > V(0)); }
   static V clamp(V x, V lo, V hi) { return at::vec::clamp(x, lo, hi); }
-  static S sum(V x) { return at::vec::vec_reduce_all<S>([](V a, V b) { return a + b; }, x); }
+  static S sum(V x) {
+    return at::vec::vec_reduce_all<S>([](V a, V b) { return a + b; }, x);
+  }
 };
 
 }  // namespace cells

@@ -235,8 +235,8 @@ bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tenso
     if (!use_persistent(path, kByDefault) || !has_mma<S>()) return false;
     c10::cuda::CUDAGuard device_guard(dh.device());
     constexpr auto kernel = backward_kernel<Cell, S, A>;
-    const Plan pl = device_plan<kernel>(Dir::Backward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>,
-                                        backward_parts<Cell>(), dh.get_device());
+    const Plan pl = device_plan<kernel>(Dir::Backward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, backward_parts<Cell>(),
+                                        dh.get_device());
     if (!pl.fits) return false;
     RECORD_FUNCTION("rnnext::persistent_backward", std::vector<c10::IValue>());
     return launch("persistent_backward", kernel, pl, dh.get_device(), p, cptr<S>(w_hh), mptr<S>(dh));

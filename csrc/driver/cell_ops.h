@@ -33,9 +33,15 @@ std::tuple<Tensor, Tensor, Tensor> cell_step(const Tensor& xg, const Tensor& hg,
   RNNEXT_DISPATCH(xg.scalar_type(), "cell", [&] {
     using S = scalar_t;
     L::run(xg.device(), B, H,
-           cells::Forward<Cell, S, at::opmath_type<S>, S>{
-               .step = {nullptr, 0, H}, .xg = cptr<S>(x), .hg = cptr<S>(g), .h_prev = cptr<S>(h0),
-               .st_prev = cptr<S>(s0), .st = mptr<S>(s1), .y = mptr<S>(h1), .saved = mptr<S>(saved), .plane = B * H});
+           cells::Forward<Cell, S, at::opmath_type<S>, S>{.step = {nullptr, 0, H},
+                                                          .xg = cptr<S>(x),
+                                                          .hg = cptr<S>(g),
+                                                          .h_prev = cptr<S>(h0),
+                                                          .st_prev = cptr<S>(s0),
+                                                          .st = mptr<S>(s1),
+                                                          .y = mptr<S>(h1),
+                                                          .saved = mptr<S>(saved),
+                                                          .plane = B * H});
   });
   return {h1, s1, saved};
 }
@@ -61,10 +67,18 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_backward(const Tensor& dh_new, cons
     using S = scalar_t;
     S* d = mptr<S>(dgates);
     L::run(saved.device(), B, H,
-           cells::Backward<Cell, S, at::opmath_type<S>, S>{
-               .step = {nullptr, 0, H}, .dh_next = cptr<S>(dh1), .saved = cptr<S>(sv), .h_prev = cptr<S>(h0),
-               .st_prev = cptr<S>(s0), .out = cptr<S>(h1), .dst = mptr<S>(ds), .dxg = d,
-               .dhg = Cell::separate_hg ? d + Cell::G * H : d, .direct = mptr<S>(dh), .ldg = width, .plane = B * H});
+           cells::Backward<Cell, S, at::opmath_type<S>, S>{.step = {nullptr, 0, H},
+                                                           .dh_next = cptr<S>(dh1),
+                                                           .saved = cptr<S>(sv),
+                                                           .h_prev = cptr<S>(h0),
+                                                           .st_prev = cptr<S>(s0),
+                                                           .out = cptr<S>(h1),
+                                                           .dst = mptr<S>(ds),
+                                                           .dxg = d,
+                                                           .dhg = Cell::separate_hg ? d + Cell::G * H : d,
+                                                           .direct = mptr<S>(dh),
+                                                           .ldg = width,
+                                                           .plane = B * H});
   });
   return {dgates, dh, ds};
 }

@@ -1,5 +1,5 @@
 // Host-side helpers shared by the cell ops and the sequence driver: checks, dtype dispatch, pointers.
-// Launchers (cpu/kernels.cpp, cuda/kernels.cu) provide
+// Launchers (cpu/launcher.h, cuda/kernels.cu) provide
 //   template <typename F> static void run(c10::Device device, int64_t B, int64_t H, const F& f);
 // which calls f.apply<V>(b, j) over a [B, H] grid (cells/step.h), on the device's current stream.
 #pragma once
@@ -17,7 +17,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cells/seq.h"
+#include "cells/seq_args.h"
 
 namespace rnnext {
 
@@ -62,14 +62,12 @@ struct Checks {
   void lengths(const OptTensor& l, int64_t B) const {
     if (!l) return;
     TORCH_CHECK(l->dim() == 1 && l->size(0) == B && l->scalar_type() == at::kLong, op,
-                ": expected lengths of dtype torch.int64 and shape [", B, "], got ", dtype_name(l->scalar_type()),
-                " ", l->sizes());
+                ": expected lengths of dtype torch.int64 and shape [", B, "], got ", dtype_name(l->scalar_type()), " ",
+                l->sizes());
     TORCH_CHECK(l->device() == ref.device(), op, ": lengths is on ", l->device(), " but ", ref_name, " is on ",
                 ref.device());
   }
-  void clip(double v) const {
-    TORCH_CHECK(v >= 0, op, ": expected clip >= 0 (0 = off), got ", v);
-  }
+  void clip(double v) const { TORCH_CHECK(v >= 0, op, ": expected clip >= 0 (0 = off), got ", v); }
 };
 
 template <typename T>

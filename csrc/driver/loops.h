@@ -1,5 +1,5 @@
 // The time loops of one layer-direction, the input projection and the weight gradients. Each launcher
-// (cpu/kernels.cpp, cuda/kernels.cu) provides
+// (cpu/launcher.h, cuda/kernels.cu) provides
 //   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
 //       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
 //   static Tensor contiguous(const Tensor& m);
@@ -49,7 +49,7 @@
 
 #include <algorithm>
 
-#include "cells/seq.h"
+#include "cells/seq_args.h"
 #include "driver/common.h"
 
 namespace rnnext {
@@ -115,7 +115,7 @@ struct Needs {
 };
 
 // What a backward reads and writes. dh: the carried gradient of the state, dhn on entry, dh0 on exit;
-// direct [B, P] or undefined (see cells/seq.h); the weight gradients are accumulated transposed
+// direct [B, P] or undefined (see cells/seq_args.h); the weight gradients are accumulated transposed
 // (dw^T = operand^T @ dgates: the operand a row-major GEMM has to transpose is the smaller one), those not
 // needed undefined; db_ih holds the hidden bias's gradient too where the cell's hg shares xg's.
 struct BwdTensors {
@@ -126,8 +126,9 @@ struct BwdTensors {
 template <typename L, typename Cell, typename S, typename A>
 void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   const int64_t GH = Cell::G * p.H;
-  const bool proj = f.w_hr.defined(), whole = !Cell::rows && L::wants_persistent(path) && !proj;
-  const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
+  // one_launch: the persistent kernel may run every step in one launch, so xg holds them all
+  const bool proj = f.w_hr.defined(), one_launch = !Cell::rows && L::wants_persistent(path) && !proj;
+  const int64_t chunk = one_launch ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = f.y.options();
   auto xg = at::empty({chunk, p.B, GH}, opts);
   const auto w_ih_t = L::right_operand(f.w_ih.t());
@@ -139,7 +140,7 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
     p.t0 = t0;
   };
   if constexpr (!Cell::rows) {
-    if (whole) {
+    if (one_launch) {
       project(0, p.T);
       if (L::template persistent_forward<Cell>(path, p, f.w_hh, f.h)) return;
     }
@@ -155,21 +156,22 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   const auto w_step = proj ? Tensor() : L::step_weights(w_t, Cell::G, p.H, p.B);
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
-    if (!whole) project(t0, t1);
+    if (!one_launch) project(t0, t1);
     if (!proj) {
       RECORD_FUNCTION("rnnext::fwd_steps", std::vector<c10::IValue>());
-      L::template gemm_cell_steps<Cell::rows, S>(t0, t1, hg, f.h, other, w_step, p.H,
-                                                 [&](int64_t t, const Tensor& prev, const Tensor& next) {
-                                                   return cells::forward_step<Cell>(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
-                                                 });
+      L::template gemm_cell_steps<Cell::rows, S>(
+          t0, t1, hg, f.h, other, w_step, p.H, [&](int64_t t, const Tensor& prev, const Tensor& next) {
+            return cells::forward_step<Cell>(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
+          });
     } else {
       for (int64_t t = t0; t < t1; ++t) {  // LSTM with projection: the cell, the projection GEMM, the carry
         L::gemm(hg, f.h, w_t, Tensor());
-        run_cell<L, Cell::rows>(device, p.B, p.H, cells::forward_step<Cell>(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
+        run_cell<L, Cell::rows>(device, p.B, p.H,
+                                cells::forward_step<Cell>(p, t, cptr<S>(hg), cptr<S>(f.h), mptr<S>(f.h)));
         L::gemm(hp, f.r[t], wr_t, Tensor());
         L::run(device, p.B, p.P,
-               cells::CarryFwd<S, A>{.step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(f.h),
-                                     .y = p.y + t * p.B * p.P});
+               cells::CarryFwd<S, A>{
+                   .step = {p.lengths, t, p.P}, .hp = cptr<S>(hp), .h = mptr<S>(f.h), .y = p.y + t * p.B * p.P});
       }
     }
   }
@@ -180,10 +182,10 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
 template <typename L, typename Cell, typename S, typename A>
 void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_hr, const Tensor& dhp) {
   const int64_t GH = Cell::G * p.H;
-  const bool proj = w_hr.defined(), whole = !Cell::rows && L::wants_persistent(path) && !proj;
-  const int64_t chunk = whole ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
+  const bool proj = w_hr.defined(), one_launch = !Cell::rows && L::wants_persistent(path) && !proj;
+  const int64_t chunk = one_launch ? p.T : std::clamp<int64_t>(L::chunk_steps(p.B, GH, sizeof(S)), 1, p.T);
   const auto opts = b.y.options();
-  p.ldg = whole ? GH : L::gate_stride(GH, b.y.scalar_type());  // the persistent kernels read rows GH apart
+  p.ldg = one_launch ? GH : L::gate_stride(GH, b.y.scalar_type());  // the persistent kernels read rows GH apart
   auto gate_buffer = [&] { return at::empty({chunk, p.B, p.ldg}, opts).narrow(2, 0, GH); };
   auto dxg = gate_buffer();
   auto dhg = Cell::separate_hg ? gate_buffer() : dxg;
@@ -191,7 +193,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   p.dhg = mptr<S>(dhg);
   // dy as given where it is contiguous, else a chunk at a time (y.sum()'s is an expanded scalar: a
   // contiguous copy would be a [T, B, P] tensor of ones)
-  if (whole) b.dy = b.dy.contiguous();
+  if (one_launch) b.dy = b.dy.contiguous();
   auto dy_chunk = b.dy.is_contiguous() ? Tensor() : at::empty({chunk, p.B, p.P}, opts);
   auto hold = [&](int64_t t0, int64_t t1) {  // the chunk [t0, t1) of dy, dxg, dhg
     p.t0 = t0;
@@ -225,7 +227,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     if (b.db_hh.defined()) b.db_hh.add_(dhg_c.sum(0));
   };
   if constexpr (!Cell::rows) {
-    if (whole) {
+    if (one_launch) {
       hold(0, p.T);
       if (L::template persistent_backward<Cell>(path, p, b.w_hh, b.dh)) {
         gradients(0, p.T);
@@ -247,10 +249,12 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     } else {
       for (int64_t t = t1 - 1; t >= t0; --t) {  // LSTM with projection: the carry, the projection GEMM, the cell
         L::run(device, p.B, p.P,
-               cells::CarryBwd<S, A>{.step = {p.lengths, t, p.P}, .dh_next = cptr<S>(b.dh),
-                                     .dy = p.dy + cells::held(p, t) * p.B * p.P,
+               cells::CarryBwd<S, A>{.step = {p.lengths, t, p.P},
+                                     .dh_next = cptr<S>(b.dh),
+                                     .dy = p.dy + cells::in_chunk(p, t) * p.B * p.P,
                                      .dhp = mptr<S>(dhp) + t * p.B * p.P,
-                                     .direct = p.direct, .clip = p.clip});
+                                     .direct = p.direct,
+                                     .clip = p.clip});
         L::gemm(dr, dhp[t], w_hr, Tensor());
         run_cell<L, Cell::rows>(device, p.B, p.H, cells::backward_step<Cell>(p, t, cptr<S>(dr), true));
         if (t > 0 || need.h0) L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh

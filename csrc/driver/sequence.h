@@ -75,8 +75,8 @@ Dims check_common(const Checks& c, const Tensor& x, const Tensor& w_ih, const Te
   const int64_t H = w_ih.size(0) / Cell::G;
   TORCH_CHECK(!w_hr || Cell::proj, c.op, ": proj_size (w_hr) is not supported by this cell");
   if (w_hr) {
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(1) == H, c.op, ": expected w_hr of shape [P, ",
-                H, "] with P > 0, got ", w_hr->sizes());
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) > 0 && w_hr->size(1) == H, c.op, ": expected w_hr of shape [P, ", H,
+                "] with P > 0, got ", w_hr->sizes());
     c.like("w_hr", *w_hr);
   }
   const int64_t P = w_hr ? w_hr->size(0) : H;
@@ -125,19 +125,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> seq(
   const Checks c{op, "x", x};
   c.dims(x, 3, "[T, B, I]");
   TORCH_CHECK(x.size(0) > 0, op, ": expected a sequence length larger than 0");
-  const auto [T, B, H, P] = check_common<Cell>(c, x, w_ih, w_hh, h0, s0, params_, w_hr, lengths, zoneout_mask,
-                                               zoneout, clip);
+  const auto [T, B, H, P] =
+      check_common<Cell>(c, x, w_ih, w_hh, h0, s0, params_, w_hr, lengths, zoneout_mask, zoneout, clip);
   if (b_ih) c.shape("b_ih", *b_ih, {Cell::G * H});
   if (b_hh) c.shape("b_hh", *b_hh, {Cell::G * H});
   TORCH_CHECK(R::params == 0 || eps > 0, op, ": expected eps > 0, got ", eps);
   const Path how = check_path(op, path);
   const auto opts = x.options();
   const int64_t Ts = save ? T : 0, Z1 = Cell::Z - 1;
-  FwdTensors f{.x = x.contiguous(), .w_ih = w_ih.contiguous(), .b_ih = contiguous_or_undefined(b_ih),
-               .b_hh = contiguous_or_undefined(b_hh), .w_hh = w_hh.contiguous(), .w_hr = contiguous_or_undefined(w_hr),
-               .lengths = contiguous_or_undefined(lengths), .y = at::empty({T, B, P}, opts),
-               .h = h0.clone(at::MemoryFormat::Contiguous), .s_all = at::empty({Ts, Z1, B, H}, opts),
-               .saved = at::empty({Ts, B, Cell::SAVED * H}, opts), .r = at::empty({w_hr ? T : 0, B, H}, opts)};
+  FwdTensors f{.x = x.contiguous(),
+               .w_ih = w_ih.contiguous(),
+               .b_ih = contiguous_or_undefined(b_ih),
+               .b_hh = contiguous_or_undefined(b_hh),
+               .w_hh = w_hh.contiguous(),
+               .w_hr = contiguous_or_undefined(w_hr),
+               .lengths = contiguous_or_undefined(lengths),
+               .y = at::empty({T, B, P}, opts),
+               .h = h0.clone(at::MemoryFormat::Contiguous),
+               .s_all = at::empty({Ts, Z1, B, H}, opts),
+               .saved = at::empty({Ts, B, Cell::SAVED * H}, opts),
+               .r = at::empty({w_hr ? T : 0, B, H}, opts)};
   auto stats = at::empty({Ts, B, R::stats}, opts.dtype(acc_type(x.scalar_type())));
   auto work = at::empty({B, R::work_forward * H}, stats.options());
   std::vector<Tensor> params;
@@ -148,13 +155,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> seq(
     using S = scalar_t;
     using A = at::opmath_type<S>;
     st = s0.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    cells::SeqFwd<S, A> p{.T = T, .B = B, .H = H, .P = P, .t0 = 0, .lengths = cptr<int64_t>(f.lengths),
-                          .xg = nullptr, .b_ih = cptr<S>(f.b_ih), .b_hh = cptr<S>(f.b_hh), .st = mptr<A>(st),
-                          .y = mptr<S>(f.y), .st_all = save && Z1 ? mptr<S>(f.s_all) : nullptr,
+    cells::SeqFwd<S, A> p{.T = T,
+                          .B = B,
+                          .H = H,
+                          .P = P,
+                          .t0 = 0,
+                          .lengths = cptr<int64_t>(f.lengths),
+                          .xg = nullptr,
+                          .b_ih = cptr<S>(f.b_ih),
+                          .b_hh = cptr<S>(f.b_hh),
+                          .st = mptr<A>(st),
+                          .y = mptr<S>(f.y),
+                          .st_all = save && Z1 ? mptr<S>(f.s_all) : nullptr,
                           .saved = save && Cell::SAVED ? mptr<S>(f.saved) : nullptr,
                           .stats = save && R::stats ? mptr<A>(stats) : nullptr,
-                          .r = w_hr ? mptr<S>(f.r) : nullptr, .keep = cptr<S>(z.mask), .keep_p = A(z.p),
-                          .eps = A(eps), .work = mptr<A>(work)};
+                          .r = w_hr ? mptr<S>(f.r) : nullptr,
+                          .keep = cptr<S>(z.mask),
+                          .keep_p = A(z.p),
+                          .eps = A(eps),
+                          .work = mptr<A>(work)};
     param_pointers<S>(params, p.param);
     forward<L, Cell>(how, p, f);
   });
@@ -174,8 +193,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Checks c{op, "y", y};
   c.dims(y, 3, "[T, B, P]");
   TORCH_CHECK(y.size(0) > 0, op, ": expected a sequence length larger than 0");
-  const auto [T, B, H, P] = check_common<Cell>(c, x, w_ih, w_hh, h0, s0, params_, w_hr, lengths, zoneout_mask,
-                                               zoneout, clip);
+  const auto [T, B, H, P] =
+      check_common<Cell>(c, x, w_ih, w_hh, h0, s0, params_, w_hr, lengths, zoneout_mask, zoneout, clip);
   TORCH_CHECK(P == y.size(2), op, ": expected y of shape [", T, ", ", B, ", ", P, "], got ", y.sizes());
   c.shape("dy", dy, {T, B, P});
   c.shape("dh_n", dhn, {B, P});
@@ -199,15 +218,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   // reaches h otherwise (GRU, MinimalGRU, the layer-normalised GRU)
   const bool direct = lengths.has_value() || z.on() || Cell::reads_h_prev;
   auto e = [&](int64_t n) { return at::empty({n}, opts); };
-  BwdTensors b{.dy = dy, .y = y.contiguous(), .h0 = h0.contiguous(), .saved = saved.contiguous(),
-               .w_hh = w_hh.contiguous(), .x = x.contiguous(), .w_ih = w_ih.contiguous(),
-               .lengths = contiguous_or_undefined(lengths), .dh = dhn.clone(at::MemoryFormat::Contiguous),
+  BwdTensors b{.dy = dy,
+               .y = y.contiguous(),
+               .h0 = h0.contiguous(),
+               .saved = saved.contiguous(),
+               .w_hh = w_hh.contiguous(),
+               .x = x.contiguous(),
+               .w_ih = w_ih.contiguous(),
+               .lengths = contiguous_or_undefined(lengths),
+               .dh = dhn.clone(at::MemoryFormat::Contiguous),
                .direct = direct ? at::empty({B, P}, opts) : Tensor(),
                .dx = need.x ? at::empty({T, B, I}, opts) : e(0),
                .dw_ih_t = need.w_ih ? at::zeros({I, G * H}, opts) : Tensor(),
                .dw_hh_t = need.w_hh ? at::zeros({P, G * H}, opts) : Tensor(),
                .db_ih = need.b_ih || (need.b_hh && !Cell::separate_hg) ? at::zeros({G * H}, opts) : Tensor(),
-               .db_hh = need.b_hh && Cell::separate_hg ? at::zeros({G * H}, opts) : Tensor(), .need = need};
+               .db_hh = need.b_hh && Cell::separate_hg ? at::zeros({G * H}, opts) : Tensor(),
+               .need = need};
   auto s_all_c = s_all.contiguous(), s0_c = s0.contiguous(), stats_c = stats.contiguous(), r_c = r.contiguous();
   auto w_hr_c = contiguous_or_undefined(w_hr);
   auto dhp = w_hr ? at::empty({T, B, P}, opts) : Tensor();
@@ -221,14 +247,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     using S = scalar_t;
     using A = at::opmath_type<S>;
     dst = dsn.to(c10::CppTypeToScalarType<A>::value, false, true, at::MemoryFormat::Contiguous);
-    cells::SeqBwd<S, A> p{.T = T, .B = B, .H = H, .P = P, .t0 = 0, .lengths = cptr<int64_t>(b.lengths),
-                          .dy = cptr<S>(b.dy), .y = cptr<S>(b.y), .h0 = cptr<S>(b.h0), .saved = cptr<S>(b.saved),
-                          .st_all = cptr<S>(s_all_c), .s0 = cptr<S>(s0_c), .stats = cptr<A>(stats_c),
-                          .dst = mptr<A>(dst), .dxg = nullptr, .dhg = nullptr, .direct = mptr<S>(b.direct),
-                          .clip = A(clip), .keep = cptr<S>(z.mask), .keep_p = A(z.p), .work = mptr<A>(work)};
+    cells::SeqBwd<S, A> p{.T = T,
+                          .B = B,
+                          .H = H,
+                          .P = P,
+                          .t0 = 0,
+                          .lengths = cptr<int64_t>(b.lengths),
+                          .dy = cptr<S>(b.dy),
+                          .y = cptr<S>(b.y),
+                          .h0 = cptr<S>(b.h0),
+                          .saved = cptr<S>(b.saved),
+                          .st_all = cptr<S>(s_all_c),
+                          .s0 = cptr<S>(s0_c),
+                          .stats = cptr<A>(stats_c),
+                          .dst = mptr<A>(dst),
+                          .dxg = nullptr,
+                          .dhg = nullptr,
+                          .direct = mptr<S>(b.direct),
+                          .clip = A(clip),
+                          .keep = cptr<S>(z.mask),
+                          .keep_p = A(z.p),
+                          .work = mptr<A>(work)};
     param_pointers<S>(params, p.param);
-    for (int i = 0; i < cells::kMaxParams; ++i)
-      p.dparam[i] = i < int(dparams.size()) ? mptr<A>(dparams[i]) : nullptr;
+    for (int i = 0; i < cells::kMaxParams; ++i) p.dparam[i] = i < int(dparams.size()) ? mptr<A>(dparams[i]) : nullptr;
     backward<L, Cell>(how, p, b, w_hr_c, dhp);
   });
   auto dw_hr = need.w_hr && w_hr ? at::empty({P, H}, opts) : e(0);
@@ -237,10 +278,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   for (int i = 0; i < int(dparams.size()); ++i)
     if (mask[7 + i]) dparam[i] = dparams[i].sum(0).to(y.scalar_type());
   const auto give = [&](bool needed, const Tensor& t) { return needed ? t : e(0); };
-  return {need.x ? b.dx : e(0), need.w_ih ? L::contiguous(b.dw_ih_t.t()) : e(0),
-          need.w_hh ? L::contiguous(b.dw_hh_t.t()) : e(0), give(need.b_ih, b.db_ih),
-          need.b_hh ? (Cell::separate_hg ? b.db_hh : b.db_ih.clone()) : e(0), give(need.h0, b.dh),
-          need.s0 ? dst.to(y.scalar_type()) : at::empty({0, B, H}, opts), dparam[0], dparam[1], dw_hr};
+  return {need.x ? b.dx : e(0),
+          need.w_ih ? L::contiguous(b.dw_ih_t.t()) : e(0),
+          need.w_hh ? L::contiguous(b.dw_hh_t.t()) : e(0),
+          give(need.b_ih, b.db_ih),
+          need.b_hh ? (Cell::separate_hg ? b.db_hh : b.db_ih.clone()) : e(0),
+          give(need.h0, b.dh),
+          need.s0 ? dst.to(y.scalar_type()) : at::empty({0, B, H}, opts),
+          dparam[0],
+          dparam[1],
+          dw_hr};
 }
 
 }  // namespace rnnext

@@ -26,16 +26,10 @@
 
 #include <cstring>
 
-#include "cells/seq.h"
+#include "cells/seq_args.h"
 
 namespace rnnext {
 namespace persistent {
-
-#if defined(__CUDACC__)
-#define RNNEXT_UNROLL _Pragma("unroll")
-#else
-#define RNNEXT_UNROLL
-#endif
 
 enum class Dir : int32_t { Forward = 0, Backward = 1 };
 enum class Mma : int32_t { None = 0, Half = 1, TF32 = 2 };  // Half: fp16 and bf16
@@ -58,18 +52,20 @@ struct Shape<Dir::Backward> {
 };
 
 struct Plan {
-  int32_t fits;                 // 0: does not fit on chip (run per step)
+  int32_t fits;  // 0: does not fit on chip (run per step)
   int32_t ctas, threads, G, dir, mma;
-  int32_t units, B, H, K, N;    // units per CTA (the last CTA may have fewer); the per-CTA GEMM
-  int32_t MT, NT, KT, ktile;    // m-tiles, n-tiles, k-tiles per warp, the k-tile (16 or 8)
-  int32_t lda, ldr;             // row strides of A (elements) and of the partial sums (floats)
-  int32_t parts;                // element tiles' values per (row, unit) and step, in and out
-  int32_t off_r, off_x, smem;   // bytes: A at 0, partial sums, element tiles (and the biases); total
-  int32_t elems;                // cell elements per thread
+  int32_t units, B, H, K, N;   // units per CTA (the last CTA may have fewer); the per-CTA GEMM
+  int32_t MT, NT, KT, ktile;   // m-tiles, n-tiles, k-tiles per warp, the k-tile (16 or 8)
+  int32_t lda, ldr;            // row strides of A (elements) and of the partial sums (floats)
+  int32_t parts;               // element tiles' values per (row, unit) and step, in and out
+  int32_t off_r, off_x, smem;  // bytes: A at 0, partial sums, element tiles (and the biases); total
+  int32_t elems;               // cell elements per thread
 };
 
 template <typename S>
-constexpr Mma mma_of = sizeof(S) == 2 ? Mma::Half : sizeof(S) == 4 ? Mma::TF32 : Mma::None;
+constexpr Mma mma_of = sizeof(S) == 2   ? Mma::Half
+                       : sizeof(S) == 4 ? Mma::TF32
+                                        : Mma::None;
 
 RNNEXT_HD int32_t first_unit(const Plan& pl, int32_t k) { return k * pl.units; }
 RNNEXT_HD int32_t units_of(const Plan& pl, int32_t k) {
@@ -117,14 +113,16 @@ RNNEXT_HD uint32_t operand(const S* p, int32_t ld, int32_t r, int32_t c) {
 template <typename S>
 RNNEXT_HD void a_fragment(const S* a, int32_t lda, int32_t m0, int32_t k0, int lane, uint32_t* f) {
   const int g = lane / 4, q = lane % 4;
-  RNNEXT_UNROLL for (int i = 0; i < 4; ++i)
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
     f[i] = sizeof(S) == 2 ? operand(a, lda, m0 + g + 8 * (i & 1), k0 + 2 * q + 8 * (i >> 1))
                           : operand(a, lda, m0 + g + 8 * (i & 1), k0 + q + 4 * (i >> 1));
 }
 template <typename S>
 RNNEXT_HD void b_fragment(const S* bt, int32_t ldb, int32_t n0, int32_t k0, int lane, uint32_t* f) {
   const int g = lane / 4, q = lane % 4;
-  RNNEXT_UNROLL for (int i = 0; i < 2; ++i)
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
     f[i] = sizeof(S) == 2 ? operand(bt, ldb, n0 + g, k0 + 2 * q + 8 * i) : operand(bt, ldb, n0 + g, k0 + q + 4 * i);
 }
 
@@ -135,20 +133,23 @@ RNNEXT_HD void mma(int n, const uint32_t* a, const uint32_t* b, int32_t bs, floa
 #if defined(__CUDA_ARCH__)
 #if __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<S, c10::BFloat16>)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   else if constexpr (std::is_same_v<S, c10::Half>)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   else
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
   __trap();  // no plan below sm_80 (persistent/plan.h)
 #endif
@@ -263,7 +264,8 @@ template <int E>
 struct Elements {
   int32_t row[E], unit[E], len[E];  // row -1: no element; len: the row's length
   RNNEXT_HD void assign(const Plan& pl, int32_t nu, const int64_t* lengths, int32_t T, int tid) {
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       const int32_t i = tid + e * pl.threads;
       row[e] = e < pl.elems && i < pl.B * nu ? i / nu : -1;
       unit[e] = i % nu;
@@ -285,23 +287,31 @@ RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, in
   uint32_t frag[N * 4];
   for (int32_t mt = 0; mt < pl.MT; ++mt) {
     for (int l = 0; l < N; ++l)
-      RNNEXT_UNROLL for (int c = 0; c < CH; ++c)
-        RNNEXT_UNROLL for (int nt = 0; nt < NT; ++nt)
-          RNNEXT_UNROLL for (int i = 0; i < 4; ++i) r[l].acc[c][nt][i] = 0.f;
-    RNNEXT_UNROLL for (int kt = 0; kt < KT; ++kt) {
+#pragma unroll
+      for (int c = 0; c < CH; ++c)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) r[l].acc[c][nt][i] = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
       const int32_t k0 = (warp * pl.KT + kt) * pl.ktile;
       if (kt >= pl.KT || k0 >= pl.K) continue;
       for (int l = 0; l < N; ++l) a_fragment(a, pl.lda, mt * 16, k0, (tid + l) % 32, frag + 4 * l);
-      RNNEXT_UNROLL for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
         if (nt < pl.NT) mma<S>(N, frag, &r[0].b[kt][nt][0], stride, &r[0].acc[kt % CH][nt][0], stride);
     }
     for (int l = 0; l < N; ++l) {
       const int lane = (tid + l) % 32, g = lane / 4, q = lane % 4;
-      RNNEXT_UNROLL for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
         if (nt < pl.NT)
-          RNNEXT_UNROLL for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
             float v = 0.f;
-            RNNEXT_UNROLL for (int c = 0; c < CH; ++c) v += r[l].acc[c][nt][i];
+#pragma unroll
+            for (int c = 0; c < CH; ++c) v += r[l].acc[c][nt][i];
             out[(mt * 16 + g + 8 * (i >> 1)) * pl.ldr + nt * 8 + 2 * q + (i & 1)] = v;
           }
     }
@@ -311,7 +321,8 @@ RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, in
 // The sum over the warps of partial sums' (row, column).
 RNNEXT_HD float warp_sum(const Plan& pl, const float* partials, int32_t row, int32_t col) {
   float sum = 0.f;
-  RNNEXT_UNROLL for (int w = 0; w < kWarps; ++w) sum += partials[(w * pl.MT * 16 + row) * pl.ldr + col];
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += partials[(w * pl.MT * 16 + row) * pl.ldr + col];
   return sum;
 }
 
@@ -372,11 +383,13 @@ struct ForwardCTA {
   RNNEXT_HD void prologue(Regs& r, int tid) const {
     const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), H = pl.H, U = pl.units;
     r.el.assign(pl, nu, p.lengths, p.T, tid);
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       if (r.el.row[e] < 0) continue;
       const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
       r.state[e][0] = A(h0[b * H + j]);
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) r.state[e][z] = p.st[(z - 1) * pl.B * H + b * H + j];
+#pragma unroll
+      for (int z = 1; z < Z; ++z) r.state[e][z] = p.st[(z - 1) * pl.B * H + b * H + j];
     }
     for (int32_t i = tid; i < 2 * G * U; i += pl.threads) {
       const int32_t which = i / (G * U), g = i / U % G, u = i % U;
@@ -385,12 +398,15 @@ struct ForwardCTA {
     }
     // Bt row n = g * units + u is W_hh's row g * H + j0 + u; zero outside the CTA's units and K
     const int warp = tid / 32, lane = tid % 32, gr = lane / 4, q = lane % 4;
-    RNNEXT_UNROLL for (int kt = 0; kt < Shape<Dir::Forward>::KT; ++kt)
-      RNNEXT_UNROLL for (int nt = 0; nt < Shape<Dir::Forward>::NT; ++nt) {
+#pragma unroll
+    for (int kt = 0; kt < Shape<Dir::Forward>::KT; ++kt)
+#pragma unroll
+      for (int nt = 0; nt < Shape<Dir::Forward>::NT; ++nt) {
         const int32_t k0 = (warp * pl.KT + kt) * pl.ktile, n = nt * 8 + gr, gate = n / U, u = n % U;
         const bool in = kt < pl.KT && nt < pl.NT && k0 < pl.K && gate < G && u < nu;
         const S* row = w_hh + (in ? (gate * H + j0 + u) * H : 0);
-        RNNEXT_UNROLL for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
           const int32_t c = sizeof(S) == 2 ? k0 + 2 * q + 8 * i : k0 + q + 4 * i;
           if constexpr (sizeof(S) == 2)
             r.b[kt][nt][i] = in ? pack2(c < pl.K ? row[c] : S(0.f), c + 1 < pl.K ? row[c + 1] : S(0.f)) : 0u;
@@ -405,7 +421,7 @@ struct ForwardCTA {
   RNNEXT_HD void prefetch(int32_t t, int tid) const {
     if (t >= p.T) return;
     const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), U = pl.units, H = pl.H, B = pl.B;
-    stage_rows(p.xg + int64_t(cells::held(p, t)) * B * G * H + j0, H, xg_tile(), U, B * G, 0, nu, tid, pl.threads);
+    stage_rows(p.xg + int64_t(cells::in_chunk(p, t)) * B * G * H + j0, H, xg_tile(), U, B * G, 0, nu, tid, pl.threads);
     if (ZN > 0 && p.keep)
       stage_rows(p.keep + int64_t(t) * B * ZN * H + j0, H, keep_tile(), U, B * ZN, 0, nu, tid, pl.threads);
     copies_issued();
@@ -426,22 +442,28 @@ struct ForwardCTA {
     const S *x = xg_tile(), *kt = keep_tile();
     const float* bias = biases();
     S *out = out_tile(), *h = h_after(t);
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       if (r.el.row[e] < 0) continue;
       const int32_t b = r.el.row[e], u = r.el.unit[e];
       A xv[G], hp[G], next[Z], saved[at_least_one<K>], keep[at_least_one<ZN>];
-      RNNEXT_UNROLL for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
         xv[g] = A(x[(b * G + g) * U + u]) + bias[g * U + u];
         hp[g] = A(warp_sum(pl, partials(), b, g * U + u)) + bias[(G + g) * U + u];
       }
-      RNNEXT_UNROLL for (int z = 0; z < ZN; ++z) keep[z] = p.keep ? A(kt[(b * ZN + z) * U + u]) : p.keep_p;
+#pragma unroll
+      for (int z = 0; z < ZN; ++z) keep[z] = p.keep ? A(kt[(b * ZN + z) * U + u]) : p.keep_p;
       const bool on = t < r.el.len[e];
       const A y = cells::forward_unit<Cell>(on, zoned(), keep, xv, hp, r.state[e], next, saved);
-      RNNEXT_UNROLL for (int z = 0; z < Z; ++z) r.state[e][z] = next[z];
+#pragma unroll
+      for (int z = 0; z < Z; ++z) r.state[e][z] = next[z];
       h[b * H + j0 + u] = S(next[0]);
       out[b * U + u] = S(y);
-      RNNEXT_UNROLL for (int s = 0; s < K; ++s) out[(B + b * K + s) * U + u] = S(saved[s]);
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) out[(B * (1 + K) + (z - 1) * B + b) * U + u] = S(on ? next[z] : A(0));
+#pragma unroll
+      for (int s = 0; s < K; ++s) out[(B + b * K + s) * U + u] = S(saved[s]);
+#pragma unroll
+      for (int z = 1; z < Z; ++z) out[(B * (1 + K) + (z - 1) * B + b) * U + u] = S(on ? next[z] : A(0));
     }
   }
 
@@ -466,11 +488,13 @@ struct ForwardCTA {
   // After the last step's barrier: the final states (h_n may be h0, which every CTA read at step 0).
   RNNEXT_HD void epilogue(const Regs& r) const {
     const int32_t j0 = first_unit(pl, k), H = pl.H;
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       if (r.el.row[e] < 0) continue;
       const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
       h_n[b * H + j] = S(r.state[e][0]);
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) p.st[(z - 1) * pl.B * H + b * H + j] = r.state[e][z];
+#pragma unroll
+      for (int z = 1; z < Z; ++z) p.st[(z - 1) * pl.B * H + b * H + j] = r.state[e][z];
     }
   }
 
@@ -520,23 +544,27 @@ struct BackwardCTA {
   RNNEXT_HD void prologue(Regs& r, int tid) const {
     const int32_t j0 = first_unit(pl, k), nu = units_of(pl, k), H = pl.H, B = pl.B;
     r.el.assign(pl, nu, p.lengths, p.T, tid);
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       if (r.el.row[e] < 0) continue;
       const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
       r.grad[e][0] = A(dh[b * H + j]);
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) r.grad[e][z] = p.dst[(z - 1) * B * H + b * H + j];
+#pragma unroll
+      for (int z = 1; z < Z; ++z) r.grad[e][z] = p.dst[(z - 1) * B * H + b * H + j];
     }
     // Bt row n (unit u = n) is W_hh's column j0 + u, over all G*H rows
     const int warp = tid / 32, lane = tid % 32, u = lane / 4, q = lane % 4;
-    RNNEXT_UNROLL for (int kt = 0; kt < Shape<Dir::Backward>::KT; ++kt) {
+#pragma unroll
+    for (int kt = 0; kt < Shape<Dir::Backward>::KT; ++kt) {
       const int32_t k0 = (warp * pl.KT + kt) * pl.ktile;
       const bool in = kt < pl.KT && k0 < pl.K && u < nu;
-      RNNEXT_UNROLL for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
         const int32_t c = sizeof(S) == 2 ? k0 + 2 * q + 8 * i : k0 + q + 4 * i;
         if constexpr (sizeof(S) == 2)
-          r.b[kt][0][i] = in ? pack2(c < pl.K ? w_hh[c * H + j0 + u] : S(0.f),
-                                     c + 1 < pl.K ? w_hh[(c + 1) * H + j0 + u] : S(0.f))
-                             : 0u;
+          r.b[kt][0][i] =
+              in ? pack2(c < pl.K ? w_hh[c * H + j0 + u] : S(0.f), c + 1 < pl.K ? w_hh[(c + 1) * H + j0 + u] : S(0.f))
+                 : 0u;
         else
           r.b[kt][0][i] = in && c < pl.K ? tf32(float(w_hh[c * H + j0 + u])) : 0u;
       }
@@ -556,7 +584,7 @@ struct BackwardCTA {
       stage_rows(src + j0, H, x, U, rows, 0, nu, tid, pl.threads);
       x += rows * U;
     };
-    put(p.dy + cells::held(p, t) * n, B);
+    put(p.dy + cells::in_chunk(p, t) * n, B);
     put(p.saved + t * K * n, B * K);
     if (Cell::reads_h_prev) put(t ? p.y + (t - 1) * n : p.h0, B);
     if (Z > 1) put(t ? p.st_all + (t - 1) * (Z - 1) * n : p.s0, (Z - 1) * B);
@@ -571,38 +599,45 @@ struct BackwardCTA {
     const S *dy = tiles(), *saved = dy + B * U, *h_prev = saved + B * K * U,
             *st_prev = h_prev + (Cell::reads_h_prev ? B * U : 0), *out = st_prev + (Z - 1) * B * U,
             *keep_t = out + (Cell::reads_out ? B * U : 0);
-    S* dxg = p.dxg + int64_t(cells::held(p, t)) * B * ld;
-    S* dhg = p.dhg + int64_t(cells::held(p, t)) * B * ld;
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+    S* dxg = p.dxg + int64_t(cells::in_chunk(p, t)) * B * ld;
+    S* dhg = p.dhg + int64_t(cells::in_chunk(p, t)) * B * ld;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       if (r.el.row[e] < 0) continue;
       const int32_t b = r.el.row[e], u = r.el.unit[e], j = j0 + u;
       const bool on = t < r.el.len[e];
       A sv[at_least_one<K>], prev[Z], outs[Z], dnext[Z], dx[G], dhp[G], dprev[Z], keep[at_least_one<ZN>];
-      RNNEXT_UNROLL for (int s = 0; s < K; ++s) sv[s] = A(saved[(b * K + s) * U + u]);
+#pragma unroll
+      for (int s = 0; s < K; ++s) sv[s] = A(saved[(b * K + s) * U + u]);
       prev[0] = Cell::reads_h_prev ? A(h_prev[b * U + u]) : A(0);
       outs[0] = Cell::reads_out ? A(out[b * U + u]) : A(0);
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) prev[z] = A(st_prev[((z - 1) * B + b) * U + u]);
+#pragma unroll
+      for (int z = 1; z < Z; ++z) prev[z] = A(st_prev[((z - 1) * B + b) * U + u]);
       A dh = r.grad[e][0];
       if (on) {
         dh += A(dy[b * U + u]);
         if (p.clip > A(0)) dh = dh < -p.clip ? -p.clip : dh > p.clip ? p.clip : dh;
       }
       dnext[0] = dh;
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) dnext[z] = r.grad[e][z];
-      RNNEXT_UNROLL for (int z = 0; z < ZN; ++z) keep[z] = p.keep ? A(keep_t[(b * ZN + z) * U + u]) : p.keep_p;
+#pragma unroll
+      for (int z = 1; z < Z; ++z) dnext[z] = r.grad[e][z];
+#pragma unroll
+      for (int z = 0; z < ZN; ++z) keep[z] = p.keep ? A(keep_t[(b * ZN + z) * U + u]) : p.keep_p;
       cells::backward_unit<Cell>(on, zoned(), keep, sv, prev, outs, dnext, dx, dhp, dprev);
-      RNNEXT_UNROLL for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
         dhg[b * ld + g * H + j] = S(dhp[g]);
         if (Cell::separate_hg) dxg[b * ld + g * H + j] = S(dx[g]);
       }
       r.direct[e] = dprev[0];
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) r.grad[e][z] = dprev[z];
+#pragma unroll
+      for (int z = 1; z < Z; ++z) r.grad[e][z] = dprev[z];
     }
   }
 
   // This warp's slice of A = dhg[t] (after the wait).
   RNNEXT_HD void stage(int32_t t, int tid) const {
-    stage_a(pl, p.dhg + int64_t(cells::held(p, t)) * pl.B * pl.K, a_tile(), tid);
+    stage_a(pl, p.dhg + int64_t(cells::in_chunk(p, t)) * pl.B * pl.K, a_tile(), tid);
   }
 
   template <int N>
@@ -612,17 +647,20 @@ struct BackwardCTA {
 
   // dh of this thread's elements for the step before: direct + the sum of the warps' partials.
   RNNEXT_HD void gather(Regs& r) const {
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e)
+#pragma unroll
+    for (int e = 0; e < E; ++e)
       if (r.el.row[e] >= 0) r.grad[e][0] = r.direct[e] + A(warp_sum(pl, partials(), r.el.row[e], r.el.unit[e]));
   }
 
   RNNEXT_HD void epilogue(const Regs& r) const {
     const int32_t j0 = first_unit(pl, k), H = pl.H;
-    RNNEXT_UNROLL for (int e = 0; e < E; ++e) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       if (r.el.row[e] < 0) continue;
       const int32_t b = r.el.row[e], j = j0 + r.el.unit[e];
       dh[b * H + j] = S(r.grad[e][0]);
-      RNNEXT_UNROLL for (int z = 1; z < Z; ++z) p.dst[(z - 1) * pl.B * H + b * H + j] = r.grad[e][z];
+#pragma unroll
+      for (int z = 1; z < Z; ++z) p.dst[(z - 1) * pl.B * H + b * H + j] = r.grad[e][z];
     }
   }
 

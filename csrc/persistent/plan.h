@@ -66,8 +66,7 @@ inline Plan make_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, Mm
   pl.off_x = int32_t(bytes_a + bytes_r);
   const int64_t smem = bytes_a + bytes_r + bytes_x;
   pl.smem = int32_t(std::min<int64_t>(smem, INT32_MAX));
-  pl.fits = pl.ctas <= cap.sms && pl.KT <= kt_max && pl.NT <= nt_max && pl.elems <= e_max &&
-            smem <= cap.smem_per_block;
+  pl.fits = pl.ctas <= cap.sms && pl.KT <= kt_max && pl.NT <= nt_max && pl.elems <= e_max && smem <= cap.smem_per_block;
   return pl;
 }
 
