@@ -5,7 +5,8 @@
     python benchmarks/bench.py --device cuda --dtype bfloat16 --cells lstm,gru
 
 Cells: lstm, gru, rnn vs torch.nn; lnlstm, lngru (rnnext.LayerNormLSTM/GRU) and zlstm (rnnext.LSTM with
-zoneout 0.1, training) vs the Python loops a user writes today (loops.py), in the "torch.nn" column.
+zoneout 0.1, training) vs the Python loops a user writes today (loops.py), in the "torch.nn" column; slstm
+(rnnext.sLSTM) and hlstm (rnnext.LSTM), 4 heads each, vs FlashRNN's vanilla PyTorch loop (PyPI flashrnn) there.
 
 Times are medians of torch.utils.benchmark measurements (with torch's thread count: torch.nn uses
 every core), the candidates interleaved round by round so that drift hits all alike. fwd runs under
@@ -40,14 +41,19 @@ import loops  # noqa: E402
 CELLS = {"lstm": (rnnext.LSTM, torch.nn.LSTM, 4), "gru": (rnnext.GRU, torch.nn.GRU, 3),
          "rnn": (rnnext.RNN, torch.nn.RNN, 1), "lnlstm": (rnnext.LayerNormLSTM, loops.LayerNormLSTMLoop, 4),
          "lngru": (rnnext.LayerNormGRU, loops.LayerNormGRULoop, 3),
-         "zlstm": (functools.partial(rnnext.LSTM, zoneout=0.1), loops.ZoneoutLSTMLoop, 4)}
+         "zlstm": (functools.partial(rnnext.LSTM, zoneout=0.1), loops.ZoneoutLSTMLoop, 4),
+         "slstm": (functools.partial(rnnext.sLSTM, num_heads=4),
+                   functools.partial(loops.FlashRNNVanilla, "slstm", heads=4), 4),
+         "hlstm": (functools.partial(rnnext.LSTM, num_heads=4),
+                   functools.partial(loops.FlashRNNVanilla, "lstm", heads=4), 4)}
+HEADS = {"slstm": 4, "hlstm": 4}  # the recurrence's heads: W_hh has 1/heads of the dense one's multiply-adds
 CANDIDATES = ("rnnext", "rnnext-persistent", "torch.nn", "reference")
 # rnnext's backend per candidate; the persistent kernels exist on CUDA only (on CPU an emulation for tests)
 BACKEND = {"rnnext": "auto", "rnnext-persistent": "persistent", "reference": "reference"}
 DEFAULT = {"cpu": [(100, 32, 256, 256), (100, 8, 128, 128), (50, 64, 512, 512)],
            "cuda": [(100, 1, 256, 256), (100, 16, 512, 512), (100, 64, 512, 512), (1024, 16, 768, 768),
                     (100, 256, 1024, 1024)]}
-SMOKE = [(3, 2, 4, 5)]
+SMOKE = [(3, 2, 4, 12)]  # H divisible by the heads rows' 4, not by 8
 # (cell, (T, B, I, H)) whose fwd+bwd peak memory is reported on its own: long sequences
 MEMORY = {"cpu": [("lstm", (1000, 32, 256, 256))], "cuda": [("lstm", (1000, 64, 512, 512))]}
 
@@ -67,7 +73,7 @@ def flops(cell, T, B, I, H, mode="fwd"):
     """GEMM FLOPs: forward (input projection + recurrence); backward twice that (the steps' dh and dW_hh, dx and
     dW_ih), less dx's without an input gradient."""
     G = CELLS[cell][2]
-    fwd = 2 * T * B * G * H * (I + H)
+    fwd = 2 * T * B * G * H * (I + H // HEADS.get(cell, 1))
     return {"fwd": fwd, "fwd+bwd": 3 * fwd, "fwd+bwd, x no grad": 3 * fwd - 2 * T * B * G * H * I}[mode]
 
 
@@ -164,7 +170,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    p.add_argument("--cells", default="lstm,gru,rnn,lnlstm,lngru,zlstm")
+    p.add_argument("--cells", default="lstm,gru,rnn,lnlstm,lngru,zlstm,slstm,hlstm")
     p.add_argument("--full", action="store_true", help="the larger sweep (minutes to hours on a CPU)")
     p.add_argument("--quick", action="store_true", help="fewer rounds")
     p.add_argument("--smoke", action="store_true", help="one tiny config: checks the script end to end")

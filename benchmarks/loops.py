@@ -71,3 +71,27 @@ class ZoneoutLSTMLoop(nn.Module):
             h, c = self._zone(hn, h), self._zone(cn, c)
             outputs.append(h)
         return torch.stack(outputs), (h, c)
+
+
+class FlashRNNVanilla(nn.Module):
+    """FlashRNN's pure-PyTorch loop (NX-AI/flashrnn, ``flashrnn.flashrnn.vanilla.flashrnn_forward``: a bmm per
+    step over the heads, then the cell's pointwise function): the baseline of the sLSTM and head-wise rows."""
+
+    def __init__(self, cell, input_size, hidden_size, heads=1):
+        super().__init__()
+        import importlib
+
+        vanilla = importlib.import_module("flashrnn.flashrnn.vanilla")  # the package's top level compiles CUDA
+        self.forward_fn = vanilla.flashrnn_forward
+        self.pointwise = vanilla.flashrnn_pointwise_function_registry[cell]
+        self.states, self.heads, self.head = {"slstm": 4, "lstm": 2}[cell], heads, hidden_size // heads
+        self.x2g = nn.Linear(input_size, 4 * hidden_size, bias=False)
+        self.R = nn.Parameter(torch.randn(heads, self.head, 4, self.head) / self.head ** 0.5)
+        self.b = nn.Parameter(torch.zeros(heads, 4, self.head))
+
+    def forward(self, x):
+        T, B = x.shape[:2]
+        wx = self.x2g(x).view(T, B, 4, self.heads, self.head)
+        s0 = x.new_zeros(1, B, self.states, self.heads, self.head)
+        all_states, last = self.forward_fn(wx, s0, self.R, self.b.permute(1, 0, 2), self.pointwise)
+        return all_states[:, :, 0].reshape(T, B, -1), last

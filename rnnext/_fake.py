@@ -73,6 +73,11 @@ def register_keep_mask(lib):
 
 # ---- sequences (sequence.h) -----------------------------------------------------------------------
 
+def heads(D, H, proj):
+    """sequence.h heads: the number of heads of a w_hh with D columns (1: dense)."""
+    return H // D if not proj and 0 < D < H and H % D == 0 else 1
+
+
 def check_common(c, cell, x, w_ih, w_hh, h0, s0, params, w_hr, lengths, zoneout_mask, zoneout, clip):
     """sequence.h check_common: returns (T, B, H, P)."""
     T, B = c.ref.shape[0], c.ref.shape[1]
@@ -93,7 +98,9 @@ def check_common(c, cell, x, w_ih, w_hh, h0, s0, params, w_hr, lengths, zoneout_
     P = H if w_hr is None else w_hr.shape[0]
     c.shape("h0", h0, (B, P))
     c.shape("s0", s0, (cell.others, B, H))
-    c.shape("w_hh", w_hh, (G * H, P))
+    if not (w_hh.dim() == 2 and w_hh.shape[0] == G * H and heads(w_hh.shape[1], H, w_hr is not None) > 1):
+        c.shape("w_hh", w_hh, (G * H, P))
+    c.like("w_hh", w_hh)
     _check(len(params) == len(cell.params), lambda: f"{op}: expected {len(cell.params)} cell parameters (param0, "
                                                     f"param1), got {len(params)}")
     for i, t in enumerate(params):
@@ -162,7 +169,7 @@ def register_seq(lib, cell):
 
         G = cell.gates
         return (y.new_empty(x.shape) if need[0] else e(), y.new_empty(w_ih.shape) if need[1] else e(),
-                y.new_empty(G * H, P) if need[2] else e(), y.new_empty(G * H) if need[3] else e(),
+                y.new_empty(w_hh.shape) if need[2] else e(), y.new_empty(G * H) if need[3] else e(),
                 y.new_empty(G * H) if need[4] else e(), y.new_empty(B, P) if need[5] else e(),
                 y.new_empty(cell.others, B, H) if need[6] else y.new_empty(0, B, H),
                 *[y.new_empty(cell.param_units * H) if need[7 + i] and i < len(params) else e() for i in range(2)],

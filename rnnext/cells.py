@@ -40,11 +40,12 @@ CELLS = {c.name: c for c in (
          param_units=5),
     Cell("layernorm_gru", gates=3, states=1, saved=6, zoned=1, separate_hg=True, rows=True, stats=2,
          params=("ln_w", "ln_b"), param_units=6),
+    Cell("slstm", gates=4, states=4, saved=6),
 )}
 
 # torch.nn's mode strings (nn.RNNBase.mode), MinimalGRU's, and short names for the layer-normalised cells
 MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "MINIMAL_GRU": "minimal_gru",
-         "LNLSTM": "layernorm_lstm", "LNGRU": "layernorm_gru"}
+         "LNLSTM": "layernorm_lstm", "LNGRU": "layernorm_gru", "SLSTM": "slstm"}
 
 
 def get(cell):

@@ -1,4 +1,4 @@
-"""Functional RNN, LSTM, GRU and MinimalGRU (the lecture's GRU): layers x directions x padded/packed
+"""Functional RNN, LSTM, GRU, MinimalGRU (the lecture's GRU) and sLSTM (xLSTM's): layers x directions x padded/packed
 sequences over a backend.
 
 The backend is chosen per call: the fused ops (:mod:`rnnext.ops`) where they run on the input's
@@ -129,20 +129,20 @@ def _autocasting(fn):
 
 # ---- single cells: torch._VF.lstm_cell / gru_cell / rnn_*_cell ------------------------------------
 
-def _check_cell(input, hx, w_ih, w_hh):
+def _check_cell(input, hx, w_ih, H):
     if input.size(1) != w_ih.size(1):
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
     for idx, h in enumerate(hx):
         if input.size(0) != h.size(0):
             raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{idx} batch size {h.size(0)}")
-        if h.size(1) != w_hh.size(1):
-            raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {w_hh.size(1)}")
+        if h.size(1) != H:
+            raise RuntimeError(f"hidden{idx} has inconsistent hidden_size: got {h.size(1)}, expected {H}")
 
 
 def _step(cell, input, states, w_ih, w_hh, b_ih, b_hh, backend):
-    """One step of cell: the new states."""
-    _check_cell(input, states, w_ih, w_hh)
-    xg, hg = F.linear(input, w_ih, b_ih), F.linear(states[0], w_hh, b_hh)
+    """One step of cell: the new states. w_hh may be head-wise (:func:`rnnext.reference.hidden`)."""
+    _check_cell(input, states, w_ih, w_ih.size(0) // cells.get(cell).gates)
+    xg, hg = F.linear(input, w_ih, b_ih), reference.hidden(states[0], w_hh, b_hh)
     return backend_for(input, backend).step(cell, xg, hg, tuple(states))
 
 
@@ -168,6 +168,13 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
 def minimal_gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """One step of the lecture's GRU (update gate only). input ``[B, I]``, hx ``[B, H]`` -> h'."""
     return _step("minimal_gru", input, (hx,), w_ih, w_hh, b_ih, b_hh, backend)[0]
+
+
+@_autocasting
+def slstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
+    """One sLSTM step (:class:`rnnext.sLSTM`): input ``[B, I]``, hx = (h, c, n, m) ``[B, H]`` each, w_hh ``[4H, H]``
+    or head-wise ``[4H, H/k]`` -> (h', c', n', m')."""
+    return tuple(_step("slstm", input, hx, w_ih, w_hh, b_ih, b_hh, backend))
 
 
 @_autocasting
@@ -240,9 +247,13 @@ def _layers(cell, input, hx, params, has_biases, num_layers, dropout, train, bid
             b_ih, b_hh = (p[2], p[3]) if has_biases else (None, None)
             zone = {}
             if zoneout > 0:  # training: masks; eval: the constant keep weight
-                zone = dict(zoneout_mask=zoneout_masks(zoneout, x.size(0), x.size(1), cell.zoned, p[1].size(1), x)) \
+                H = p[0].size(0) // cell.gates
+                zone = dict(zoneout_mask=zoneout_masks(zoneout, x.size(0), x.size(1), cell.zoned, H, x)) \
                     if train else dict(zoneout=zoneout)
-            y, states = impl.recurrence(cell.name, x, p[0], p[1], tuple(s[k] for s in hx), b_ih, b_hh,
+            w_hh = p[1]
+            if impl is onnx and not proj and w_hh.size(1) != hx[0].size(-1):  # head-wise: ONNX's RNN ops are dense
+                w_hh = reference.dense_heads(w_hh, hx[0].size(-1))
+            y, states = impl.recurrence(cell.name, x, p[0], w_hh, tuple(s[k] for s in hx), b_ih, b_hh,
                                         params=() if cell_params is None else cell_params[k],
                                         w_hr=p[-1] if proj else None, lengths=lengths, reverse=d == 1, clip=clip,
                                         eps=eps, path=_path(backend, x), **zone)
@@ -315,6 +326,17 @@ def rnn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=Fal
     return x, h
 
 
+@_autocasting
+def slstm(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False, bidirectional=False,
+          batch_first=False, batch_sizes=None, backend=None, state_grad_clip=None):
+    """Multi-layer sLSTM (xLSTM's; equations: :class:`rnnext.sLSTM`), flat weights as :func:`lstm` (gate rows
+    (i, f, z, o); w_hh ``[4H, H]`` or head-wise ``[4H, H/k]``). hx = (h0, c0, n0, m0) ``[L*D, B, H]`` each. Returns
+    (output, h_n, c_n, n_n, m_n). {clip}"""
+    x, states = _layers("slstm", input, tuple(hx), params, has_biases, num_layers, dropout, train, bidirectional,
+                        batch_first, batch_sizes, backend, state_grad_clip)
+    return (x, *states)
+
+
 _LN_DOC = """ln: per layer and direction (layer-major, as the flat weights), the pair (weight, bias) of the
     layer norms, ``[N*H]`` each; eps: their epsilon."""
 
@@ -343,5 +365,5 @@ def layer_norm_gru(input, hx, params, ln, has_biases=True, num_layers=1, dropout
     return x, h
 
 
-for _f in (lstm, gru, minimal_gru, rnn, layer_norm_lstm, layer_norm_gru):
+for _f in (lstm, gru, minimal_gru, rnn, slstm, layer_norm_lstm, layer_norm_gru):
     _f.__doc__ = _f.__doc__.replace("{clip}", _CLIP_DOC).replace("{zoneout}", _ZONEOUT_DOC).replace("{ln}", _LN_DOC)

@@ -42,19 +42,47 @@ class _NoScript:
             "torch.export.export(model, args) (AOTInductor, ONNX), or rnnext.to_torch(model) for torch.nn's layers")
 
 
+def _check_heads(num_heads, hidden_size, proj_size=0):
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    if num_heads > 1 and proj_size:
+        raise ValueError("num_heads is not supported with proj_size")
+    return num_heads
+
+
+def _reshape_weights(module, names, shape):
+    """Replaces the parameters named by new ones of shape(old shape) (uninitialised: reset_parameters next)."""
+    for name in names:
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(old.new_empty(shape(tuple(old.shape)))))
+
+
 class _Layer(_NoScript, nn.RNNBase):
-    def __init__(self, mode, *args, state_grad_clip=None, **kwargs):
+    """num_heads=k (every layer): head-wise recurrence, W_hh block-diagonal with k heads of H/k units, stored as
+    its diagonal blocks: ``weight_hh_l{n}`` is ``[G*H, H/k]``, row g*H + u (gate g of unit u) holding the weights
+    from the H/k units of u's head (units of head i: i*H/k to (i+1)*H/k - 1). num_heads=1 is the dense layer."""
+
+    def __init__(self, mode, *args, state_grad_clip=None, num_heads=1, **kwargs):
         super().__init__(mode, *args, **kwargs)
         if state_grad_clip is not None and not state_grad_clip > 0:
             raise ValueError(f"state_grad_clip must be positive or None, got {state_grad_clip}")
         self.state_grad_clip = state_grad_clip
         self.zoneout = 0.0  # LSTM and GRU take it as a keyword
+        self.num_heads = _check_heads(num_heads, self.hidden_size, self.proj_size)
+        if num_heads > 1:
+            _reshape_weights(self, [n for names in self._all_weights for n in names if n.startswith("weight_hh")],
+                             lambda s: (s[0], s[1] // num_heads))
+            self.reset_parameters()
+            self._init_flat_weights()
 
     def flatten_parameters(self):
         """No-op: rnnext's kernels read the parameters as they are (cuDNN's flat buffer is not used)."""
 
     def extra_repr(self):
         s = super().extra_repr()
+        s += f", num_heads={self.num_heads}" if self.num_heads > 1 else ""
         s += f", state_grad_clip={self.state_grad_clip}" if self.state_grad_clip is not None else ""
         return s + (f", zoneout={self.zoneout}" if self.zoneout else "")
 
@@ -222,15 +250,75 @@ class MinimalGRU(_Layer):
             raise ValueError("proj_size argument is only supported for LSTM, not MinimalGRU")
         super().__init__("RNN_TANH", *args, **kwargs)  # torch.nn knows no 2-gate mode: widen its weights
         self.mode = "MINIMAL_GRU"
-        for names in self._all_weights:
-            for name in names:
-                old = getattr(self, name)
-                setattr(self, name, nn.Parameter(old.new_empty((2 * old.shape[0],) + tuple(old.shape[1:]))))
+        _reshape_weights(self, [n for names in self._all_weights for n in names], lambda s: (2 * s[0],) + s[1:])
         self.reset_parameters()
         self._init_flat_weights()
 
     def _run(self, input, hx, batch_sizes):
         return functional.minimal_gru(input, hx, self._flat_weights, **self._args(batch_sizes))
+
+
+class sLSTM(_Layer):
+    """The sLSTM of xLSTM (Beck et al., 2024): exponential input and forget gates with a stabiliser state m, and a
+    normaliser state n. Gate rows (i, f, z, o) of ``weight_ih_l{k}`` ``[4H, I]``, ``weight_hh_l{k}`` ``[4H, H]``
+    (``[4H, H/k]`` with num_heads=k: :class:`LSTM`'s layout) and the biases; per step, with
+    ``p = W_ih x + b_ih + W_hh h' + b_hh`` split into (i~, f~, z~, o~) and lf = logsigmoid(f~)::
+
+        where n' = 0 (an empty state, as the zero initial state): m = i~, f = 0
+        else: m = max(i~, lf + m'), f = exp(lf + m' - m)
+        i = exp(i~ - m),  c = f*c' + i*tanh(z~),  n = f*n' + i,  h = sigmoid(o~) * c / n
+
+    FlashRNN's and xLSTM's rule m = i~ "where all of n is 0" made per element: with it n >= 1 at every step, so
+    FlashRNN's clamp n >= 1 never acts and h never divides by 0; the two agree but where a given n0 is zero in
+    some units only, or in the gradients of c0 and n0 at n0 = 0 (FlashRNN: f*dc; here c0 is ignored there).
+
+    Constructor as :class:`LSTM` (input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+    device, dtype; ``state_grad_clip``, ``num_heads``; no proj_size, no zoneout). forward(input, hx=None) ->
+    (output, (h_n, c_n, n_n, m_n)): input as :class:`LSTM`'s, hx = (h0, c0, n0, m0) ``[L*D, B, H]`` each (zeros
+    by default). The states are carried in float within a sequence for 16-bit inputs; h_n..m_n come back in the
+    input's dtype."""
+
+    _dims_message = "sLSTM: Expected input to be 2D or 3D, got {}D instead"
+    STATES = ("h", "c", "n", "m")
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not sLSTM")
+        super().__init__("LSTM", *args, **kwargs)  # torch.nn's 4-gate weights
+        self.mode = "SLSTM"
+
+    def _check_hx_dims(self, hx, is_batched):
+        want = 3 if is_batched else 2
+        if not isinstance(hx, (tuple, list)) or len(hx) != 4:
+            raise RuntimeError("sLSTM: expected hx to be a tuple of four tensors (h0, c0, n0, m0)")
+        if any(h.dim() != want for h in hx):
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx (h0, c0, n0, m0) should also be {want}-D but got "
+                               f"{tuple(h.dim() for h in hx)}-D tensors")
+
+    def _unbatch_hx(self, hx):
+        return tuple(h.unsqueeze(1) for h in hx)
+
+    def _zeros(self, input, batch):
+        h = super()._zeros(input, batch)
+        return (h, torch.zeros_like(h), torch.zeros_like(h), torch.zeros_like(h))
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        self.check_input(input, batch_sizes)
+        if not isinstance(hidden, (tuple, list)) or len(hidden) != 4:
+            raise RuntimeError("sLSTM: expected hx to be a tuple of four tensors (h0, c0, n0, m0)")
+        expected = self.get_expected_hidden_size(input, batch_sizes)
+        for k, (name, h) in enumerate(zip(self.STATES, hidden)):
+            self.check_hidden_size(h, expected, f"Expected hidden[{k}] ({name}0) size {{}}, got {{}}")
+
+    def permute_hidden(self, hx, permutation):
+        if permutation is None:
+            return hx
+        return tuple(h.index_select(1, permutation) for h in hx)
+
+    def _run(self, input, hx, batch_sizes):
+        output, *states = functional.slstm(input, hx, self._flat_weights, **self._args(batch_sizes))
+        return output, tuple(states)
 
 
 # ---- layer-normalised layers ---------------------------------------------------------------------
@@ -410,6 +498,38 @@ class MinimalGRUCell(_NoScript, nn.RNNCellBase):
         return _single_state_step(self, "MinimalGRUCell", input, hx, functional.minimal_gru_cell)
 
 
+class sLSTMCell(_NoScript, nn.RNNCellBase):
+    """One step of :class:`sLSTM` on the fused cell op (``torch.ops.rnnext.slstm_cell``): weights ``weight_ih``
+    ``[4H, I]``, ``weight_hh`` ``[4H, H/num_heads]`` (rows (i, f, z, o)), biases ``[4H]``.
+    forward(input ``[B, I]`` or ``[I]``, hx = (h, c, n, m) or None: zeros) -> (h', c', n', m'); the states have
+    the input's dtype."""
+
+    def __init__(self, input_size, hidden_size, bias=True, num_heads=1, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        self.num_heads = _check_heads(num_heads, hidden_size)
+        if num_heads > 1:
+            _reshape_weights(self, ["weight_hh"], lambda s: (s[0], s[1] // num_heads))
+            self.reset_parameters()
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", num_heads={self.num_heads}" if self.num_heads > 1 else "")
+
+    def forward(self, input, hx=None):
+        for idx, value in enumerate(hx or ()):
+            _cell_input("sLSTMCell", input, value, f"hx[{idx}]")
+        is_batched = _cell_input("sLSTMCell", input, None)
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = tuple(input.new_zeros(input.size(0), self.hidden_size) for _ in range(4))
+        elif len(hx) != 4:
+            raise RuntimeError("sLSTMCell: expected hx to be a tuple of four tensors (h, c, n, m)")
+        elif not is_batched:
+            hx = tuple(h.unsqueeze(0) for h in hx)
+        new = functional.slstm_cell(input, tuple(hx), self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return new if is_batched else tuple(h.squeeze(0) for h in new)
+
+
 class LayerNormLSTMCell(LayerNormLSTM):
     """One step of :class:`LayerNormLSTM` (same formulation, parameters and keywords ``eps``, ``zoneout``; one
     layer, fused): forward(input ``[B, I]`` or ``[I]``, hx = (h, c) or None) -> (h', c')."""
@@ -464,7 +584,7 @@ def _converted(module):
 
 
 _TORCH = {LSTM: nn.LSTM, GRU: nn.GRU, RNN: nn.RNN, LSTMCell: nn.LSTMCell, GRUCell: nn.GRUCell, RNNCell: nn.RNNCell}
-_OURS = (_Layer, LSTMCell, GRUCell, RNNCell, MinimalGRUCell)
+_OURS = (_Layer, LSTMCell, GRUCell, RNNCell, MinimalGRUCell, sLSTMCell)
 
 
 def _no_torch_equivalent(module):
@@ -472,6 +592,7 @@ def _no_torch_equivalent(module):
     if type(module) not in _TORCH:
         return type(module).__name__
     options = [f"{k}={getattr(module, k)}" for k in ("zoneout", "state_grad_clip") if getattr(module, k, None)]
+    options += [f"num_heads={module.num_heads}"] if getattr(module, "num_heads", 1) > 1 else []
     return f"{type(module).__name__} with {', '.join(options)}" if options else None
 
 

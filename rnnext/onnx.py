@@ -142,6 +142,20 @@ def _gru_step(x: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], ln_w: 
     return hy
 
 
+def _slstm_step(x: Tensor, h: Tensor, c: Tensor, n: Tensor, m: Tensor, w_hh: Tensor,
+                b_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """sLSTM step (csrc/cells/slstm.h); x = W_ih x_t + b_ih. Returns (h', c', n', m')."""
+    pi, pf, pz, po = (x + F.linear(h, w_hh, b_hh)).chunk(4, 1)
+    a = torch.clamp(pf, max=0.0) - torch.log(1 + torch.exp(-pf.abs())) + m  # logsigmoid(f~) + m', stable
+    empty = n == 0
+    m_new = torch.where(empty | (pi >= a), pi, a)
+    f = torch.where(empty, 0.0, torch.exp(a - m_new))
+    i = torch.exp(pi - m_new)
+    c_new = f * c + i * pz.tanh()
+    n_new = f * n + i
+    return po.sigmoid() * c_new / n_new, c_new, n_new, m_new
+
+
 # valid: the [T, B, 1] mask of steps within their lengths where masked, else unused (an Optional argument
 # would be carried through the exported Loop as an untyped optional, which onnx's checker rejects).
 def _lstm_loop(xg: Tensor, masked: bool, valid: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
@@ -157,6 +171,21 @@ def _lstm_loop(xg: Tensor, masked: bool, valid: Tensor, h: Tensor, c: Tensor, w_
             ys.append(hy)
         h, c = hy, cy
     return torch.stack(ys), h, c
+
+
+def _slstm_loop(xg: Tensor, masked: bool, valid: Tensor, h: Tensor, c: Tensor, n: Tensor, m: Tensor, w_hh: Tensor,
+                b_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ys: List[Tensor] = []
+    for t in range(xg.size(0)):
+        hy, cy, ny, my = _slstm_step(xg[t], h, c, n, m, w_hh, b_hh)
+        if masked:
+            ys.append(torch.where(valid[t], hy, 0.0))
+            hy, cy = torch.where(valid[t], hy, h), torch.where(valid[t], cy, c)
+            ny, my = torch.where(valid[t], ny, n), torch.where(valid[t], my, m)
+        else:
+            ys.append(hy)
+        h, c, n, m = hy, cy, ny, my
+    return torch.stack(ys), h, c, n, m
 
 
 def _gru_loop(xg: Tensor, masked: bool, valid: Tensor, h: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
@@ -181,12 +210,12 @@ def _scripted(fn):
         return torch.jit.script(fn)
 
 
-def _scan(lstm, xg, valid, h0, c0, args):
+def _scan(step, xg, valid, states, args):
     """The step loop as torch's scan operator (dynamo=True), called directly with the step's tensors as explicit
-    inputs. args: the step's arguments after the state."""
+    inputs. step(x, *states, *args) -> the new states (a tuple, or a tensor for one state)."""
     slots = [k for k, a in enumerate(args) if isinstance(a, torch.Tensor)]
     masked = valid is not None
-    n_state = 2 if lstm else 1
+    n_state = len(states)
 
     def body(*flat):
         state, x = flat[:n_state], flat[n_state]
@@ -194,7 +223,8 @@ def _scan(lstm, xg, valid, h0, c0, args):
         given = list(args)
         for k, t in zip(slots, flat[n_state + 1 + masked:]):
             given[k] = t
-        new = _lstm_step(x, *state, *given) if lstm else (_gru_step(x, *state, *given),)
+        new = step(x, *state, *given)
+        new = new if isinstance(new, tuple) else (new,)
         hy = new[0]
         if ok is None:
             return [*new, hy.clone()]  # scan refuses an output aliasing the carry
@@ -202,26 +232,28 @@ def _scan(lstm, xg, valid, h0, c0, args):
 
     # clone: scan refuses aliased inputs, and a caller may pass one tensor as both h0 and c0. detach: the exporter's
     # decompositions would trace the backward of a scan whose inputs require grad (most of the export's time).
-    init = [h0.detach().clone(), c0.detach().clone()] if lstm else [h0.detach().clone()]
+    init = [s.detach().clone() for s in states]
     xs = [xg.detach(), valid] if masked else [xg.detach()]
     out = torch.ops.higher_order.scan(body, init, xs, tuple(args[k].detach() for k in slots))
-    return out[n_state], out[0], out[1] if lstm else None
+    return out[n_state], tuple(out[:n_state])
 
 
-def _looped(cell, xg, valid, h0, c0, w_hh, b_hh, w_hr, ln_w, ln_b, eps, zoneout):
-    lstm = cell.name in ("lstm", "layernorm_lstm")
+def _looped(cell, xg, valid, states, w_hh, b_hh, w_hr, ln_w, ln_b, eps, zoneout):
+    """(y, final states) of the Scan (dynamo=True) or scripted Loop (dynamo=False) over cell's step."""
     hidden = int(w_hh.size(0)) // cell.gates  # a traced size is a tensor
     keep = float(zoneout)
-    if lstm:
-        args = (w_hh, b_hh, w_hr, ln_w, ln_b, hidden, float(eps), keep)
+    if cell.name in ("lstm", "layernorm_lstm"):
+        step, loop, args = _lstm_step, _lstm_loop, (w_hh, b_hh, w_hr, ln_w, ln_b, hidden, float(eps), keep)
+    elif cell.name == "slstm":
+        step, loop, args = _slstm_step, _slstm_loop, (w_hh, b_hh)
     else:
+        step, loop = _gru_step, _gru_loop
         args = (w_hh, b_hh, ln_w, ln_b, hidden, float(eps), keep, cell.name == "minimal_gru")
     if not torch.jit.is_tracing():
-        return _scan(lstm, xg, valid, h0, c0, args)
+        return _scan(step, xg, valid, states, args)
     masked = (valid is not None, xg if valid is None else valid)
-    if lstm:
-        return _scripted(_lstm_loop)(xg, *masked, h0, c0, *args)
-    return (*_scripted(_gru_loop)(xg, *masked, h0, *args), None)
+    y, *final = _scripted(loop)(xg, *masked, *states, *args)
+    return y, tuple(final)
 
 
 # ---- ONNX LSTM / GRU / RNN nodes ------------------------------------------------------------------------
@@ -297,24 +329,24 @@ def recurrence(cell, x, w_ih, w_hh, states, b_ih=None, b_hh=None, params=(), w_h
                clip=0.0, zoneout_mask=None, zoneout=0.0, eps=1e-5, path=0):
     """One layer-direction over a sequence, as ONNX operators: arguments, shapes and results as
     :func:`rnnext.reference.recurrence`. An ONNX LSTM/GRU/RNN node where the math is that operator's (the
-    cells lstm without w_hr, gru, rnn_tanh, rnn_relu; no zoneout), else a Scan (dynamo=True) or Loop
-    (dynamo=False) over one step of standard ops. clip and path change nothing in the forward; zoneout_mask
-    (training) raises."""
+    cells lstm without w_hr, gru, rnn_tanh, rnn_relu; no zoneout; a head-wise w_hh given dense), else a Scan
+    (dynamo=True) or Loop (dynamo=False) over one step of standard ops. clip and path change nothing in the
+    forward; zoneout_mask (training) raises."""
     cell = cells.get(cell)
     if zoneout_mask is not None:
         keep_mask(0.0, (), x)
     if lengths is not None:
         lengths = lengths.long()  # the TorchScript exporter hands packed input's lengths over as int32
-    h0, c0 = states[0], states[1] if cell.others else None
     if cell.name in OPERATORS and w_hr is None and not zoneout:
-        y, h, c = _node(cell.name, x, w_ih, h0, c0, w_hh, b_ih, b_hh, lengths, reverse)
-    else:
-        xg = F.linear(x, w_ih, b_ih)
-        if reverse:
-            xg = flip_within(xg, lengths)
-        valid = None if lengths is None else step_mask(lengths, xg.size(0))
-        ln_w, ln_b = params if params else (None, None)
-        y, h, c = _looped(cell, xg, valid, h0, c0, w_hh, b_hh, w_hr, ln_w, ln_b, eps, zoneout)
-        if reverse:
-            y = flip_within(y, lengths)
-    return y, (h,) if c is None else (h, c)
+        y, h, c = _node(cell.name, x, w_ih, states[0], states[1] if cell.others else None, w_hh, b_ih, b_hh, lengths,
+                        reverse)
+        return y, (h,) if c is None else (h, c)
+    xg = F.linear(x, w_ih, b_ih)
+    if reverse:
+        xg = flip_within(xg, lengths)
+    valid = None if lengths is None else step_mask(lengths, xg.size(0))
+    ln_w, ln_b = params if params else (None, None)
+    y, final = _looped(cell, xg, valid, tuple(states), w_hh, b_hh, w_hr, ln_w, ln_b, eps, zoneout)
+    if reverse:
+        y = flip_within(y, lengths)
+    return y, final

@@ -73,8 +73,44 @@ def layernorm_gru(x, hp, states, params, eps):
     return gru(u, v, states, (), eps)
 
 
+def slstm(x, hp, states, params, eps):
+    """xLSTM's sLSTM (i, f, z, o), states (h, c, n, m) (csrc/cells/slstm.h): where n' = 0 the state is empty,
+    m = i~ and f = 0; else m = max(i~, logsigmoid(f~) + m'), f = exp(logsigmoid(f~) + m' - m); i = exp(i~ - m),
+    c = f*c' + i*tanh(z~), n = f*n' + i, h = sigmoid(o~)*c/n."""
+    pi, pf, pz, po = (x + hp).chunk(4, 1)
+    _, c, n, m = states
+    a = F.logsigmoid(pf) + m
+    empty = n == 0
+    m_new = torch.where(empty | (pi >= a), pi, a)
+    i = (pi - m_new).exp()
+    f = torch.where(empty, -math.inf, a - m_new).exp()  # exp(-inf) = 0 with gradient 0, where a - m may overflow
+    c_new = f * c + i * pz.tanh()
+    n_new = f * n + i
+    return po.sigmoid() * c_new / n_new, c_new, n_new, m_new
+
+
 STEPS = {"lstm": lstm, "gru": gru, "minimal_gru": minimal_gru, "rnn_tanh": rnn_tanh, "rnn_relu": rnn_relu,
-         "layernorm_lstm": layernorm_lstm, "layernorm_gru": layernorm_gru}
+         "layernorm_lstm": layernorm_lstm, "layernorm_gru": layernorm_gru, "slstm": slstm}
+
+
+def hidden(h, w_hh, b_hh=None):
+    """The hidden projection h @ w_hh^T + b_hh; w_hh ``[G*H, H/k]`` is a block-diagonal recurrence of k heads
+    (H/k units each; row g*H + u of gate g and unit u reads the units of u's head)."""
+    B, H = h.shape
+    D = w_hh.size(1)
+    if D == H:
+        return F.linear(h, w_hh, b_hh)
+    k = H // D
+    hp = torch.einsum("bkj,gkij->bgki", h.view(B, k, D), w_hh.view(-1, k, D, D)).reshape(B, -1)
+    return hp if b_hh is None else hp + b_hh
+
+
+def dense_heads(w_hh, H):
+    """The dense ``[G*H, H]`` block-diagonal matrix of a head-wise w_hh ``[G*H, H/k]``: head i's block padded
+    into its columns (standard ops, for ONNX)."""
+    GH, D = w_hh.shape
+    blocks = w_hh.view(GH // H, H // D, D, D)
+    return torch.stack([F.pad(blocks[:, i], (i * D, H - (i + 1) * D)) for i in range(H // D)], 1).reshape(GH, H)
 
 
 def step(cell, xg, hg, states):
@@ -86,7 +122,8 @@ def recurrence(cell, x, w_ih, w_hh, states, b_ih=None, b_hh=None, params=(), w_h
                clip=0.0, zoneout_mask=None, zoneout=0.0, eps=1e-5, path=0):
     """One layer-direction over a sequence: a Python loop over the cell's step.
 
-    cell: a name of :data:`rnnext.cells.CELLS`; x ``[T, B, I]`` the input; w_ih ``[G*H, I]``; w_hh ``[G*H, P]``;
+    cell: a name of :data:`rnnext.cells.CELLS`; x ``[T, B, I]`` the input; w_ih ``[G*H, I]``; w_hh ``[G*H, P]``
+    or, with k heads, ``[G*H, H/k]`` (:func:`hidden`);
     states: the initial states, h0 ``[B, P]`` (P = proj_size or H) then the others ``[B, H]`` (LSTM: c0);
     b_ih, b_hh ``[G*H]`` or None; params: the cell's own parameters; w_hr ``[P, H]`` (LSTM proj_size);
     lengths ``[B]`` int64 on x's device or None: steps t >= lengths[b] keep the states and output 0;
@@ -108,7 +145,7 @@ def recurrence(cell, x, w_ih, w_hh, states, b_ih=None, b_hh=None, params=(), w_h
     zoned = cell.zoned and (zoneout_mask is not None or zoneout > 0)
     states, ys = tuple(states), []
     for t in range(xg.size(0)):
-        new = list(one(xg[t], F.linear(states[0], w_hh, b_hh), states, tuple(params), eps))
+        new = list(one(xg[t], hidden(states[0], w_hh, b_hh), states, tuple(params), eps))
         if w_hr is not None:
             new[0] = F.linear(new[0], w_hr)
         if zoned:

@@ -135,17 +135,29 @@ Z = {c: rnnext.cells.get(c).states for c in ALL}
 
 def op_inputs(kind, B, H, device, dtype=torch.float64, requires_grad=True):
     """The cell op and (xg, hg, h, s)."""
-    t = lambda *s: torch.randn(*s, device=device, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
-    return getattr(torch.ops.rnnext, kind + "_cell"), (t(B, G[kind] * H), t(B, G[kind] * H), t(B, H),
-                                                       t(Z[kind] - 1, B, H))
+    t = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    s = t(Z[kind] - 1, B, H)
+    if kind == "slstm":  # the normaliser n > 0 (n = 0, where the function jumps: tests/test_slstm.py)
+        s[1] = s[1].abs() + 0.5
+    args = (t(B, G[kind] * H), t(B, G[kind] * H), t(B, H), s)
+    return getattr(torch.ops.rnnext, kind + "_cell"), tuple(a.requires_grad_(requires_grad) for a in args)
 
 
 def states_of(h, s):
     return (h, *s.unbind(0))
 
 
-def expected_saved(kind, xg, hg):
-    """What each cell saves, from csrc/cells/<cell>.h: the activated gates (GRU: and hn)."""
+def expected_saved(kind, xg, hg, s):
+    """What each cell saves, from csrc/cells/<cell>.h: the activated gates (GRU: and hn; sLSTM: its exponential
+    gates, sigmoid(-f~) and whether the stabiliser is i~), s the states but h."""
+    if kind == "slstm":
+        pi, pf, pz, po = (xg + hg).chunk(4, 1)
+        n, m = s[1], s[2]
+        a = torch.nn.functional.logsigmoid(pf) + m
+        at_i = (n == 0) | (pi >= a)
+        m_new = torch.where(at_i, pi, a)
+        f = torch.where(n == 0, 0, (a - m_new).exp())
+        return torch.cat([(pi - m_new).exp(), f, pz.tanh(), po.sigmoid(), (-pf).sigmoid(), at_i.to(xg.dtype)], 1)
     if kind == "lstm":
         i, f, g, o = (xg + hg).chunk(4, 1)
         return torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], 1)
@@ -168,7 +180,7 @@ def test_op_matches_reference(device, kind):
     want = reference.step(kind, xg, hg, states_of(h, s))
     for a, b in zip(states_of(h_new, s_new), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(saved, expected_saved(kind, xg, hg), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(saved, expected_saved(kind, xg, hg, s), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -192,7 +204,7 @@ def test_op_fp32_activations_over_float_range(device, kind):
     op = getattr(torch.ops.rnnext, kind + "_cell")
     h_new, s_new, saved = op(*[a.to(device, torch.float32) for a in (xg, hg, h, s)])
     ours = (*states_of(h_new, s_new), saved)
-    theirs = (*reference.step(kind, xg, hg, states_of(h, s)), expected_saved(kind, xg, hg))
+    theirs = (*reference.step(kind, xg, hg, states_of(h, s)), expected_saved(kind, xg, hg, s))
     assert any(o.isnan().any() for o in ours) and all(o.isfinite().any() for o in ours if o.numel())
     # The saved values are the activations themselves (the RNN's: its h): relative error everywhere. The
     # states combine them (the GRU's 1 - z cancels), so an absolute term of one float32 ulp at 1.

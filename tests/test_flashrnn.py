@@ -37,8 +37,7 @@ w.r.t. c0 and n0 at the empty state are f*(...) for an f the equations set to 0:
 outputs and the gradients w.r.t. everything else are the equations'; rnnext's c0/n0 gradients are compared with
 the transcription.
 
-The tests of rnnext's ``num_heads`` and ``rnnext.sLSTM``/``sLSTMCell`` (issue #22 item 4) are in the last
-section, listed in WAITING: they fail until those land (``-k "heads or slstm"`` runs them, and only them).
+The tests of rnnext's ``num_heads`` and ``rnnext.sLSTM``/``sLSTMCell`` are in the last section.
 """
 import importlib.util
 import sys
@@ -409,41 +408,7 @@ def test_layer_matches_flashrnn(vanilla, kind, case, backend, device):
     check(got, want, labels(kind, bool(states), P))
 
 
-# ---- waiting for issue #22 item 4: num_heads on the layers, rnnext.sLSTM and rnnext.sLSTMCell -----------------
-# These fail (pytest.fail, saying what is missing) until the interface lands; run them with -k "heads or slstm".
-
-WAITING = ["test_heads_layer_matches_flashrnn", "test_heads_one_is_todays_layer", "test_slstm_layer_matches_flashrnn",
-           "test_slstm_layer_matches_transcription_with_states", "test_slstm_float32_extremes",
-           "test_slstm_parameters_and_shapes", "test_slstm_cell_is_one_step"]
-ISSUE = "issue #22 item 4"
-
-
-def slstm_class(name="sLSTM"):
-    cls = getattr(rnnext, name, None)
-    if cls is None:
-        pytest.fail(f"rnnext.{name} does not exist yet ({ISSUE})")
-    return cls
-
-
-def new_layer(cls, *args, **kw):
-    """cls(*args, **kw), failing with the reason where the layer does not take num_heads yet."""
-    try:
-        return cls(*args, **kw)
-    except TypeError as e:
-        if "num_heads" in str(e):
-            pytest.fail(f"rnnext.{cls.__name__} does not take num_heads yet ({ISSUE}): {e}")
-        raise
-
-
-def test_waiting_list_is_what_k_selects():
-    """WAITING names this file's tests of the features to come: each exists, and "heads or slstm" selects
-    exactly them (the adapter tests avoid both words, in their names and their ids)."""
-    tests = {n for n, v in globals().items() if n.startswith("test_") and callable(v)}
-    assert set(WAITING) <= tests
-    ids = list(CASES) + list(HEAD_CASES) + list(STABILIZED_CASES) + KINDS
-    assert not any(w in s.lower() for s in ids for w in ("heads", "slstm"))
-    assert {n for n in tests if "heads" in n.lower() or "slstm" in n.lower()} == set(WAITING)
-
+# ---- rnnext's num_heads on the layers, rnnext.sLSTM and rnnext.sLSTMCell -------------------------------------
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -455,7 +420,7 @@ def test_heads_layer_matches_flashrnn(vanilla, kind, case, backend, device):
     g = torch.Generator().manual_seed(len(kind) * 10 + len(case) + 4)
     P = make_params(g, kind, c, device)
     x, states = make_inputs(g, kind, c, device)
-    model = new_layer(RNNEXT[kind], c.I, c.H, num_heads=c.k, **c.layer_kw()).to(device)
+    model = RNNEXT[kind](c.I, c.H, num_heads=c.k, **c.layer_kw()).to(device)
     got = run_rnnext(model, P, x, states, backend)
     want = run_flashrnn(vanilla, kind, c, P, x, states)
     check(got, want, labels(kind, bool(states), P))
@@ -465,7 +430,7 @@ def test_heads_layer_matches_flashrnn(vanilla, kind, case, backend, device):
 def test_heads_one_is_todays_layer(kind):
     """num_heads=1: torch.nn's parameters and shapes, and today's layer's results with the same state_dict."""
     c = Case(3, 2, 3, 5, layers=2, bidir=True)
-    model = new_layer(RNNEXT[kind], c.I, c.H, num_heads=1, **c.layer_kw())
+    model = RNNEXT[kind](c.I, c.H, num_heads=1, **c.layer_kw())
     today = RNNEXT[kind](c.I, c.H, **c.layer_kw())
     shapes = {n: p.shape for n, p in TORCH_NN[kind](c.I, c.H, **c.layer_kw()).named_parameters()}
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
@@ -478,7 +443,7 @@ def test_heads_one_is_todays_layer(kind):
 
 def new_slstm(c, device, dtype=f64):
     kw = c.layer_kw() | dict(dtype=dtype)
-    return new_layer(slstm_class(), c.I, c.H, num_heads=c.k, **kw).to(device)
+    return rnnext.sLSTM(c.I, c.H, num_heads=c.k, **kw).to(device)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -615,7 +580,7 @@ def test_slstm_cell_is_one_step(vanilla, mode, backend, device):
     transcription from random states, n0 with an empty element (batched, unbatched [I] and [H])."""
     B, I, H, k = 3, 4, 6, 2
     g = torch.Generator().manual_seed(9 + len(mode))
-    cell = new_layer(slstm_class("sLSTMCell"), I, H, bias=True, num_heads=k, dtype=f64).to(device)
+    cell = rnnext.sLSTMCell(I, H, bias=True, num_heads=k, dtype=f64).to(device)
     P = {n + "_l0": randn(g, device, *p.shape) for n, p in cell.named_parameters()}
     params = dict(cell.named_parameters())
     with torch.no_grad():

@@ -43,6 +43,8 @@ ZOO = {
     "mgru_cell_hx": (lambda: rnnext.MinimalGRUCell(I, H), True, None),
     "lnlstm_cell_zoneout_hx": (lambda: rnnext.LayerNormLSTMCell(I, H, zoneout=0.1), True, "loop"),
     "lngru_cell": (lambda: rnnext.LayerNormGRUCell(I, H), False, "loop"),
+    "slstm_bidir_heads_hx": (lambda: rnnext.sLSTM(I, H, bidirectional=True, num_heads=2), True, "loop"),
+    "gru_heads": (lambda: rnnext.GRU(I, H, num_heads=4), False, "GRU"),
 }
 # The dynamo export of this set costs most of this file's time (about a second per layer-direction): every layer
 # and cell, every option once. More combinations in the packed set below (dynamo=False only, cheap): everything
@@ -59,6 +61,8 @@ PACKED = {
     "lnlstm_bidir_hx": (lambda: rnnext.LayerNormLSTM(I, H, bidirectional=True), True, "loop"),
     "lngru_2layers_bidir_hx": (lambda: rnnext.LayerNormGRU(I, H, 2, bidirectional=True), True, "loop"),
     "mgru_bidir_nobias": (lambda: rnnext.MinimalGRU(I, H, bidirectional=True, bias=False), False, "loop"),
+    "slstm_2layers_hx": (lambda: rnnext.sLSTM(I, H, 2), True, "loop"),
+    "lstm_heads_bidir": (lambda: rnnext.LSTM(I, H, bidirectional=True, num_heads=2), False, "LSTM"),
 }
 
 
@@ -102,6 +106,8 @@ def _states(layer, h):
         hx = h.unsqueeze(0) * torch.arange(1, n + 1, dtype=h.dtype).view(-1, 1, 1) / n
         if layer.mode in ("LSTM", "LNLSTM"):
             return (hx[..., :layer.proj_size] if layer.proj_size else hx), 0.5 * hx - 0.1
+        if layer.mode == "SLSTM":  # n0 > 0 but in one unit (an empty one)
+            return hx, 0.5 * hx - 0.1, (hx.abs() + 0.5) * (torch.arange(hx.size(-1)) != 1), hx - 0.3
         return hx
     return (h, 0.5 * h - 0.1) if isinstance(layer, (nn.LSTMCell, rnnext.LayerNormLSTMCell)) else h
 

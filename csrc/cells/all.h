@@ -10,11 +10,12 @@
 #include "cells/lstm.h"
 #include "cells/minimal_gru.h"
 #include "cells/rnn.h"
+#include "cells/slstm.h"
 
 namespace rnnext {
 namespace cells {
 
-using All = std::tuple<LSTM, GRU, MinimalGRU, RNN<Act::Tanh>, RNN<Act::Relu>, LayerNormLSTM, LayerNormGRU>;
+using All = std::tuple<LSTM, GRU, MinimalGRU, RNN<Act::Tanh>, RNN<Act::Relu>, LayerNormLSTM, LayerNormGRU, SLSTM>;
 
 // f(Cell{}) for every cell.
 template <typename F>

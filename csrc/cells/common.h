@@ -24,6 +24,8 @@ RNNEXT_HD float exp_(float x) { return expf(x); }
 RNNEXT_HD double exp_(double x) { return exp(x); }
 RNNEXT_HD float tanh_(float x) { return tanhf(x); }
 RNNEXT_HD double tanh_(double x) { return tanh(x); }
+RNNEXT_HD float log1p_(float x) { return log1pf(x); }
+RNNEXT_HD double log1p_(double x) { return log1p(x); }
 
 // What differs between one value and a vector of them: memory access, transcendentals, selects.
 template <typename V>
@@ -42,6 +44,14 @@ struct Lanes {
   static RNNEXT_HD V relu_grad(V dh, V h) { return h > V(0) ? dh : V(0); }
   static RNNEXT_HD V clamp(V x, V lo, V hi) { return x < lo ? lo : (x > hi ? hi : x); }
   static RNNEXT_HD V sum(V x) { return x; }  // over the lanes
+  static RNNEXT_HD V log1p(V x) { return log1p_(x); }
+  static RNNEXT_HD V abs(V x) { return x < V(0) ? V(0) - x : x; }
+  static RNNEXT_HD V min(V a, V b) { return b < a ? b : a; }
+  // Comparisons give a mask (bool here, a lane mask for vectors) that pick selects with.
+  static RNNEXT_HD bool ge(V a, V b) { return a >= b; }
+  static RNNEXT_HD bool eq(V a, V b) { return a == b; }
+  static RNNEXT_HD bool either(bool m, bool n) { return m || n; }
+  static RNNEXT_HD V pick(bool m, V yes, V no) { return m ? yes : no; }
 };
 
 template <typename V>
@@ -54,6 +64,12 @@ template <typename V>
 RNNEXT_HD V dsigmoid(V y) {
   return y * (V(1) - y);
 }
+template <typename V>
+RNNEXT_HD V logsigmoid(V x) {  // min(x, 0) - log(1 + e^-|x|): no overflow, no log(0)
+  using L = Lanes<V>;
+  return L::min(x, V(0)) - L::log1p(L::exp(V(0) - L::abs(x)));
+}
+
 template <typename V>
 RNNEXT_HD V dtanh(V y) {
   return V(1) - y * y;

@@ -172,12 +172,19 @@ struct CpuLauncher {
   // with float accumulation, and hg is rounded back to S as such a GEMM's output is): each thread converts
   // h_{t-1} for itself and its columns of hg back. double: never packed (step_weights), its region not
   // compiled.
+  // The heads of `head` units that units [j0, j1) meet: f(u0, u1, k0), [u0, u1) the units of the head that starts
+  // at unit k0 (head = H: the one dense head).
+  template <typename F>
+  static void each_head(int64_t j0, int64_t j1, int64_t head, const F& f) {
+    for (int64_t k0 = j0 / head * head; k0 < j1; k0 += head) f(std::max(j0, k0), std::min(j1, k0 + head), k0);
+  }
+
   template <bool Rows, typename S, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
-                              const Tensor& w_step, int64_t H, const MakeF& make_f) {
+                              const Tensor& w_step, int64_t H, int64_t head, const MakeF& make_f) {
     if (h.size(0) == 0) return;
     if (std::is_same_v<S, double> || w_step.dim() != 4)
-      return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);
+      return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);  // dense w
     if constexpr (!std::is_same_v<S, double>) {
       constexpr bool to_float = !std::is_same_v<S, float>;
       const int64_t B = h.size(0), K = h.size(1), GH = hg.size(1), G = GH / H;
@@ -196,7 +203,11 @@ struct CpuLauncher {
           mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
             const float* A = as_float(prev.const_data_ptr<S>(), hf, blk, B * K);
             for (int64_t g = 0; g < G; ++g) {
-              brgemm_blocks(B, j1 - j0, K, K, units, GH, false, A, W + (blk * G + g) * K * units, C + g * H + j0);
+              const float* Wg = W + (blk * G + g) * K * units;  // head-wise: only the diagonal blocks' rows
+              each_head(j0, j1, head, [&](int64_t u0, int64_t u1, int64_t k0) {
+                brgemm_blocks(B, u1 - u0, head == H ? K : head, K, units, GH, false, A + k0, Wg + k0 * units + u0 - j0,
+                              C + g * H + u0);
+              });
               columns_back(C + g * H, out + g * H, B, GH, j0, j1);
             }
           });
@@ -217,7 +228,7 @@ struct CpuLauncher {
   // of its rows of dh, a barrier after the GEMM too. 16-bit S: the GEMM in float as in the forward.
   template <bool Rows, typename S, typename MakeF>
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-                              const Tensor& w_step, int64_t H, bool to_h0, const MakeF& make_f) {
+                              const Tensor& w_step, int64_t H, int64_t head, bool to_h0, const MakeF& make_f) {
     if (dh.size(0) == 0) return;
     if (std::is_same_v<S, double> || w_step.dim() != 4)
       return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, to_h0, make_f);
@@ -244,7 +255,15 @@ struct CpuLauncher {
             const float* A = as_float(D + (t - t0) * dhg.stride(0), dgf, blk, B * ld);
             if (R)
               for (int64_t r = 0; r < B; ++r) at::vec::convert(R + r * H + j0, C + r * H + j0, j1 - j0);
-            brgemm_blocks(B, j1 - j0, K, ld, units, H, R != nullptr, A, W + blk * K * units, C + j0);
+            // dense: all K = G*H rows of w_hh at once; head-wise: per gate, the rows of the unit's head
+            const int64_t groups = head == H ? 1 : K / H, rows = head == H ? K : head;
+            each_head(j0, j1, head, [&](int64_t u0, int64_t u1, int64_t k0) {
+              for (int64_t g = 0; g < groups; ++g) {
+                const int64_t r0 = g * H + (head == H ? 0 : k0);
+                brgemm_blocks(B, u1 - u0, rows, ld, units, H, R != nullptr || g > 0, A + r0,
+                              W + (blk * K + r0) * units + u0 - j0, C + u0);
+              }
+            });
             columns_back(C, out, B, H, j0, j1);
           });
           if constexpr (Rows) {

@@ -81,6 +81,13 @@ struct Lanes<at::vec::Vectorized<S>> {
   static V relu(V x) { return at::vec::maximum(x, V(0)); }
   static V relu_grad(V dh, V h) { return V::blendv(V(0), dh, h > V(0)); }
   static V clamp(V x, V lo, V hi) { return at::vec::clamp(x, lo, hi); }
+  static V log1p(V x) { return x.log1p(); }
+  static V abs(V x) { return x.abs(); }
+  static V min(V a, V b) { return at::vec::minimum(a, b); }
+  static V ge(V a, V b) { return a >= b; }
+  static V eq(V a, V b) { return a == b; }
+  static V either(V m, V n) { return m | n; }
+  static V pick(V m, V yes, V no) { return V::blendv(no, yes, m); }
   static S sum(V x) {
     return at::vec::vec_reduce_all<S>([](V a, V b) { return a + b; }, x);
   }

@@ -84,12 +84,12 @@ struct CudaLauncher {
 
   template <bool Rows, typename S, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
-                              const Tensor& w_t, int64_t H, const MakeF& make_f) {
+                              const Tensor& w_t, int64_t H, int64_t, const MakeF& make_f) {
     gemm_cell_each_step<CudaLauncher, Rows>(t0, t1, hg, h, other, w_t, H, make_f);
   }
   template <bool Rows, typename S, typename MakeF>
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-                              const Tensor& w_hh, int64_t H, bool to_h0, const MakeF& make_f) {
+                              const Tensor& w_hh, int64_t H, int64_t, bool to_h0, const MakeF& make_f) {
     cell_gemm_each_step<CudaLauncher, Rows>(t0, t1, dh, dhg, direct, w_hh, H, to_h0, make_f);
   }
 

@@ -14,13 +14,14 @@
 //       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
 //   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
-//                               const Tensor& w_step, int64_t H, const MakeF& make_f);
-//       forward steps t0..t1-1, each: hg = prev @ w_hh^T (columns: G gate blocks of H), then the cell functor
+//                               const Tensor& w_step, int64_t H, int64_t head, const MakeF& make_f);
+//       forward steps t0..t1-1, each: hg = prev @ w_hh^T (columns: G gate blocks of H; w_hh block-diagonal
+//       with heads of `head` units where head < H: a launcher may skip the zero blocks), then the cell functor
 //       make_f(t, prev, next) over [B, H] (Rows: over whole rows, cells/layernorm.h); the state alternates
 //       between h (read at even steps) and other (the CPU runs the steps in one parallel region)
 //   template <bool Rows, typename S, typename MakeF>
 //   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-//                               const Tensor& w_step, int64_t H, bool to_h0, const MakeF& make_f);
+//                               const Tensor& w_step, int64_t H, int64_t head, bool to_h0, const MakeF& make_f);
 //       backward steps t1-1 down to t0, each: the cell functor make_f(t) (reads dh, writes dhg[t - t0]), then
 //       dh = direct + dhg[t - t0] @ w_hh (direct undefined: 0), but at step 0 only where to_h0 (dh0 asked
 //       for); w_step = step_weights(w_hh, 1, H, B)
@@ -104,9 +105,10 @@ void cell_gemm_each_step(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, 
 }
 
 // What a forward reads and writes (contiguous; w_hr, r undefined without a projection). h: the carried
-// state, h0 on entry, h_n on exit.
+// state, h0 on entry, h_n on exit. w_hh dense; head: the units per head of a block-diagonal one (else H).
 struct FwdTensors {
   Tensor x, w_ih, b_ih, b_hh, w_hh, w_hr, lengths, y, h, s_all, saved, r;
+  int64_t head;
 };
 
 // Which gradients a backward computes (its output_mask), in the order of the forward's tensor inputs.
@@ -121,6 +123,7 @@ struct Needs {
 struct BwdTensors {
   Tensor dy, y, h0, saved, w_hh, x, w_ih, lengths, dh, direct, dx, dw_ih_t, dw_hh_t, db_ih, db_hh;
   Needs need;
+  int64_t head;  // as FwdTensors': with heads, only dw_hh_t's diagonal blocks are computed
 };
 
 template <typename L, typename Cell, typename S, typename A>
@@ -160,7 +163,7 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
     if (!proj) {
       RECORD_FUNCTION("rnnext::fwd_steps", std::vector<c10::IValue>());
       L::template gemm_cell_steps<Cell::rows, S>(
-          t0, t1, hg, f.h, other, w_step, p.H, [&](int64_t t, const Tensor& prev, const Tensor& next) {
+          t0, t1, hg, f.h, other, w_step, p.H, f.head, [&](int64_t t, const Tensor& prev, const Tensor& next) {
             return cells::forward_step<Cell>(p, t, cptr<S>(hg), cptr<S>(prev), mptr<S>(next));
           });
     } else {
@@ -207,6 +210,17 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   // From the chunk of steps [t0, t1): dx of those steps, and their part of the weight and bias gradients
   // (those asked for).
   const Needs& need = b.need;
+  // dw_hh^T += hs^T @ dg (hs [n, P] the states before the steps, dg [n, G*H] their gate gradients); head-wise,
+  // per head and gate block: the off-diagonal blocks would be thrown away
+  auto add_dw_hh = [&](const Tensor& hs, const Tensor& dg) {
+    if (b.head == p.H) return L::gemm(b.dw_hh_t, hs.t(), dg, b.dw_hh_t);
+    const auto hs_t = L::contiguous(hs.t());
+    for (int64_t k0 = 0; k0 < p.H; k0 += b.head)
+      for (int64_t g = 0; g < Cell::G; ++g) {
+        auto out = b.dw_hh_t.narrow(0, k0, b.head).narrow(1, g * p.H + k0, b.head);
+        L::gemm(out, hs_t.narrow(0, k0, b.head), dg.narrow(1, g * p.H + k0, b.head), out);
+      }
+  };
   auto gradients = [&](int64_t t0, int64_t t1) {
     RECORD_FUNCTION("rnnext::bwd_gradients", std::vector<c10::IValue>());
     const auto dxg_c = steps(dxg, 0, t1 - t0), dhg_c = steps(dhg, 0, t1 - t0);
@@ -218,10 +232,10 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     if (need.w_hh) {
       int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
       if (t0 == 0) {
-        L::gemm(b.dw_hh_t, b.h0.t(), dhg[0], b.dw_hh_t);
+        add_dw_hh(b.h0, dhg[0]);
         s0 = 1;
       }
-      if (t1 > s0) L::gemm(b.dw_hh_t, steps(b.y, s0 - 1, t1 - 1).t(), steps(dhg, s0 - t0, t1 - t0), b.dw_hh_t);
+      if (t1 > s0) add_dw_hh(steps(b.y, s0 - 1, t1 - 1), steps(dhg, s0 - t0, t1 - t0));
     }
     if (b.db_ih.defined()) b.db_ih.add_(dxg_c.sum(0));
     if (b.db_hh.defined()) b.db_hh.add_(dhg_c.sum(0));
@@ -243,9 +257,9 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
     hold(t0, t1);
     if (!proj) {
       RECORD_FUNCTION("rnnext::bwd_steps", std::vector<c10::IValue>());
-      L::template cell_gemm_steps<Cell::rows, S>(t0, t1, b.dh, dhg, b.direct, w_step, p.H, need.h0, [&](int64_t t) {
-        return cells::backward_step<Cell>(p, t, cptr<S>(b.dh), false);
-      });
+      L::template cell_gemm_steps<Cell::rows, S>(
+          t0, t1, b.dh, dhg, b.direct, w_step, p.H, b.head, need.h0,
+          [&](int64_t t) { return cells::backward_step<Cell>(p, t, cptr<S>(b.dh), false); });
     } else {
       for (int64_t t = t1 - 1; t >= t0; --t) {  // LSTM with projection: the carry, the projection GEMM, the cell
         L::run(device, p.B, p.P,

@@ -7,7 +7,8 @@
 //   x        [T, B, I]    input, T >= 1, steps in order: the caller flips reverse directions (each
 //                         sequence within its length)
 //   w_ih     [G*H, I]     xg = x @ w_ih^T is computed here, a few steps at a time on CPU
-//   w_hh     [G*H, P]     b_ih, b_hh [G*H] (optional)
+//   w_hh     [G*H, P]     or, head-wise (k heads, not with w_hr), [G*H, H/k] (heads() below);
+//                         b_ih, b_hh [G*H] (optional)
 //   h0       [B, P]       P = proj_size with w_hr, else H
 //   s0       [Z-1, B, H]  the other carried states (LSTM: c0; [0, B, H] for cells with one state)
 //   param0, param1  the cell's PARAMS parameters (the first ones given), [PARAM_UNITS*H] each (layer norm: its
@@ -41,6 +42,24 @@ namespace rnnext {
 struct Dims {
   int64_t T, B, H, P;
 };
+
+// Head-wise recurrence: w_hh [G*H, H/k] holds the k diagonal blocks of a block-diagonal [G*H, H] (row g*H + u,
+// gate g of unit u, reads the H/k units of u's head). The number of heads of w_hh's D columns, 1 for a dense
+// w_hh (and with proj_size, whose w_hh reads the projected h).
+inline int64_t heads(int64_t D, int64_t H, bool proj) { return !proj && D > 0 && D < H && H % D == 0 ? H / D : 1; }
+
+// The dense [G*H, H] w_hh of a head-wise one (the driver's GEMMs run on it), and back: the head-wise part of a
+// dense gradient.
+inline Tensor dense_heads(const Tensor& w, int64_t H) {
+  const int64_t GH = w.size(0), D = w.size(1), k = H / D, G = GH / H;
+  auto dense = at::zeros({GH, H}, w.options());
+  dense.view({G, k, D, k, D}).diagonal(0, 1, 3).copy_(w.view({G, k, D, D}).permute({0, 2, 3, 1}));
+  return dense;
+}
+inline Tensor head_blocks(const Tensor& dense, int64_t D) {
+  const int64_t GH = dense.size(0), H = dense.size(1), k = H / D, G = GH / H;
+  return dense.view({G, k, D, k, D}).diagonal(0, 1, 3).permute({0, 3, 1, 2}).reshape({GH, D});
+}
 
 inline Path check_path(const char* op, int64_t path) {
   TORCH_CHECK(path >= 0 && path <= 2, op, ": expected path 0 (auto), 1 (per-step) or 2 (persistent), got ", path);
@@ -82,7 +101,9 @@ Dims check_common(const Checks& c, const Tensor& x, const Tensor& w_ih, const Te
   const int64_t P = w_hr ? w_hr->size(0) : H;
   c.shape("h0", h0, {B, P});
   c.shape("s0", s0, {Cell::Z - 1, B, H});
-  c.shape("w_hh", w_hh, {Cell::G * H, P});
+  if (!(w_hh.dim() == 2 && w_hh.size(0) == Cell::G * H && heads(w_hh.size(1), H, w_hr.has_value()) > 1))
+    c.shape("w_hh", w_hh, {Cell::G * H, P});
+  c.like("w_hh", w_hh);
   TORCH_CHECK(int64_t(params.size()) == R::params, c.op, ": expected ", R::params,
               " cell parameters (param0, param1), got ", params.size());
   for (size_t i = 0; i < params.size(); ++i) c.shape(i ? "param1" : "param0", params[i], {R::param_units * H});
@@ -137,14 +158,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> seq(
                .w_ih = w_ih.contiguous(),
                .b_ih = contiguous_or_undefined(b_ih),
                .b_hh = contiguous_or_undefined(b_hh),
-               .w_hh = w_hh.contiguous(),
+               .w_hh = heads(w_hh.size(1), H, w_hr.has_value()) > 1 ? dense_heads(w_hh, H) : w_hh.contiguous(),
                .w_hr = contiguous_or_undefined(w_hr),
                .lengths = contiguous_or_undefined(lengths),
                .y = at::empty({T, B, P}, opts),
                .h = h0.clone(at::MemoryFormat::Contiguous),
                .s_all = at::empty({Ts, Z1, B, H}, opts),
                .saved = at::empty({Ts, B, Cell::SAVED * H}, opts),
-               .r = at::empty({w_hr ? T : 0, B, H}, opts)};
+               .r = at::empty({w_hr ? T : 0, B, H}, opts),
+               .head = heads(w_hh.size(1), H, w_hr.has_value()) > 1 ? w_hh.size(1) : H};
   auto stats = at::empty({Ts, B, R::stats}, opts.dtype(acc_type(x.scalar_type())));
   auto work = at::empty({B, R::work_forward * H}, stats.options());
   std::vector<Tensor> params;
@@ -213,6 +235,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Needs need{mask[0], mask[1], mask[2], mask[3], mask[4], mask[5], mask[6], mask[7] || mask[8], mask[9]};
   const auto opts = y.options();
   const int64_t G = Cell::G, I = x.size(2);
+  const bool head_wise = heads(w_hh.size(1), H, w_hr.has_value()) > 1;
   const Zoneout z{zoneout_mask ? zoneout_mask->contiguous() : Tensor(), zoneout};
   // direct: the share of dh_prev that skips the GEMM: rows past their end, zoneout, and cells whose h_prev
   // reaches h otherwise (GRU, MinimalGRU, the layer-normalised GRU)
@@ -222,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                .y = y.contiguous(),
                .h0 = h0.contiguous(),
                .saved = saved.contiguous(),
-               .w_hh = w_hh.contiguous(),
+               .w_hh = head_wise ? dense_heads(w_hh, H) : w_hh.contiguous(),
                .x = x.contiguous(),
                .w_ih = w_ih.contiguous(),
                .lengths = contiguous_or_undefined(lengths),
@@ -233,7 +256,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                .dw_hh_t = need.w_hh ? at::zeros({P, G * H}, opts) : Tensor(),
                .db_ih = need.b_ih || (need.b_hh && !Cell::separate_hg) ? at::zeros({G * H}, opts) : Tensor(),
                .db_hh = need.b_hh && Cell::separate_hg ? at::zeros({G * H}, opts) : Tensor(),
-               .need = need};
+               .need = need,
+               .head = head_wise ? w_hh.size(1) : H};
   auto s_all_c = s_all.contiguous(), s0_c = s0.contiguous(), stats_c = stats.contiguous(), r_c = r.contiguous();
   auto w_hr_c = contiguous_or_undefined(w_hr);
   auto dhp = w_hr ? at::empty({T, B, P}, opts) : Tensor();
@@ -280,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const auto give = [&](bool needed, const Tensor& t) { return needed ? t : e(0); };
   return {need.x ? b.dx : e(0),
           need.w_ih ? L::contiguous(b.dw_ih_t.t()) : e(0),
-          need.w_hh ? L::contiguous(b.dw_hh_t.t()) : e(0),
+          need.w_hh ? (head_wise ? head_blocks(b.dw_hh_t.t(), w_hh.size(1)) : L::contiguous(b.dw_hh_t.t())) : e(0),
           give(need.b_ih, b.db_ih),
           need.b_hh ? (Cell::separate_hg ? b.db_hh : b.db_ih.clone()) : e(0),
           give(need.h0, b.dh),
