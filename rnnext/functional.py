@@ -78,7 +78,7 @@ def backend_for(t: torch.Tensor, backend: str | None = None):
 
 # Fused CUDA kernels that have never passed tools/gpu_check.sh on a GPU: opt-in (backend "fused") until
 # they have; "auto" runs the reference for them on CUDA.
-UNVALIDATED_ON_CUDA = frozenset(["layernorm_lstm", "layernorm_gru"])
+UNVALIDATED_ON_CUDA = frozenset(["layernorm_lstm", "layernorm_gru", "slstm"])
 
 
 def _impl(cell, x, backend):

@@ -530,35 +530,86 @@ class sLSTMCell(_NoScript, nn.RNNCellBase):
         return new if is_batched else tuple(h.squeeze(0) for h in new)
 
 
-class LayerNormLSTMCell(LayerNormLSTM):
-    """One step of :class:`LayerNormLSTM` (same formulation, parameters and keywords ``eps``, ``zoneout``; one
-    layer, fused): forward(input ``[B, I]`` or ``[I]``, hx = (h, c) or None) -> (h', c')."""
+class _LayerNormCell(_NoScript, nn.Module):
+    """One step of a layer-normalised layer (its _LAYER) with a cell's parameter names: ``weight_ih``
+    ``[G*H, I]``, ``weight_hh`` ``[G*H, H]``, ``bias_ih``, ``bias_hh`` (bias=True), and the norms' ``<norm>_weight``,
+    ``<norm>_bias`` (the layer's without ``_l0``); the layer's math on one step, fused."""
+
+    _LAYER = None
 
     def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, zoneout=0.0, device=None, dtype=None):
-        super().__init__(input_size, hidden_size, bias=bias, eps=eps, zoneout=zoneout, device=device, dtype=dtype)
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        self.eps, self.zoneout = float(eps), _check_zoneout(zoneout)
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        G = self._GATES
+        self.weight_ih = nn.Parameter(torch.empty(G * hidden_size, input_size, **kw))
+        self.weight_hh = nn.Parameter(torch.empty(G * hidden_size, hidden_size, **kw))
+        for name in ("bias_ih", "bias_hh"):
+            self.register_parameter(name, nn.Parameter(torch.empty(G * hidden_size, **kw)) if bias else None)
+        for name, n in self._LAYER._NORMS:
+            self.register_parameter(f"{name}_weight", nn.Parameter(torch.empty(n * hidden_size, **kw)))
+            self.register_parameter(f"{name}_bias", nn.Parameter(torch.empty(n * hidden_size, **kw)))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """torch.nn's initialisation of the weights and biases; the norms: weight 1, bias 0."""
+        stdv = 1.0 / self.hidden_size ** 0.5 if self.hidden_size > 0 else 0
+        for name, param in self.named_parameters():
+            if name.startswith("ln_"):
+                nn.init.ones_(param) if name.endswith("_weight") else nn.init.zeros_(param)
+            else:
+                nn.init.uniform_(param, -stdv, stdv)
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False") + f", eps={self.eps}"
+        return s + (f", zoneout={self.zoneout}" if self.zoneout else "")
+
+    def _step(self, input, hx):
+        """input [B, I], hx the states [B, H] each: the new states."""
+        flat = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        ln = [(torch.cat([getattr(self, f"{n}_weight") for n, _ in self._LAYER._NORMS]),
+               torch.cat([getattr(self, f"{n}_bias") for n, _ in self._LAYER._NORMS]))]
+        given = tuple(h.unsqueeze(0) for h in hx)
+        _, *states = self._FN(input.unsqueeze(0), given if len(given) > 1 else given[0], flat, ln,
+                              has_biases=self.bias, train=self.training, zoneout=self.zoneout, eps=self.eps)
+        return tuple(h[0] for h in states)
+
+    def _batched(self, name, input, hx, states):
+        """torch.nn's cell conventions around _step: unbatched input, hx None (zeros)."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        hx = tuple(x.new_zeros(x.size(0), self.hidden_size) for _ in range(states)) if hx is None else \
+            tuple(h if is_batched else h.unsqueeze(0) for h in hx)
+        new = self._step(x, hx)
+        return new if is_batched else tuple(h.squeeze(0) for h in new)
+
+
+class LayerNormLSTMCell(_LayerNormCell):
+    """One step of :class:`LayerNormLSTM` (same formulation and keywords ``eps``, ``zoneout``; fused), with a
+    cell's parameter names: ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``, ``ln_gates_weight``/``_bias``
+    ``[4H]``, ``ln_cell_weight``/``_bias`` ``[H]``. forward(input ``[B, I]`` or ``[I]``, hx = (h, c) or None) ->
+    (h', c')."""
+
+    _LAYER, _GATES, _FN = LayerNormLSTM, 4, staticmethod(functional.layer_norm_lstm)
 
     def forward(self, input, hx=None):
-        """input ``[B, I]`` or ``[I]``; hx = (h, c) ``[B, H]`` or None -> (h', c')."""
-        if input.dim() not in (1, 2):
-            raise ValueError(f"LayerNormLSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        hx = None if hx is None else tuple(h.unsqueeze(0) for h in hx)
-        _, (h, c) = super().forward(input.unsqueeze(0), hx)
-        return h[0], c[0]
+        return self._batched("LayerNormLSTMCell", input, hx, 2)
 
 
-class LayerNormGRUCell(LayerNormGRU):
-    """One step of :class:`LayerNormGRU` (same formulation, parameters and keywords ``eps``, ``zoneout``; one
-    layer, fused): forward(input ``[B, I]`` or ``[I]``, hx or None) -> h'."""
+class LayerNormGRUCell(_LayerNormCell):
+    """One step of :class:`LayerNormGRU` (same formulation and keywords ``eps``, ``zoneout``; fused), with a
+    cell's parameter names: ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``, ``ln_input_weight``/``_bias``,
+    ``ln_hidden_weight``/``_bias`` ``[3H]``. forward(input ``[B, I]`` or ``[I]``, hx or None) -> h'."""
 
-    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, zoneout=0.0, device=None, dtype=None):
-        super().__init__(input_size, hidden_size, bias=bias, eps=eps, zoneout=zoneout, device=device, dtype=dtype)
+    _LAYER, _GATES, _FN = LayerNormGRU, 3, staticmethod(functional.layer_norm_gru)
 
     def forward(self, input, hx=None):
-        """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or None -> h'."""
-        if input.dim() not in (1, 2):
-            raise ValueError(f"LayerNormGRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        _, h = super().forward(input.unsqueeze(0), None if hx is None else hx.unsqueeze(0))
-        return h[0]
+        return self._batched("LayerNormGRUCell", input, None if hx is None else (hx,), 1)[0]
 
 
 # ---- convert ----------------------------------------------------------------------------------------
@@ -584,7 +635,7 @@ def _converted(module):
 
 
 _TORCH = {LSTM: nn.LSTM, GRU: nn.GRU, RNN: nn.RNN, LSTMCell: nn.LSTMCell, GRUCell: nn.GRUCell, RNNCell: nn.RNNCell}
-_OURS = (_Layer, LSTMCell, GRUCell, RNNCell, MinimalGRUCell, sLSTMCell)
+_OURS = (_Layer, LSTMCell, GRUCell, RNNCell, MinimalGRUCell, sLSTMCell, _LayerNormCell)
 
 
 def _no_torch_equivalent(module):

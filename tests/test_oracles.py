@@ -339,9 +339,8 @@ def test_layer_matches_independent_code(monkeypatch, backend, mode, config):
 # ---- the layer-normalised cells: one independent step --------------------------------------------------------
 
 def cell_param(cell, stem):
-    """A cell's parameter by its layer stem ("weight_ih", "ln_gates_weight", ...). The cells carry the layer's
-    names (weight_ih_l0, ...) today; when they lose the _l0 suffix, this line is the one to change."""
-    return getattr(cell, f"{stem}_l0")
+    """A cell's parameter by its layer stem ("weight_ih", "ln_gates_weight", ...): the cells' names."""
+    return getattr(cell, stem)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
