@@ -5,18 +5,25 @@ The wrappers have the reference's signatures (:mod:`rnnext.reference`), so the t
 wherever a backend is expected (``functional`` picks one per call):
 
 - ``step(cell, xg, hg, states) -> new states`` on ``torch.ops.rnnext.<cell>_cell``: one step on the projections
-  ``[B, G*H]`` (biases included); saved for backward: the states before, the new h and the cell's saved values;
+  ``[B, G*H]`` (biases included); saved for backward: the states before, the new h and the cell's saved values,
+  and for double backward xg and hg (references to them);
 - ``recurrence(cell, x, w_ih, w_hh, states, ...) -> (y, final states)`` on ``torch.ops.rnnext.<cell>_seq``:
   one layer-direction, input projection included. Saved for backward: the output ``y [T, B, P]`` and h0 (the
   states before each step are y[t-1]), the other states after each step ``[T, Z-1, B, H]`` and their initial
   values, the cell's saved values ``[T, B, SAVED*H]`` and stats, and with proj_size the cell outputs before
-  the projection ``[T, B, H]``. Backward computes only the gradients autograd asks for.
+  the projection ``[T, B, H]``; the inputs by reference. Backward computes only the gradients autograd asks for.
+
+Double backward (``create_graph=True``): the backward ops have no derivatives of their own, so there the
+backward recomputes the op with the reference from its saved inputs and differentiates that as a graph
+(:func:`_reference_grads`); the first-order gradients are the same, and cost what the reference's do.
 """
+import contextlib
 import warnings
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from rnnext import _fake, cells
+from rnnext import _fake, cells, reference
 from rnnext.lengths import check_lengths, flip_within
 
 try:
@@ -88,13 +95,40 @@ def check_persistent():
     torch.ops.rnnext.check_persistent()
 
 
-def _first_order_only(name):
-    """The backward ops have no derivatives of their own: refuse create_graph=True rather than return
-    a graph that silently lacks the second-order terms."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"rnnext: double backward (create_graph=True) through the fused {name} op is not supported yet; "
-            "run the model under rnnext.use_backend('reference') to get higher-order gradients")
+class _FirstPassHooks(TorchFunctionMode):
+    """The reference clips BPTT gradients with a hook on each step's h, and a hook fires in every backward through
+    its tensor: in a higher-order pass through the recomputed forward it would clip that pass's gradients as well,
+    which the derivative of the clipped first order does not. The hooks registered under this mode act until
+    ``live`` is False."""
+
+    live = True
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.register_hook:
+            t, hook = args
+            return func(t, lambda g: hook(g) if self.live else None)
+        return func(*args, **(kwargs or {}))
+
+
+def _reference_grads(run, inputs, want, grads, clip=0.0):
+    """An op's gradients as a graph (create_graph=True; the backward ops have no derivatives of their own):
+    run(*inputs) recomputes the op's differentiable outputs with the reference, autograd differentiates them
+    against grads (None: no gradient) w.r.t. the inputs where want. Through aliases of the inputs: the op returns
+    partial derivatives, and w.r.t. the saved tensors themselves autograd would add the paths between them (x
+    computed from w_ih, one tensor passed as both biases) once more."""
+    args = [t.view_as(t) if w else t for t, w in zip(inputs, want)]
+    hooks = _FirstPassHooks()
+    with hooks if clip > 0 else contextlib.nullcontext():  # a mode costs a Python call per op
+        outs = run(*args)
+    pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
+    wrt = [a for a, w in zip(args, want) if w]
+    got = [None] * len(wrt)
+    if pairs and wrt:
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                  allow_unused=True)
+    hooks.live = False
+    got = iter(got)
+    return [next(got) if w else None for w in want]
 
 
 def _zeros_if_none(g, like):
@@ -117,17 +151,32 @@ def _autograd_seq(lib, cell):
         ctx.given = (b_ih, b_hh, param0, param1, opt["w_hr"])
         ctx.given = tuple(t is not None for t in ctx.given)
         ctx.opt = opt
-        ctx.save_for_backward(x, w_ih, w_hh, h0, s0, param0, param1, opt["w_hr"], opt["lengths"], opt["zoneout_mask"],
-                              y, s_all, saved, stats, r)
+        # The biases only for double backward's recomputation: references to inputs, no copies
+        ctx.save_for_backward(x, w_ih, w_hh, b_ih, b_hh, h0, s0, param0, param1, opt["w_hr"], opt["lengths"],
+                              opt["zoneout_mask"], y, s_all, saved, stats, r)
 
     def backward(ctx, dy, dhn, dsn, *_):
-        _first_order_only(name)
         opt = ctx.opt
         if not opt["save"]:
             raise RuntimeError(f"rnnext: {name} ran without saving for backward (save=False); "
                                "call it with save=True when a gradient is needed")
-        x, w_ih, w_hh, h0, s0, param0, param1, w_hr, lengths, mask, y, s_all, saved, stats, r = ctx.saved_tensors
+        (x, w_ih, w_hh, b_ih, b_hh, h0, s0, param0, param1, w_hr, lengths, mask, y, s_all, saved, stats,
+         r) = ctx.saved_tensors
         need = (*ctx.needs_input_grad, *[False] * 10)  # the dispatcher drops trailing defaulted inputs
+        if torch.is_grad_enabled():  # create_graph=True
+            def run(x, w_ih, w_hh, b_ih, b_hh, h0, s0, p0, p1, w_hr):
+                # The op's own semantics: one direction, x already flipped by the caller, mask in step order
+                y, states = reference.recurrence(cell, x, w_ih, w_hh, (h0, *s0.unbind(0)), b_ih, b_hh,
+                                                 [p for p in (p0, p1) if p is not None], w_hr, lengths,
+                                                 clip=opt["clip"], zoneout_mask=mask, zoneout=opt["zoneout"],
+                                                 eps=opt["eps"])
+                return (y, *states)
+
+            inputs = (x, w_ih, w_hh, b_ih, b_hh, h0, s0, param0, param1, w_hr)
+            grads = (dy, dhn, *([None] * cell.others if dsn is None else dsn.unbind(0)))
+            got = _reference_grads(run, inputs, [n and t is not None for n, t in zip(need, inputs)], grads,
+                                   opt["clip"])
+            return (*got, *[None] * (len(SEQ_DEFAULTS) - 1))
         has_b_ih, has_b_hh, has_p0, has_p1, has_w_hr = ctx.given
         mask_out = [need[0], need[1], need[2], need[3] and has_b_ih, need[4] and has_b_hh, need[5], need[6],
                     need[7] and has_p0, need[8] and has_p1, need[9] and has_w_hr]
@@ -147,11 +196,17 @@ def _autograd_cell(lib, cell):
         xg, hg, h, s = inputs
         h_new, s_new, saved = output
         ctx.mark_non_differentiable(saved)
-        ctx.save_for_backward(h, s, h_new, saved)
+        # xg and hg only for double backward's recomputation: the activations in saved cannot give them back (a
+        # saturated sigmoid does not invert). It keeps [B, 2*G*H] a step alive, as torch's fused LSTM and GRU
+        # cells keep their gates, for the same reason.
+        ctx.save_for_backward(xg, hg, h, s, h_new, saved)
 
     def backward(ctx, dh_new, ds_new, _):
-        _first_order_only(name)
-        h, s, h_new, saved = ctx.saved_tensors
+        xg, hg, h, s, h_new, saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = (dh_new, *([None] * cell.others if ds_new is None else ds_new.unbind(0)))
+            return tuple(_reference_grads(lambda xg, hg, h, s: reference.step(cell, xg, hg, (h, *s.unbind(0))),
+                                          (xg, hg, h, s), ctx.needs_input_grad, grads))
         dgates, dh, ds = getattr(torch.ops.rnnext, name + "_backward")(
             _zeros_if_none(dh_new, h_new), _zeros_if_none(ds_new, s), h, s, h_new, saved)
         GH = G * h.size(1)
