@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 
-@pytest.mark.parametrize("name", ["slot_filling", "sentiment", "translation", "generation", "keyword_spotting"])
+@pytest.mark.parametrize("name", ["slot_filling", "sentiment", "translation", "generation", "keyword_spotting",
+                                  "language_model"])
 def test_example_tiny(name, capsys):
     result = importlib.import_module(name).main(["--tiny"])
     values = result.values() if isinstance(result, dict) else [result]
