@@ -122,7 +122,7 @@ def measure(fns, device, rounds, target=0.05):
 
 def peak_memory_child(cell, cand, T, B, I, H, device, dtype):
     """Runs in a fresh process: bytes fwd+bwd adds on top of model and input."""
-    _, fwd_bwd = build(cell, cand, T, B, I, H, device, getattr(torch, dtype))
+    _, fwd_bwd, _ = build(cell, cand, T, B, I, H, device, getattr(torch, dtype))
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -25,3 +25,8 @@ def test_bench_smoke(tmp_path, capsys):
 def test_bench_rejects_unknown_cell(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--cells", "transformer", "--out", str(tmp_path)])
+
+
+def test_peak_memory_child_runs():
+    """The memory phase (not in --smoke) on a tiny config: what fwd+bwd adds, in bytes."""
+    assert bench.peak_memory_child("lstm", "rnnext", 5, 2, 4, 8, "cpu", "float32") >= 0
