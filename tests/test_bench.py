@@ -1,6 +1,7 @@
 """The benchmark's smallest setting, end to end (no timing assertions): it cannot rot."""
 import csv
 import os
+import re
 import sys
 
 import pytest
@@ -15,11 +16,23 @@ def test_bench_smoke(tmp_path, capsys):
     for r in rows:
         assert r["rnnext ms"] > 0 and r["torch.nn ms"] > 0 and r["reference ms"] > 0
     with open(tmp_path / "cpu-float32-smoke.csv") as f:
-        assert f.readline().startswith("# rnnext benchmark:")
-        assert len(list(csv.DictReader(f))) == len(rows)
+        header = f.readline()
+        assert header.startswith("# rnnext benchmark:")
+        table = list(csv.DictReader(f))
+        assert len(table) == len(rows)
+    # "of mm": GFLOP/s over the header's torch.mm rate, up to the rounding of both
+    rate = float(re.search(r"torch\.mm 2048\^3's ([0-9.]+) GFLOP/s in float32", header).group(1))
+    assert rate > 0
+    for t, r in zip(table, rows):
+        assert float(t["of mm"]) == r["of mm"] and abs(r["of mm"] - r["rnnext GFLOP/s"] / rate) <= 6e-4 + 0.05 / rate
     assert (tmp_path / "cpu-float32-smoke.png").stat().st_size > 0
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last.startswith(f"- {list(bench.CELLS)[-1]} {bench.MODES[-1]}: geometric-mean")
+
+
+def test_mm_rate_is_a_rate():
+    """torch.mm 2048^3's GFLOP/s, the "of mm" column's denominator: within what a CPU or GPU does."""
+    assert 0.1 < bench.mm_rate("cpu", bench.torch.float32) < 1e6
 
 
 def test_bench_rejects_unknown_cell(tmp_path):
