@@ -9,7 +9,9 @@ zoneout 0.1, training) vs the Python loops a user writes today (loops.py), in th
 (rnnext.sLSTM) and hlstm (rnnext.LSTM), 4 heads each, vs FlashRNN's vanilla PyTorch loop (PyPI flashrnn) there.
 
 Times are medians of torch.utils.benchmark measurements (with torch's thread count: torch.nn uses
-every core), the candidates interleaved round by round so that drift hits all alike. fwd runs under
+every core), the candidates interleaved round by round so that drift hits all alike. "of mm": rnnext's GEMM
+GFLOP/s as a fraction of torch.mm 2048^3's in the row's dtype (median of three, once per run): how far the row
+is from what the machine's GEMM reaches. fwd runs under
 no_grad; fwd+bwd is forward plus backward of the output's sum, with the input requiring grad (a layer after
 another); "fwd+bwd, x no grad" the same with an input that needs no gradient (a first layer: no dx), for
 torch.nn as for rnnext. Peak memory is what fwd+bwd adds on
@@ -120,6 +122,16 @@ def measure(fns, device, rounds, target=0.05):
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def mm_rate(device, dtype, n=2048):
+    """GFLOP/s of torch.mm n x n x n in dtype: the machine's large-GEMM rate, median of three timings."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    torch.mm(a, b)
+    sync(device)
+    timer = Timer("torch.mm(a, b); sync(device)", globals=dict(torch=torch, a=a, b=b, sync=sync, device=device),
+                  num_threads=torch.get_num_threads())
+    return 2 * n**3 / statistics.median(timer.timeit(1).median for _ in range(3)) / 1e9
+
+
 def peak_memory_child(cell, cand, T, B, I, H, device, dtype):
     """Runs in a fresh process: bytes fwd+bwd adds on top of model and input."""
     _, fwd_bwd, _ = build(cell, cand, T, B, I, H, device, getattr(torch, dtype))
@@ -196,6 +208,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     mem_cands = [c for c in cands if c != "reference"]
     rows = []
+    rate = mm_rate(args.device, dtype)  # each row's "of mm": its GFLOP/s as a fraction of this
     work = [(cell, cfg) for cfg in configs for cell in cells]
     for cell, (T, B, I, H) in tqdm(work, desc="benchmark", unit="config"):
         fns = {c: build(cell, c, T, B, I, H, args.device, dtype) for c in cands}
@@ -205,7 +218,7 @@ def main(argv=None):
             row = dict(cell=cell, T=T, B=B, I=I, H=H, dtype=args.dtype, mode=mode,
                        **{f"{c} ms": round(t[c] * 1e3, 4) for c in cands},
                        **{f"{c}/torch.nn": round(t[c] / t["torch.nn"], 3) for c in cands if c != "torch.nn"},
-                       **{"rnnext GFLOP/s": round(gf, 1)})
+                       **{"rnnext GFLOP/s": round(gf, 1), "of mm": round(gf / rate, 3)})
             if mode == "fwd+bwd" and args.full and not args.no_memory:
                 for c in mem_cands:
                     row[f"{c} peak MB"] = round(peak_memory(cell, c, T, B, I, H, args.device, args.dtype) / 2**20, 1)
@@ -225,7 +238,8 @@ def main(argv=None):
     stem = os.path.join(args.out, f"{args.device}-{args.dtype}" + ("-smoke" if args.smoke else "-full" if args.full
                                                                   else ""))
     header = (f"rnnext benchmark: {machine(args.device)}; torch {torch.__version__}; commit {commit()}; "
-              f"{datetime.date.today()}; ratio = time / torch.nn time (same run), < 1 is faster")
+              f"{datetime.date.today()}; ratio = time / torch.nn time (same run), < 1 is faster; of mm = rnnext "
+              f"GFLOP/s / torch.mm 2048^3's {rate:.1f} GFLOP/s in {args.dtype} (same run)")
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(stem + ".csv", "w", newline="") as f:
         f.write(f"# {header}\n")

@@ -46,6 +46,15 @@ TORCH_LIBRARY(rnnext, m) {
   // probability p, from a counter-based hash of seed (a one-element int64 CPU tensor).
   m.def("keep_mask(Tensor seed, int[] size, float p, ScalarType dtype) -> Tensor");
 
+  // The CPU's GEMMs (cpu/register.cpp), for tests: the path CpuLauncher::gemm takes for dtype ("packed": AMX with
+  // a packed B, cpu/packed.h; "brgemm"; "aten") and whether cpublas packs dtype; the switch that forces the
+  // fallback (RNNEXT_CPU_PACKED=0 at load), returning its previous state; and out = add + a @ b through that gemm
+  // (how: "gemm"; "weight": b through right_operand first, as the weights go; "emulated": the packed path on
+  // plain C++ kernels, on any CPU).
+  m.def("cpu_gemm_path(ScalarType dtype) -> (str, bool)");
+  m.def("set_cpu_packed(bool allowed) -> bool");
+  m.def("cpu_gemm(Tensor a, Tensor b, Tensor? add, str how) -> Tensor");
+
   // Per cell of cells/all.h. One layer-direction over a whole sequence, input projection included; shapes,
   // conventions and output_mask's order in driver/sequence.h. The cell's own parameters are param0, param1
   // (layer norm's weight and bias) rather than a Tensor[]: AOTInductor's proxy executor passes an empty list

@@ -1,6 +1,7 @@
 // The CPU launcher (driver/loops.h's contract): the cell functors over rows in parallel, each row's columns in
-// vectors then scalars (cpu/vec.h); the GEMMs through brgemm (cpu/gemm.h); a chunk of steps as one OpenMP
-// region; the persistent path only as the tests' emulation (cpu/emulation.h).
+// vectors then scalars (cpu/vec.h); the GEMMs through brgemm (cpu/gemm.h; 16-bit on AMX with a packed B,
+// cpu/packed.h); a chunk of steps as one OpenMP region; the persistent path only as the tests' emulation
+// (cpu/emulation.h).
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -12,6 +13,7 @@
 
 #include "cpu/emulation.h"
 #include "cpu/gemm.h"
+#include "cpu/packed.h"
 #include "cpu/vec.h"
 #include "driver/loops.h"
 
@@ -30,11 +32,16 @@ struct CpuLauncher {
     return s.on && use_persistent(path, s.by_default);
   }
   static Tensor contiguous(const Tensor& m) { return rnnext::contiguous(m); }
-  static Tensor right_operand(const Tensor& m) { return rnnext::contiguous(m, true); }
+  // 16-bit where AMX packs: packed (cpu/packed.h), which gemm recognises by its three dimensions.
+  static Tensor right_operand(const Tensor& m) {
+    return packed::use(m.scalar_type()) ? packed::pack(m) : rnnext::contiguous(m, true);
+  }
   // Padded as right_operand's rows (docs/design.md).
   static int64_t gate_stride(int64_t GH, at::ScalarType type) { return type == at::kFloat ? padded_row(GH) : GH; }
 
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
+    if (b.dim() == 3) return packed::gemm(out, a, b, add);  // right_operand's or step_weights' packed weight
+    if (packed::per_call(out, a)) return packed::gemm(out, a, packed::pack(b), add);
     if (out.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 && a.size(1) > 0 && have_brgemm())
       brgemm_gemm(out, a, b, add);
     else
@@ -106,24 +113,24 @@ struct CpuLauncher {
     return {units, (H + units - 1) / units};
   }
   // W_hh^T [K, G*H] as each thread reads it in the fused regions: [blocks, G, K, units] float, a block's
-  // gates contiguous (4-D: the steps run fused; else w_t as given, step by step). Read in place, a gate's
-  // columns are rows 4*H floats apart, 4 KB at H = 256: they thrash the L1 sets. Fused: float; 16-bit with
-  // the GEMM in float where the step GEMM is small (up to 2^24 multiply-adds; above, oneDNN's bf16 GEMM per
-  // step is faster: docs/design.md).
+  // gates contiguous (4-D: the steps run fused; else w_t for gemm step by step, packed where AMX packs 16-bit).
+  // Read in place, a gate's columns are rows 4*H floats apart, 4 KB at H = 256: they thrash the L1 sets. Fused:
+  // float; 16-bit with the GEMM in float where the step GEMM is small (up to 2^24 multiply-adds; above, oneDNN's
+  // bf16 GEMM per step is faster: docs/design.md).
   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B) {
     const auto type = w_t.scalar_type();
     const int64_t K = w_t.size(0);
     const bool small = B * K * G * H <= (int64_t(1) << 24);
     if (!(type == at::kFloat || (small && at::isReducedFloatingType(type))) || K == 0 || H == 0 || !have_brgemm())
-      return w_t;
+      return packed::use(type) ? packed::pack(w_t) : w_t;
     const auto [units, blocks] = unit_blocks(H);
-    auto packed = at::zeros({blocks, G, K, units}, w_t.options().dtype(at::kFloat));
+    auto fused = at::zeros({blocks, G, K, units}, w_t.options().dtype(at::kFloat));
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t j0 = blk * units, n = std::min(H, j0 + units) - j0;
-        packed[blk][g].narrow(1, 0, n).copy_(w_t.narrow(1, g * H + j0, n));
+        fused[blk][g].narrow(1, 0, n).copy_(w_t.narrow(1, g * H + j0, n));
       }
-    return packed;
+    return fused;
   }
 
   // The unit blocks an OpenMP thread of a fused region owns, the same at every step (it reads back what

@@ -1,17 +1,19 @@
 // The time loops of one layer-direction, the input projection and the weight gradients. Each launcher
 // (cpu/launcher.h, cuda/kernels.cu) provides
 //   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add);
-//       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous
+//       out = add + a @ b (add undefined: 0; may be out itself), 2-D, out contiguous; b a matrix, or what
+//       right_operand or step_weights made of one
 //   static Tensor contiguous(const Tensor& m);
 //       m.contiguous() (the CPU's is faster for a transposed float matrix)
 //   static Tensor right_operand(const Tensor& m);
-//       m [K, N] (a transposed weight) in the layout gemm reads fastest as its right operand b, once per
-//       sequence (the CPU pads rows that are a multiple of 4 KB)
+//       m [K, N] (a weight or its transpose) in the layout gemm reads fastest as its right operand b, once per
+//       sequence (the CPU pads float rows that are a multiple of 4 KB, packs 16-bit ones for AMX)
 //   static int64_t gate_stride(int64_t GH, at::ScalarType);
 //       the row stride of backward's gate-gradient buffers [steps, B, GH], the right operand of the weight
 //       gradients' GEMMs (the CPU pads float rows of a multiple of 4 KB, as right_operand)
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
-//       w_t [K, G*H] (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, once per sequence
+//       w_t [K, G*H] contiguous (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, or (steps
+//       run one by one) gemm's right operand, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
 //   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
 //                               const Tensor& w_step, int64_t H, int64_t head, const MakeF& make_f);
@@ -150,13 +152,15 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   }
   const auto device = f.h.device();
   auto hg = at::empty({p.B, GH}, opts);
-  const auto w_t = L::right_operand(f.w_hh.t());
+  // With projection the steps' GEMMs are gemm's; without, step_weights lays w_hh^T out (the CPU's fused steps
+  // read a layout of their own)
+  const auto w_t = proj ? L::right_operand(f.w_hh.t()) : Tensor();
   const auto wr_t = proj ? L::right_operand(f.w_hr.t()) : Tensor();
   auto hp = proj ? at::empty({p.B, p.P}, opts) : Tensor();
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
   auto other = proj ? Tensor() : at::empty_like(f.h);
-  const auto w_step = proj ? Tensor() : L::step_weights(w_t, Cell::G, p.H, p.B);
+  const auto w_step = proj ? Tensor() : L::step_weights(L::contiguous(f.w_hh.t()), Cell::G, p.H, p.B);
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
     if (!one_launch) project(t0, t1);
@@ -221,12 +225,13 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
         L::gemm(out, hs_t.narrow(0, k0, b.head), dg.narrow(1, g * p.H + k0, b.head), out);
       }
   };
+  const auto w_ih = need.x ? L::right_operand(b.w_ih) : Tensor();  // dx's right operand
   auto gradients = [&](int64_t t0, int64_t t1) {
     RECORD_FUNCTION("rnnext::bwd_gradients", std::vector<c10::IValue>());
     const auto dxg_c = steps(dxg, 0, t1 - t0), dhg_c = steps(dhg, 0, t1 - t0);
     if (need.x) {
       auto dx = steps(b.dx, t0, t1);
-      L::gemm(dx, dxg_c, b.w_ih, Tensor());
+      L::gemm(dx, dxg_c, w_ih, Tensor());
     }
     if (need.w_ih) L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_c, b.dw_ih_t);
     if (need.w_hh) {
@@ -251,7 +256,8 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   }
   const auto device = b.dh.device();
   auto dr = proj ? at::empty({p.B, p.H}, opts) : Tensor();
-  const auto w_step = proj ? Tensor() : L::step_weights(b.w_hh, 1, p.H, p.B);
+  const auto w_step = proj ? L::right_operand(b.w_hh) : L::step_weights(b.w_hh, 1, p.H, p.B);
+  const auto wr = proj ? L::right_operand(w_hr) : Tensor();
   for (int64_t t1 = p.T; t1 > 0; t1 -= chunk) {
     const int64_t t0 = std::max<int64_t>(0, t1 - chunk);
     hold(t0, t1);
@@ -269,9 +275,9 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
                                      .dhp = mptr<S>(dhp) + t * p.B * p.P,
                                      .direct = p.direct,
                                      .clip = p.clip});
-        L::gemm(dr, dhp[t], w_hr, Tensor());
+        L::gemm(dr, dhp[t], wr, Tensor());
         run_cell<L, Cell::rows>(device, p.B, p.H, cells::backward_step<Cell>(p, t, cptr<S>(dr), true));
-        if (t > 0 || need.h0) L::gemm(b.dh, dhg[t - t0], b.w_hh, b.direct);  // dh_prev = direct + dgates @ w_hh
+        if (t > 0 || need.h0) L::gemm(b.dh, dhg[t - t0], w_step, b.direct);  // dh_prev = direct + dgates @ w_hh
       }
     }
     gradients(t0, t1);
