@@ -18,13 +18,14 @@ extern "C" PyObject* PyInit__C(void) {
 namespace {
 
 // The planner of the persistent kernels (persistent/plan.h), for tests and for users who want to know
-// what would run: [fits, ctas, units, MT, NT, KT, ktile, smem bytes, elems].
+// what would run: [fits, ctas, units, MT, NT, KT, ktile, smem bytes, elems, local, wn]; head: the units per head of
+// a head-wise W_hh (0: dense).
 std::vector<int64_t> persistent_plan(bool backward, int64_t G, int64_t B, int64_t H, int64_t elem, int64_t mma,
-                                     int64_t parts, int64_t sms, int64_t smem_per_block, int64_t arch) {
+                                     int64_t parts, int64_t sms, int64_t smem_per_block, int64_t arch, int64_t head) {
   using namespace rnnext::persistent;
   const Plan pl = make_plan(backward ? Dir::Backward : Dir::Forward, G, B, H, elem, Mma(mma), parts,
-                            Capacity{sms, smem_per_block, arch});
-  return {pl.fits, pl.ctas, pl.units, pl.MT, pl.NT, pl.KT, pl.ktile, pl.smem, pl.elems};
+                            Capacity{sms, smem_per_block, arch}, head);
+  return {pl.fits, pl.ctas, pl.units, pl.MT, pl.NT, pl.KT, pl.ktile, pl.smem, pl.elems, pl.local, pl.wn};
 }
 
 // Raises where a persistent kernel failed since the last check (after synchronizing the devices that ran
@@ -38,7 +39,7 @@ void check_persistent() {
 TORCH_LIBRARY(rnnext, m) {
   m.def(
       "persistent_plan(bool backward, int G, int B, int H, int elem, int mma, int parts, int sms, "
-      "int smem_per_block, int arch) -> int[]",
+      "int smem_per_block, int arch, int head=0) -> int[]",
       &persistent_plan);
   m.def("check_persistent() -> ()", &check_persistent);
 

@@ -3,6 +3,7 @@
 runs through the emulation (cpu/emulation.h: every CTA's 256 threads with the device's plan, warp-wide MMAs
 over the warp's registers), on CUDA as the kernels. The emulation runs only where a test asks for it
 (RNNEXT_TEST_EMULATE_PERSISTENT, set for the test session in conftest.py)."""
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.skipif(ops.LOAD_ERROR is not None, reason="extension no
 
 # (sms, smem_per_block, arch): cuda/persistent.cuh device_capacity() on an H100
 H100 = (132, 232448, 90)
-FIELDS = ("fits", "ctas", "units", "MT", "NT", "KT", "ktile", "smem", "elems")
+FIELDS = ("fits", "ctas", "units", "MT", "NT", "KT", "ktile", "smem", "elems", "local", "wn")
+EMULATED = (8, 232448, 90)  # cpu/emulation.h's device, at its default of 8 SMs
 TYPES = {"bf16": (2, 1, torch.bfloat16), "fp16": (2, 1, torch.float16), "tf32": (4, 2, torch.float32),
          "fp64": (8, 0, torch.float64)}  # (bytes, persistent::Mma, dtype)
 # per cell: G, Z, SAVED, ZONED, reads_h_prev, reads_out (csrc/cells/*.h)
@@ -32,10 +34,10 @@ def parts(cell, backward):
     return 1 + K + h_prev + Z - 1 + out + ZN if backward else G + ZN + 1 + K + Z - 1
 
 
-def plan(backward, cell, B, H, dtype, capacity=H100):
+def plan(backward, cell, B, H, dtype, capacity=H100, head=0):
     elem, mma, _ = TYPES[dtype]
     return dict(zip(FIELDS, torch.ops.rnnext.persistent_plan(backward, CELLS[cell][0], B, H, elem, mma,
-                                                             parts(cell, backward), *capacity)))
+                                                             parts(cell, backward), *capacity, head)))
 
 
 @pytest.mark.parametrize("backward", [False, True])
@@ -57,6 +59,44 @@ def test_plan_is_consistent(backward, cell, B, H, dtype):
     assert p["elems"] * 256 >= B * p["units"]
     assert H % (16 // elem) == 0 and B <= 64 and dtype != "fp64"
     assert p["ktile"] == (16 if elem == 2 else 8)
+    assert not p["local"] and p["wn"] == 1
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("B", [1, 15, 33])
+@pytest.mark.parametrize("H,head", [(768, 16), (256, 4), (96, 24), (64, 32), (512, 64), (48, 3), (256, 128)])
+@pytest.mark.parametrize("dtype", ["bf16", "tf32"])
+def test_head_plans(backward, cell, B, H, head, dtype):
+    """Head-wise: CTAs of whole heads in whole 16-byte pieces (the fewest heads), as many CTAs as that makes
+    whatever the SMs (no grid barrier), the warps' n-groups and k-groups covering N and K within the register
+    tiles; where that does not fit, the dense plan."""
+    p, dense = plan(backward, cell, B, H, dtype, head=head), plan(backward, cell, B, H, dtype)
+    if not p["local"]:
+        assert p == dense
+        return
+    G, elem = CELLS[cell][0], TYPES[dtype][0]
+    units = p["units"]
+    assert p["fits"] and units == math.lcm(head, 16 // elem)
+    assert p["ctas"] * units == H
+    K, N = (G * units, units) if backward else (units, G * units)
+    assert p["wn"] in (1, 2, 4, 8) and p["NT"] * 8 * p["wn"] >= N and p["KT"] * p["ktile"] * (8 // p["wn"]) >= K
+    assert p["NT"] <= (1 if backward else 4) and p["elems"] * 256 >= B * units
+    assert plan(backward, cell, B, H, dtype, (1,) + H100[1:], head) == p  # not limited by the SMs
+
+
+def test_which_head_plans_are_local():
+    """The FlashRNN configuration (B = 16, 768 units as 48 heads of 16) is 48 CTAs of one head both ways, each warp
+    one n-tile forward; heads of 64 fit backward (8 n-tiles, one per warp), of 128 not (the dense plan), nor
+    B * units beyond the threads' elements."""
+    f, b = plan(False, "lstm", 16, 768, "bf16", head=16), plan(True, "lstm", 16, 768, "bf16", head=16)
+    assert (f["local"], f["ctas"], f["units"], f["wn"], f["NT"], f["KT"]) == (1, 48, 16, 8, 1, 1)
+    assert (b["local"], b["ctas"], b["units"], b["wn"], b["NT"]) == (1, 48, 16, 2, 1)
+    wide = plan(True, "lstm", 4, 512, "fp16", head=64)
+    assert wide["local"] and wide["wn"] == 8
+    assert not plan(True, "lstm", 4, 512, "fp16", head=128)["local"]
+    assert not plan(True, "lstm", 17, 768, "bf16", head=16)["local"]  # 17 * 16 elements > 256 threads
+    assert plan(False, "lstm", 16, 256, "bf16", head=4)["units"] == 8  # two heads: a 16-byte piece
 
 
 def test_what_does_not_fit():
@@ -104,14 +144,14 @@ def test_units_fill_the_register_tiles():
 
 # ---- the per-CTA code, run ------------------------------------------------------------------------
 
-def make_args(cell, T, B, H, dtype, seed, lengths=False, bias=True, device="cpu"):
-    G = CELLS[cell][0]
+def make_args(cell, T, B, H, dtype, seed, lengths=False, bias=True, device="cpu", head=0):
+    G, D = CELLS[cell][0], head or H
     g = torch.Generator().manual_seed(seed)
 
     def t(*shape, scale=0.5):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()
 
-    args = dict(x=t(T, B, 5), w_ih=t(G * H, 5), w_hh=t(G * H, H, scale=1 / H ** 0.5),
+    args = dict(x=t(T, B, 5), w_ih=t(G * H, 5), w_hh=t(G * H, D, scale=1 / D ** 0.5),
                 states=(t(B, H), t(B, H)) if cell == "lstm" else (t(B, H),), b_ih=t(G * H) if bias else None,
                 b_hh=t(G * H) if bias else None)
     lens = None
@@ -153,7 +193,7 @@ def check_against_reference(cell, T, B, H, dtype, tf32=True, want=(True, True), 
     CPU multiplies in exact float32): within 2^-9 of each tensor's magnitude."""
     lengths = kw.pop("lengths", False)
     args, lens = make_args(cell, T, B, H, TYPES[dtype][2], seed=T * 100 + B * 10 + H, lengths=lengths,
-                           bias=kw.pop("bias", True))
+                           bias=kw.pop("bias", True), head=kw.pop("head", 0))
     exact = cast(args, torch.float64)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -213,6 +253,57 @@ def test_k_split_over_warps(monkeypatch, cell):
     check_against_reference(cell, 2, 2, 264, "bf16")
 
 
+HEADS = [(5, 15, 48, 16), (3, 3, 24, 8), (2, 20, 32, 4), (4, 2, 64, 32), (1, 1, 16, 8)]
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "tf32"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("T,B,H,head", HEADS)
+def test_head_wise_persistent_is_the_dense_plan_on_the_block_diagonal_matrix(cell, dtype, option, T, B, H, head):
+    """Head-wise, CTAs of whole heads (local plans: no grid barrier, K the CTA's own units) both ways give what the
+    dense plan (checked against the reference above) gives on the dense block-diagonal W_hh, up to the order of
+    float sums: outputs, every gradient, W_hh's on the diagonal blocks. Heads of 16, 8, 4 (two a CTA in 16-bit),
+    32 (warps in n-groups of two k-groups backward) and T = B = 1."""
+    if option.startswith("zoneout") and not CELLS[cell][3]:
+        pytest.skip("the cell has no zoneout")
+    G = CELLS[cell][0]
+    assert all(plan(b, cell, B, H, dtype, EMULATED, head)["local"] for b in (False, True))
+    assert all(plan(b, cell, B, H, dtype, EMULATED)["fits"] for b in (False, True))
+    kw = with_options(cell, T, B, H, option)
+    if "zoneout_mask" in kw:
+        kw["zoneout_mask"] = kw["zoneout_mask"].to(TYPES[dtype][2])
+    lengths = kw.pop("lengths", False)
+    args, lens = make_args(cell, T, B, H, TYPES[dtype][2], seed=T + B + H, lengths=lengths,
+                           bias=kw.pop("bias", True), head=head)
+    dense = dict(args, w_hh=reference.dense_heads(args["w_hh"].detach(), H).requires_grad_())
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        runs = [ran(lambda: outputs_and_grads(ops.recurrence, a, cell=cell, lengths=lens, path=2, **kw))
+                for a in (args, dense)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    (got, *ran_local), (want, *ran_dense) = runs
+    assert ran_local == ran_dense == [True, True]
+    w = len(got) - len(list(tensors_in(args.values()))) + 2  # the leaves: x, w_ih, w_hh, ...
+    k = H // head
+    want[w] = want[w].view(G, k, head, k, head).diagonal(0, 1, 3).permute(0, 3, 1, 2).reshape(G * H, head)
+    # the same products summed in another order (the k-groups differ), then rounded (16-bit, TF32 operands)
+    tol = 2 ** -11 if dtype == "tf32" else 2 ** -10
+    errors = relative_errors(got, [b.double() for b in want])
+    assert max(errors) <= tol, errors
+
+
+def test_head_wise_without_a_local_plan_runs_the_dense_one_or_per_step(monkeypatch):
+    """Heads of 128 units (beyond a CTA's register tiles both ways) take the dense plan with its grid barrier where
+    the SMs allow (32 CTAs on 64), else the per-step path."""
+    monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", "1,sms=64")
+    check_against_reference("lstm", 2, 2, 256, "bf16", head=128, want=(True, True))
+    monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", "1,sms=1")
+    check_against_reference("lstm", 2, 2, 256, "bf16", head=128, want=(False, False))
+
+
 def test_fits_up_to_the_sms_then_falls_back(monkeypatch):
     """On the emulated 8 SMs, H = 64 is 8 CTAs of 8 units; H = 72 does not fit and runs per step."""
     check_against_reference("lstm", 3, 2, 64, "bf16")
@@ -226,7 +317,8 @@ def test_thread_and_cta_order_do_not_change_the_results(monkeypatch):
     for setting in ("1", "1,reverse"):
         monkeypatch.setenv("RNNEXT_TEST_EMULATE_PERSISTENT", setting)
         results.append([check_against_reference(cell, 4, 20, 40, "bf16", lengths=True, zoneout=0.2 if cell in
-                                                 ("lstm", "gru") else 0.0) for cell in CELLS])
+                                                 ("lstm", "gru") else 0.0, head=head) for cell in CELLS
+                        for head in (0, 8)])
     for a, b in zip(*results):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 

@@ -9,7 +9,8 @@
 //   1        run where the persistent path is asked for (path 2)
 //   default  also as the CPU's default (path 0), as on a device whose default is the persistent kernel
 //   fail     plan as usual, but the launch "fails" (the driver's fallback to the per-step path)
-//   timeout  the first grid barrier "times out" (NaN outputs; the next launch or check_persistent raises)
+//   timeout  the first grid barrier "times out" (NaN outputs; the next launch or check_persistent raises; local
+//            plans have none)
 //   reverse  each phase's threads and each step's CTAs in reverse order (a race between threads of a phase
 //            shows as results that depend on the order)
 //   sms=N    N SMs instead of 8 (an H100 has 132)
@@ -87,7 +88,7 @@ void ctas(const Settings& s, int32_t n, const F& f) {
 }
 
 template <typename Cell, typename S, typename A>
-bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
+bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, int64_t head, Tensor& h) {
   using namespace persistent;
   if constexpr (mma_of<S> == Mma::None) {
     return false;
@@ -95,7 +96,7 @@ bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor
     const Settings set = settings();
     if (!set.on || !use_persistent(path, set.by_default) || !has_mma<S>()) return false;
     const Plan pl =
-        make_plan(Dir::Forward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, forward_parts<Cell>(), device(set));
+        make_plan(Dir::Forward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, forward_parts<Cell>(), device(set), head);
     if (!pl.fits || set.fail) return false;
     check();
     RECORD_FUNCTION("rnnext::persistent_forward", std::vector<c10::IValue>());
@@ -126,7 +127,7 @@ bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor
       });
     };
     for (int32_t t = 0; t < p.T; ++t) {
-      if (set.timeout && t == 1) {  // the wait for step 0's arrivals gives up
+      if (set.timeout && t == 1 && !pl.local) {  // the wait for step 0's arrivals gives up
         error_word() = 1;
         ctas(set, pl.ctas, [&](int32_t k) {
           after_arrival(k, 0);
@@ -148,7 +149,7 @@ bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor
 }
 
 template <typename Cell, typename S, typename A>
-bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
+bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, int64_t head, Tensor& dh) {
   using namespace persistent;
   if constexpr (mma_of<S> == Mma::None) {
     return false;
@@ -156,7 +157,7 @@ bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tenso
     const Settings set = settings();
     if (!set.on || !use_persistent(path, set.by_default) || !has_mma<S>()) return false;
     const Plan pl =
-        make_plan(Dir::Backward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, backward_parts<Cell>(), device(set));
+        make_plan(Dir::Backward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, backward_parts<Cell>(), device(set), head);
     if (!pl.fits || set.fail) return false;
     check();
     RECORD_FUNCTION("rnnext::persistent_backward", std::vector<c10::IValue>());
@@ -175,7 +176,7 @@ bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tenso
       });
     for (int32_t k = 0; k < pl.ctas; ++k) threads(set, [&](int tid) { cta[k].cell(reg(k, tid), p.T - 1); });
     for (int32_t t = p.T - 1; t >= 0; --t) {
-      if (set.timeout && t == p.T - 1) {  // the first wait gives up
+      if (set.timeout && t == p.T - 1 && !pl.local) {  // the first wait gives up
         error_word() = 1;
         ctas(set, pl.ctas, [&](int32_t k) {
           threads(set, [&](int tid) {

@@ -49,12 +49,13 @@ struct CpuLauncher {
   }
 
   template <typename Cell, typename S, typename A>
-  static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
-    return emulated::forward<Cell>(path, p, w_hh, h);
+  static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, int64_t head, Tensor& h) {
+    return emulated::forward<Cell>(path, p, w_hh, head, h);
   }
   template <typename Cell, typename S, typename A>
-  static bool persistent_backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
-    return emulated::backward<Cell>(path, p, w_hh, dh);
+  static bool persistent_backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, int64_t head,
+                                  Tensor& dh) {
+    return emulated::backward<Cell>(path, p, w_hh, head, dh);
   }
 
   // f over row b, columns [j0, j1): vectors of the math type (float for 16-bit types), then scalars.
@@ -191,7 +192,7 @@ struct CpuLauncher {
                               const Tensor& w_step, int64_t H, int64_t head, const MakeF& make_f) {
     if (h.size(0) == 0) return;
     if (std::is_same_v<S, double> || w_step.dim() != 4)
-      return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, make_f);  // dense w
+      return gemm_cell_each_step<CpuLauncher, Rows>(t0, t1, hg, h, other, w_step, H, head, make_f);
     if constexpr (!std::is_same_v<S, double>) {
       constexpr bool to_float = !std::is_same_v<S, float>;
       const int64_t B = h.size(0), K = h.size(1), GH = hg.size(1), G = GH / H;
@@ -238,7 +239,7 @@ struct CpuLauncher {
                               const Tensor& w_step, int64_t H, int64_t head, bool to_h0, const MakeF& make_f) {
     if (dh.size(0) == 0) return;
     if (std::is_same_v<S, double> || w_step.dim() != 4)
-      return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, to_h0, make_f);
+      return cell_gemm_each_step<CpuLauncher, Rows>(t0, t1, dh, dhg, direct, w_step, H, head, to_h0, make_f);
     if constexpr (!std::is_same_v<S, double>) {
       constexpr bool to_float = !std::is_same_v<S, float>;
       const int64_t B = dh.size(0), K = dhg.size(2), ld = dhg.stride(1);

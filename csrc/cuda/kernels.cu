@@ -84,22 +84,23 @@ struct CudaLauncher {
 
   template <bool Rows, typename S, typename MakeF>
   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
-                              const Tensor& w_t, int64_t H, int64_t, const MakeF& make_f) {
-    gemm_cell_each_step<CudaLauncher, Rows>(t0, t1, hg, h, other, w_t, H, make_f);
+                              const Tensor& w_t, int64_t H, int64_t head, const MakeF& make_f) {
+    gemm_cell_each_step<CudaLauncher, Rows>(t0, t1, hg, h, other, w_t, H, head, make_f);
   }
   template <bool Rows, typename S, typename MakeF>
   static void cell_gemm_steps(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-                              const Tensor& w_hh, int64_t H, int64_t, bool to_h0, const MakeF& make_f) {
-    cell_gemm_each_step<CudaLauncher, Rows>(t0, t1, dh, dhg, direct, w_hh, H, to_h0, make_f);
+                              const Tensor& w_hh, int64_t H, int64_t head, bool to_h0, const MakeF& make_f) {
+    cell_gemm_each_step<CudaLauncher, Rows>(t0, t1, dh, dhg, direct, w_hh, H, head, to_h0, make_f);
   }
 
   template <typename Cell, typename S, typename A>
-  static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
-    return persistent::forward<Cell>(path, p, w_hh, h);
+  static bool persistent_forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, int64_t head, Tensor& h) {
+    return persistent::forward<Cell>(path, p, w_hh, head, h);
   }
   template <typename Cell, typename S, typename A>
-  static bool persistent_backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
-    return persistent::backward<Cell>(path, p, w_hh, dh);
+  static bool persistent_backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, int64_t head,
+                                  Tensor& dh) {
+    return persistent::backward<Cell>(path, p, w_hh, head, dh);
   }
 
   template <typename F>

@@ -5,6 +5,7 @@
 // before it is needed. The wait is bounded: a CTA that waits longer than kTimeoutNs sets the device's
 // error word, every CTA writes NaN into its outputs and leaves, and the next launch on that device (or
 // rnnext.ops.check_persistent()) raises. No host sync per call, and a CUDA graph's replays report too.
+// Head-wise plans whose CTAs hold whole heads (Plan::local) have no barrier: a plain launch.
 //
 // Opt-in (path 2, or RNNEXT_CUDA_PATH=persistent) until tools/gpu_check.sh has passed with it on a GPU at
 // the commit that makes it the default (kByDefault).
@@ -36,10 +37,10 @@ __device__ __forceinline__ long long now_ns() {
   return t;
 }
 
-// This CTA's writes of the step (every thread's: the block sync first) released to the others.
-__device__ __forceinline__ void arrive(const Grid& g) {
+// This CTA's writes of the step (every thread's: the block sync first) released to the others (alone: none).
+__device__ __forceinline__ void arrive(const Grid& g, bool alone) {
   __syncthreads();
-  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(g.arrivals) : "memory");
+  if (!alone && threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(g.arrivals) : "memory");
 }
 
 // Until every CTA arrived s + 1 times (barrier s), acquiring their writes; false: some CTA gave up.
@@ -78,18 +79,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   cta.prologue(r, tid);
   cta.prefetch(0, tid);
   for (int32_t t = 0; t < p.T; ++t) {
-    if (t > 0 && !wait(grid, t - 1)) return cta.poison(tid);
+    if (t > 0 && !pl.local && !wait(grid, t - 1)) return cta.poison(tid);
     cta.stage(t, tid);
     copies_done();
     __syncthreads();
     cta.template multiply<1>(&r, tid);
     __syncthreads();
     cta.cell(r, t);
-    arrive(grid);
+    arrive(grid, pl.local);
     cta.store(t, tid);
     cta.prefetch(t + 1, tid);
   }
-  if (!wait(grid, p.T - 1)) return cta.poison(tid);
+  if (!pl.local && !wait(grid, p.T - 1)) return cta.poison(tid);
   cta.epilogue(r);
 }
 
@@ -106,9 +107,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     copies_done();
     __syncthreads();
     cta.cell(r, t);
-    arrive(grid);
+    arrive(grid, pl.local);
     cta.prefetch(t - 1, tid);
-    if (!wait(grid, p.T - 1 - t)) return cta.poison(tid);
+    if (!pl.local && !wait(grid, p.T - 1 - t)) return cta.poison(tid);
     cta.stage(t, tid);
     copies_done();
     __syncthreads();
@@ -156,16 +157,18 @@ inline int* error_word(int device, bool on_device, bool create = true) {
   return on_device ? mapped[device] : host[device];
 }
 
-// The plan for `kernel` on this device, unfit (fits = 0) where its CTAs cannot all be resident at once.
+// The plan for `kernel` on this device, unfit (fits = 0) where its CTAs cannot all be resident at once (local
+// plans: where one cannot).
 template <auto kernel>
-Plan device_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, Mma mma, int64_t parts, int device) {
+Plan device_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, Mma mma, int64_t parts, int64_t head,
+                 int device) {
   const Capacity cap = device_capacity(device);
-  Plan pl = make_plan(dir, G, B, H, elem, mma, parts, cap);
+  Plan pl = make_plan(dir, G, B, H, elem, mma, parts, cap, head);
   if (!pl.fits) return pl;
   allow_shared_memory<kernel>(device, cap.smem_per_block);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, pl.threads, size_t(pl.smem)));
-  if (int64_t(per_sm) * cap.sms < pl.ctas) pl.fits = 0;
+  if (per_sm < 1 || (!pl.local && int64_t(per_sm) * cap.sms < pl.ctas)) pl.fits = 0;
   return pl;
 }
 
@@ -175,7 +178,8 @@ inline bool cannot_launch_here(cudaError_t e) {
   return e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported || e == cudaErrorLaunchOutOfResources;
 }
 
-// Launches kernel(pl, args..., grid) cooperatively on the current stream; false: it could not run here
+// Launches kernel(pl, args..., grid) cooperatively (local plans: plainly) on the current stream; false: it could
+// not run here
 // (nothing ran; the caller takes the per-step path). RNNEXT_TEST_BARRIER_TIMEOUT=1 (tests only) makes
 // every barrier wait for one CTA too many, 0.2 s.
 template <typename Kernel, typename... Args>
@@ -188,8 +192,10 @@ bool launch(const char* name, Kernel kernel, const Plan& pl, int device, Args...
             (unsigned long long)(pl.ctas + hang), hang ? 200'000'000LL : kTimeoutNs};
   Plan plan = pl;
   void* ptrs[] = {&plan, &args..., &grid};
-  const cudaError_t e = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(pl.ctas)),
-                                                    dim3(unsigned(pl.threads)), ptrs, size_t(pl.smem), stream);
+  const void* fn = reinterpret_cast<void*>(kernel);
+  const dim3 ctas(unsigned(pl.ctas)), threads(unsigned(pl.threads));
+  const cudaError_t e = pl.local ? cudaLaunchKernel(fn, ctas, threads, ptrs, size_t(pl.smem), stream)
+                                 : cudaLaunchCooperativeKernel(fn, ctas, threads, ptrs, size_t(pl.smem), stream);
   if (cannot_launch_here(e)) {
     (void)cudaGetLastError();  // not sticky: clear it so that the per-step path's launch checks pass
     TORCH_WARN_ONCE("rnnext: the persistent kernel ", name, " could not be launched here (", cudaGetErrorString(e),
@@ -210,7 +216,7 @@ bool has_mma() {
 }
 
 template <typename Cell, typename S, typename A>
-bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor& h) {
+bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, int64_t head, Tensor& h) {
   if constexpr (mma_of<S> == Mma::None) {
     return false;
   } else {
@@ -218,7 +224,7 @@ bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor
     c10::cuda::CUDAGuard device_guard(h.device());
     constexpr auto kernel = forward_kernel<Cell, S, A>;
     const Plan pl = device_plan<kernel>(Dir::Forward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, forward_parts<Cell>(),
-                                        h.get_device());
+                                        head, h.get_device());
     if (!pl.fits) return false;
     RECORD_FUNCTION("rnnext::persistent_forward", std::vector<c10::IValue>());
     auto buf0 = at::empty_like(h), buf1 = at::empty_like(h);
@@ -228,7 +234,7 @@ bool forward(Path path, const cells::SeqFwd<S, A>& p, const Tensor& w_hh, Tensor
 }
 
 template <typename Cell, typename S, typename A>
-bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tensor& dh) {
+bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, int64_t head, Tensor& dh) {
   if constexpr (mma_of<S> == Mma::None) {
     return false;
   } else {
@@ -236,7 +242,7 @@ bool backward(Path path, const cells::SeqBwd<S, A>& p, const Tensor& w_hh, Tenso
     c10::cuda::CUDAGuard device_guard(dh.device());
     constexpr auto kernel = backward_kernel<Cell, S, A>;
     const Plan pl = device_plan<kernel>(Dir::Backward, Cell::G, p.B, p.H, sizeof(S), mma_of<S>, backward_parts<Cell>(),
-                                        dh.get_device());
+                                        head, dh.get_device());
     if (!pl.fits) return false;
     RECORD_FUNCTION("rnnext::persistent_backward", std::vector<c10::IValue>());
     return launch("persistent_backward", kernel, pl, dh.get_device(), p, cptr<S>(w_hh), mptr<S>(dh));

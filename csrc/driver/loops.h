@@ -27,7 +27,7 @@
 //       backward steps t1-1 down to t0, each: the cell functor make_f(t) (reads dh, writes dhg[t - t0]), then
 //       dh = direct + dhg[t - t0] @ w_hh (direct undefined: 0), but at step 0 only where to_h0 (dh0 asked
 //       for); w_step = step_weights(w_hh, 1, H, B)
-//   (gemm_cell_each_step, cell_gemm_each_step below do them step by step)
+//   (gemm_cell_each_step, cell_gemm_each_step below do them step by step: head-wise, a batched GEMM over the heads)
 //   static int64_t chunk_steps(int64_t B, int64_t GH, int64_t elem);
 //       steps of the input projection (and of its gradient) held at once: the CPU a few, so that they stay
 //       in cache and [T, B, G*H] is never allocated; CUDA all of them (one GEMM)
@@ -40,11 +40,14 @@
 // and may run a whole sequence itself (the persistent CUDA kernel; its CPU emulation for tests), with the
 // projection of every step at hand, returning false where it did not:
 //   template <typename Cell, typename S, typename A>
-//   static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor& w_hh, Tensor& h);
-//   static bool persistent_backward(Path, const cells::SeqBwd<S, A>&, const Tensor& w_hh, Tensor& dh);
+//   static bool persistent_forward(Path, const cells::SeqFwd<S, A>&, const Tensor& w_hh, int64_t head, Tensor& h);
+//   static bool persistent_backward(Path, const cells::SeqBwd<S, A>&, const Tensor& w_hh, int64_t head, Tensor& dh);
+//   (w_hh dense, head: the units per head of a block-diagonal one, else H)
 // Otherwise the per-step loop: per step one GEMM into a preallocated buffer and one launch of the cell.
 #pragma once
+#include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -87,22 +90,74 @@ void run_cell(c10::Device device, int64_t B, int64_t H, const F& f) {
     L::run(device, B, H, f);
 }
 
-// gemm_cell_steps and cell_gemm_steps one step at a time: a GEMM and a cell launch per step.
+// The per-step GEMMs of a block-diagonal w_hh (k heads of D units, G gates) batched over the heads: each head's
+// diagonal blocks gathered once per sequence, all its gates side by side (forward: w_hh^T's, [k, D, G*D]; backward:
+// w_hh's, [k, G*D, D]); per step one batched GEMM between copies from and to the gate-major [B, G*H] layout
+// (ATen ops: the same code on every device).
+struct HeadSteps {
+  int64_t G, k, D;
+  Tensor w, in, out;  // the heads' weights; the step's head-major operand and product (scratch)
+
+  // w_t = the dense w_hh^T [H, G*H]
+  static HeadSteps forward(const Tensor& w_t, int64_t H, int64_t D, int64_t B) {
+    const int64_t G = w_t.size(1) / H, k = H / D;
+    auto w = w_t.reshape({k, D, G, k, D}).diagonal(0, 0, 3).permute({3, 0, 1, 2}).reshape({k, D, G * D});
+    return {G, k, D, w, Tensor(), at::empty({k, B, G * D}, w_t.options())};
+  }
+  // w = the dense w_hh [G*H, H]
+  static HeadSteps backward(const Tensor& w, int64_t H, int64_t D, int64_t B) {
+    const int64_t G = w.size(0) / H, k = H / D;
+    auto wb = w.reshape({G, k, D, k, D}).diagonal(0, 1, 3).permute({3, 0, 1, 2}).reshape({k, G * D, D});
+    return {G, k, D, wb, at::empty({k, B, G * D}, w.options()), at::empty({k, B, D}, w.options())};
+  }
+  // hg [B, G*H] = prev [B, H] @ w_hh^T
+  void forward_step(Tensor& hg, const Tensor& prev) {
+    const int64_t B = prev.size(0);
+    at::bmm_out(out, prev.view({B, k, D}).transpose(0, 1), w);
+    hg.view({B, G, k, D}).copy_(out.view({k, B, G, D}).permute({1, 2, 0, 3}));
+  }
+  // dh [B, H] = direct (undefined: 0) + dg [B, G*H] @ w_hh
+  void backward_step(Tensor& dh, const Tensor& dg, const Tensor& direct) {
+    const int64_t B = dh.size(0);
+    in.view({k, B, G, D}).copy_(dg.view({B, G, k, D}).permute({2, 0, 1, 3}));
+    at::bmm_out(out, in, w);
+    auto dh3 = dh.view({B, k, D});
+    if (direct.defined())
+      at::add_out(dh3, direct.view({B, k, D}), out.transpose(0, 1));
+    else
+      dh3.copy_(out.transpose(0, 1));
+  }
+};
+
+// gemm_cell_steps and cell_gemm_steps one step at a time: a GEMM and a cell launch per step. Head-wise (head < H)
+// with a plain matrix w (not a launcher's packed one): HeadSteps.
 template <typename L, bool Rows, typename MakeF>
 void gemm_cell_each_step(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other, const Tensor& w_t,
-                         int64_t H, const MakeF& make_f) {
+                         int64_t H, int64_t head, const MakeF& make_f) {
+  const bool batched = head < H && w_t.dim() == 2;
+  auto heads = batched ? HeadSteps::forward(w_t, H, head, h.size(0)) : HeadSteps{};
   for (int64_t t = t0; t < t1; ++t) {
     const Tensor& prev = t % 2 ? other : h;
-    L::gemm(hg, prev, w_t, Tensor());
+    if (batched)
+      heads.forward_step(hg, prev);
+    else
+      L::gemm(hg, prev, w_t, Tensor());
     run_cell<L, Rows>(hg.device(), h.size(0), H, make_f(t, prev, t % 2 ? h : other));
   }
 }
 template <typename L, bool Rows, typename MakeF>
 void cell_gemm_each_step(int64_t t0, int64_t t1, Tensor& dh, const Tensor& dhg, const Tensor& direct,
-                         const Tensor& w_hh, int64_t H, bool to_h0, const MakeF& make_f) {
+                         const Tensor& w_hh, int64_t H, int64_t head, bool to_h0, const MakeF& make_f) {
+  const bool batched = head < H && w_hh.dim() == 2;
+  auto heads = batched ? HeadSteps::backward(w_hh, H, head, dh.size(0)) : HeadSteps{};
   for (int64_t t = t1 - 1; t >= t0; --t) {
     run_cell<L, Rows>(dh.device(), dh.size(0), H, make_f(t));
-    if (t > 0 || to_h0) L::gemm(dh, dhg[t - t0], w_hh, direct);
+    if (t == 0 && !to_h0) continue;
+    auto dg = dhg[t - t0];
+    if (batched)
+      heads.backward_step(dh, dg, direct);
+    else
+      L::gemm(dh, dg, w_hh, direct);
   }
 }
 
@@ -147,7 +202,7 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   if constexpr (!Cell::rows) {
     if (one_launch) {
       project(0, p.T);
-      if (L::template persistent_forward<Cell>(path, p, f.w_hh, f.h)) return;
+      if (L::template persistent_forward<Cell>(path, p, f.w_hh, f.head, f.h)) return;
     }
   }
   const auto device = f.h.device();
@@ -248,7 +303,7 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
   if constexpr (!Cell::rows) {
     if (one_launch) {
       hold(0, p.T);
-      if (L::template persistent_backward<Cell>(path, p, b.w_hh, b.dh)) {
+      if (L::template persistent_backward<Cell>(path, p, b.w_hh, b.head, b.dh)) {
         gradients(0, p.T);
         return;
       }

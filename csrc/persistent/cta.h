@@ -12,9 +12,13 @@
 //   backward: the cell backward of its units writes their columns of dhg[t]; after the grid barrier
 //             A = dhg[t] [B, G*H], K = G*H; Bt = the W_hh columns of its units, N = units;
 //             dh of its units = direct + out
-// The 8 warps split K (k-tiles [w*KT, (w+1)*KT)): each warp keeps its part of Bt in registers as MMA
-// fragments for the whole sequence and adds its partial products of every output tile; the partials
-// meet in shared memory, where the cell's threads sum them. A thread's cell elements (row, unit) are the
+// Head-wise (a block-diagonal W_hh) where a CTA's units are whole heads ("local"), a CTA reads only what it
+// wrote itself: K is its own units (forward: its columns of h; backward: its G gates' columns of dhg[t]), which
+// its cell writes straight into A, and there is no grid barrier (a plain launch, any number of CTAs).
+// The 8 warps split K (k-tiles [w*KT, (w+1)*KT)), or (local, where N is wide and K narrow) wn groups of them
+// split N and the 8/wn warps of a group K: each warp keeps its part of Bt in registers as MMA fragments for
+// the whole sequence and adds its partial products of every output tile; the partials meet in shared
+// memory, where the cell's threads sum them. A thread's cell elements (row, unit) are the
 // same at every step, so the carried states (and the biases, and the lengths) stay in its registers; the
 // per-step inputs of its units (xg, the zoneout mask; backward: dy, saved, the states before the step)
 // come as 16-byte asynchronous copies into shared memory, prefetched for the next step before the wait.
@@ -60,7 +64,13 @@ struct Plan {
   int32_t parts;               // element tiles' values per (row, unit) and step, in and out
   int32_t off_r, off_x, smem;  // bytes: A at 0, partial sums, element tiles (and the biases); total
   int32_t elems;               // cell elements per thread
+  int32_t head, local, wn;     // units per head (H: dense); 1: CTAs of whole heads, no grid barrier; n-groups
 };
+
+// The warps of an n-group (each splits K), and warp w's k-group and n-group.
+RNNEXT_HD int32_t k_warps(const Plan& pl) { return kWarps / pl.wn; }
+RNNEXT_HD int32_t k_group(const Plan& pl, int warp) { return warp % k_warps(pl); }
+RNNEXT_HD int32_t n_group(const Plan& pl, int warp) { return warp / k_warps(pl); }
 
 template <typename S>
 constexpr Mma mma_of = sizeof(S) == 2   ? Mma::Half
@@ -282,7 +292,7 @@ template <Dir D, int N, typename S, typename Regs>
 RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, int tid) {
   constexpr int KT = Shape<D>::KT, NT = Shape<D>::NT, CH = Shape<D>::CH;
   constexpr int32_t stride = int32_t(sizeof(Regs) / 4);
-  const int warp = tid / 32;
+  const int warp = tid / 32, kg = k_group(pl, warp);
   float* out = partials + warp * pl.MT * 16 * pl.ldr;
   uint32_t frag[N * 4];
   for (int32_t mt = 0; mt < pl.MT; ++mt) {
@@ -295,7 +305,7 @@ RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, in
           for (int i = 0; i < 4; ++i) r[l].acc[c][nt][i] = 0.f;
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
-      const int32_t k0 = (warp * pl.KT + kt) * pl.ktile;
+      const int32_t k0 = (kg * pl.KT + kt) * pl.ktile;
       if (kt >= pl.KT || k0 >= pl.K) continue;
       for (int l = 0; l < N; ++l) a_fragment(a, pl.lda, mt * 16, k0, (tid + l) % 32, frag + 4 * l);
 #pragma unroll
@@ -318,11 +328,13 @@ RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, in
   }
 }
 
-// The sum over the warps of partial sums' (row, column).
+// The sum over the warps of column col's n-group of partial sums' (row, column).
 RNNEXT_HD float warp_sum(const Plan& pl, const float* partials, int32_t row, int32_t col) {
+  const int32_t wk = k_warps(pl), ng = col / (pl.NT * 8), c = col % (pl.NT * 8);
   float sum = 0.f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) sum += partials[(w * pl.MT * 16 + row) * pl.ldr + col];
+  for (int w = 0; w < kWarps; ++w)
+    if (w < wk) sum += partials[((ng * wk + w) * pl.MT * 16 + row) * pl.ldr + c];
   return sum;
 }
 
@@ -334,11 +346,13 @@ RNNEXT_HD void pad_a(const Plan& pl, S* a, int tid) {
     if (i / pl.lda >= pl.B || i % pl.lda >= pl.K) a[i] = S(0.f);
 }
 
-// This warp's slice of A, columns [w*KT*ktile, (w+1)*KT*ktile) of the rows of a row-major [B, K] matrix.
+// This warp's k-group's slice of A, columns [kg*KT*ktile, (kg+1)*KT*ktile) of the rows (ld apart) of a row-major
+// [B, K] matrix: by the warps of the first n-group.
 template <typename S>
-RNNEXT_HD void stage_a(const Plan& pl, const S* src, S* a, int tid) {
-  const int32_t k0 = tid / 32 * pl.KT * pl.ktile, k1 = k0 + pl.KT * pl.ktile < pl.K ? k0 + pl.KT * pl.ktile : pl.K;
-  if (k0 < k1) stage_rows(src, pl.K, a, pl.lda, pl.B, k0, k1 - k0, tid % 32, 32);
+RNNEXT_HD void stage_a(const Plan& pl, const S* src, int32_t ld, S* a, int tid) {
+  const int warp = tid / 32;
+  const int32_t k0 = warp * pl.KT * pl.ktile, k1 = k0 + pl.KT * pl.ktile < pl.K ? k0 + pl.KT * pl.ktile : pl.K;
+  if (n_group(pl, warp) == 0 && k0 < k1) stage_rows(src, ld, a, pl.lda, pl.B, k0, k1 - k0, tid % 32, 32);
   copies_issued();
 }
 
@@ -396,15 +410,17 @@ struct ForwardCTA {
       const S* bias = which ? p.b_hh : p.b_ih;
       biases()[i] = bias && u < nu ? float(bias[g * H + j0 + u]) : 0.f;
     }
-    // Bt row n = g * units + u is W_hh's row g * H + j0 + u; zero outside the CTA's units and K
+    // Bt row n = g * units + u is W_hh's row g * H + j0 + u (local: its columns from j0); zero outside the CTA's
+    // units and K
     const int warp = tid / 32, lane = tid % 32, gr = lane / 4, q = lane % 4;
+    const int32_t kg = k_group(pl, warp), ng = n_group(pl, warp);
 #pragma unroll
     for (int kt = 0; kt < Shape<Dir::Forward>::KT; ++kt)
 #pragma unroll
       for (int nt = 0; nt < Shape<Dir::Forward>::NT; ++nt) {
-        const int32_t k0 = (warp * pl.KT + kt) * pl.ktile, n = nt * 8 + gr, gate = n / U, u = n % U;
+        const int32_t k0 = (kg * pl.KT + kt) * pl.ktile, n = (ng * pl.NT + nt) * 8 + gr, gate = n / U, u = n % U;
         const bool in = kt < pl.KT && nt < pl.NT && k0 < pl.K && gate < G && u < nu;
-        const S* row = w_hh + (in ? (gate * H + j0 + u) * H : 0);
+        const S* row = w_hh + (in ? (gate * H + j0 + u) * H + (pl.local ? j0 : 0) : 0);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int32_t c = sizeof(S) == 2 ? k0 + 2 * q + 8 * i : k0 + q + 4 * i;
@@ -427,8 +443,14 @@ struct ForwardCTA {
     copies_issued();
   }
 
-  // This warp's slice of A = h before step t (after the wait).
-  RNNEXT_HD void stage(int32_t t, int tid) const { stage_a(pl, h_before(t), a_tile(), tid); }
+  // This warp's slice of A = h before step t (after the wait). Local: the CTA's columns of h0, at step 0 only
+  // (then the cell writes them).
+  RNNEXT_HD void stage(int32_t t, int tid) const {
+    if (!pl.local)
+      stage_a(pl, h_before(t), pl.H, a_tile(), tid);
+    else if (t == 0)
+      stage_a(pl, h0 + first_unit(pl, k), pl.H, a_tile(), tid);
+  }
 
   template <int N>
   RNNEXT_HD void multiply(Regs* r, int tid) const {
@@ -436,7 +458,7 @@ struct ForwardCTA {
   }
 
   // The cell of this thread's elements: hg from the warps' partial sums, xg from its tile; h_t to the other
-  // CTAs, y, saved and the other states into the out tile.
+  // CTAs (local: into A), y, saved and the other states into the out tile.
   RNNEXT_HD void cell(Regs& r, int32_t t) const {
     const int32_t j0 = first_unit(pl, k), U = pl.units, B = pl.B, H = pl.H;
     const S *x = xg_tile(), *kt = keep_tile();
@@ -458,7 +480,10 @@ struct ForwardCTA {
       const A y = cells::forward_unit<Cell>(on, zoned(), keep, xv, hp, r.state[e], next, saved);
 #pragma unroll
       for (int z = 0; z < Z; ++z) r.state[e][z] = next[z];
-      h[b * H + j0 + u] = S(next[0]);
+      if (pl.local)
+        a_tile()[b * pl.lda + u] = S(next[0]);
+      else
+        h[b * H + j0 + u] = S(next[0]);
       out[b * U + u] = S(y);
 #pragma unroll
       for (int s = 0; s < K; ++s) out[(B + b * K + s) * U + u] = S(saved[s]);
@@ -552,21 +577,22 @@ struct BackwardCTA {
 #pragma unroll
       for (int z = 1; z < Z; ++z) r.grad[e][z] = p.dst[(z - 1) * B * H + b * H + j];
     }
-    // Bt row n (unit u = n) is W_hh's column j0 + u, over all G*H rows
-    const int warp = tid / 32, lane = tid % 32, u = lane / 4, q = lane % 4;
+    // Bt row n (unit u = n) is W_hh's column j0 + u, over all G*H rows (local: column c of K is row g * H + j0 + v
+    // of gate g = c / units and unit v = c % units)
+    const int warp = tid / 32, lane = tid % 32, u = n_group(pl, warp) * 8 + lane / 4, q = lane % 4;
+    const int32_t U = pl.units;
+    auto w = [&](int32_t c) { return c < pl.K ? w_hh[(pl.local ? c / U * H + j0 + c % U : c) * H + j0 + u] : S(0.f); };
 #pragma unroll
     for (int kt = 0; kt < Shape<Dir::Backward>::KT; ++kt) {
-      const int32_t k0 = (warp * pl.KT + kt) * pl.ktile;
+      const int32_t k0 = (k_group(pl, warp) * pl.KT + kt) * pl.ktile;
       const bool in = kt < pl.KT && k0 < pl.K && u < nu;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int32_t c = sizeof(S) == 2 ? k0 + 2 * q + 8 * i : k0 + q + 4 * i;
         if constexpr (sizeof(S) == 2)
-          r.b[kt][0][i] =
-              in ? pack2(c < pl.K ? w_hh[c * H + j0 + u] : S(0.f), c + 1 < pl.K ? w_hh[(c + 1) * H + j0 + u] : S(0.f))
-                 : 0u;
+          r.b[kt][0][i] = in ? pack2(w(c), w(c + 1)) : 0u;
         else
-          r.b[kt][0][i] = in && c < pl.K ? tf32(float(w_hh[c * H + j0 + u])) : 0u;
+          r.b[kt][0][i] = in && c < pl.K ? tf32(float(w(c))) : 0u;
       }
     }
     pad_a(pl, a_tile(), tid);
@@ -593,7 +619,8 @@ struct BackwardCTA {
     copies_issued();
   }
 
-  // The cell backward of this thread's elements: their columns of dhg[t] (and dxg[t]) for every CTA.
+  // The cell backward of this thread's elements: their columns of dhg[t] (and dxg[t]) for every CTA (local: for
+  // the weight gradients, and into A).
   RNNEXT_HD void cell(Regs& r, int32_t t) const {
     const int32_t j0 = first_unit(pl, k), U = pl.units, B = pl.B, H = pl.H, ld = G * H;
     const S *dy = tiles(), *saved = dy + B * U, *h_prev = saved + B * K * U,
@@ -627,6 +654,7 @@ struct BackwardCTA {
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         dhg[b * ld + g * H + j] = S(dhp[g]);
+        if (pl.local) a_tile()[b * pl.lda + g * U + u] = S(dhp[g]);
         if (Cell::separate_hg) dxg[b * ld + g * H + j] = S(dx[g]);
       }
       r.direct[e] = dprev[0];
@@ -635,9 +663,9 @@ struct BackwardCTA {
     }
   }
 
-  // This warp's slice of A = dhg[t] (after the wait).
+  // This warp's slice of A = dhg[t] (after the wait; local: the cell wrote A).
   RNNEXT_HD void stage(int32_t t, int tid) const {
-    stage_a(pl, p.dhg + int64_t(cells::in_chunk(p, t)) * pl.B * pl.K, a_tile(), tid);
+    if (!pl.local) stage_a(pl, p.dhg + int64_t(cells::in_chunk(p, t)) * pl.B * pl.K, pl.K, a_tile(), tid);
   }
 
   template <int N>
