@@ -25,7 +25,7 @@ TYPES = {"bf16": (2, 1, torch.bfloat16), "fp16": (2, 1, torch.float16), "tf32": 
          "fp64": (8, 0, torch.float64)}  # (bytes, persistent::Mma, dtype)
 # per cell: G, Z, SAVED, ZONED, reads_h_prev, reads_out (csrc/cells/*.h)
 CELLS = {"lstm": (4, 2, 4, 2, 0, 0), "gru": (3, 1, 4, 1, 1, 0), "minimal_gru": (2, 1, 2, 0, 1, 0),
-         "rnn_tanh": (1, 1, 0, 0, 0, 1)}
+         "rnn_tanh": (1, 1, 0, 0, 0, 1), "slstm": (4, 4, 6, 0, 0, 0)}
 
 
 def parts(cell, backward):
@@ -152,8 +152,11 @@ def make_args(cell, T, B, H, dtype, seed, lengths=False, bias=True, device="cpu"
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype).requires_grad_()
 
     args = dict(x=t(T, B, 5), w_ih=t(G * H, 5), w_hh=t(G * H, D, scale=1 / D ** 0.5),
-                states=(t(B, H), t(B, H)) if cell == "lstm" else (t(B, H),), b_ih=t(G * H) if bias else None,
+                states=tuple(t(B, H) for _ in range(CELLS[cell][1])), b_ih=t(G * H) if bias else None,
                 b_hh=t(G * H) if bias else None)
+    if cell == "slstm":  # a normaliser n0 > 0 (n0 = 0 restarts the unit: tests/test_slstm.py)
+        h0, c0, n0, m0 = args["states"]
+        args["states"] = (h0, c0, (n0.detach().abs() + 0.5).requires_grad_(), m0)
     lens = None
     if lengths:
         lens = torch.randint(1, T + 1, (B,), generator=g)
