@@ -50,8 +50,9 @@ CELLS = {"lstm": (rnnext.LSTM, torch.nn.LSTM, 4), "gru": (rnnext.GRU, torch.nn.G
                    functools.partial(loops.FlashRNNVanilla, "lstm", heads=4), 4)}
 HEADS = {"slstm": 4, "hlstm": 4}  # the recurrence's heads: W_hh has 1/heads of the dense one's multiply-adds
 CANDIDATES = ("rnnext", "rnnext-persistent", "torch.nn", "reference")
-# rnnext's backend per candidate; the persistent kernels exist on CUDA only (on CPU an emulation for tests)
-BACKEND = {"rnnext": "auto", "rnnext-persistent": "persistent", "reference": "reference"}
+# rnnext's backend per candidate ("fused": the kernels, also where "auto" runs the reference on CUDA because they
+# never ran on a GPU); the persistent kernels exist on CUDA only (on CPU an emulation for tests)
+BACKEND = {"rnnext": "fused", "rnnext-persistent": "persistent", "reference": "reference"}
 DEFAULT = {"cpu": [(100, 32, 256, 256), (100, 8, 128, 128), (50, 64, 512, 512)],
            "cuda": [(100, 1, 256, 256), (100, 16, 512, 512), (100, 64, 512, 512), (1024, 16, 768, 768),
                     (100, 256, 1024, 1024)]}

@@ -77,14 +77,14 @@ def backend_for(t: torch.Tensor, backend: str | None = None):
 
 
 # Fused CUDA kernels that have never passed tools/gpu_check.sh on a GPU: opt-in (backend "fused") until
-# they have; "auto" runs the reference for them on CUDA.
+# they have; "auto" runs the reference for them on CUDA. Head-wise recurrence (heads=True) likewise.
 UNVALIDATED_ON_CUDA = frozenset(["layernorm_lstm", "layernorm_gru", "slstm"])
 
 
-def _impl(cell, x, backend):
+def _impl(cell, x, backend, heads=False):
     if onnx.exporting():
         return onnx
-    if backend == "auto" and cells.get(cell).name in UNVALIDATED_ON_CUDA and x.device.type == "cuda":
+    if backend == "auto" and (heads or cells.get(cell).name in UNVALIDATED_ON_CUDA) and x.device.type == "cuda":
         return reference
     return backend_for(x, backend)
 
@@ -237,7 +237,7 @@ def _layers(cell, input, hx, params, has_biases, num_layers, dropout, train, bid
     if x.size(0) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     backend = backend or _backend.get()
-    impl = _impl(cell.name, x, backend)
+    impl = _impl(cell.name, x, backend, heads=not proj and params[1].size(1) != hx[0].size(-1))
     finals = [[] for _ in hx]
     for layer in range(num_layers):
         ys = []

@@ -78,13 +78,15 @@ def test_bad_backend_name():
 
 
 def test_unvalidated_cuda_kernels_are_opt_in():
-    """The layer-normalised cells' CUDA kernels never ran on a GPU: "auto" runs the reference on CUDA,
-    "fused" opts in; on CPU both run fused."""
+    """The layer-normalised cells' and head-wise layers' CUDA kernels never ran on a GPU: "auto" runs the reference
+    on CUDA, "fused" opts in; on CPU both run fused."""
     with FakeTensorMode():
         x = torch.empty(3, device="cuda")
         assert functional._impl("LNLSTM", x, "auto") is reference
         assert functional._impl("LSTM", x, "auto") is (ops if "cuda" in ops.DEVICES else reference)
+        assert functional._impl("LSTM", x, "auto", heads=True) is reference
     cpu = torch.empty(3)
+    assert functional._impl("GRU", cpu, "auto", heads=True) is (ops if ops.LOAD_ERROR is None else reference)
     assert functional._impl("LNGRU", cpu, "auto") is (ops if ops.LOAD_ERROR is None else reference)
     if "cuda" in ops.DEVICES:
         with FakeTensorMode():
