@@ -138,7 +138,11 @@ def persistent_kernels():
     so = extension()
     if so is None or tool("cuobjdump") is None or tool("nvdisasm") is None:
         return []
-    names = re.findall(r"Function (\S+):", run("cuobjdump", "-res-usage", so))
+    out = subprocess.run([tool("cuobjdump"), "-res-usage", so], capture_output=True, text=True)
+    if out.returncode and "does not contain device code" in out.stdout + out.stderr:
+        return []  # a CPU-only build
+    out.check_returncode()
+    names = re.findall(r"Function (\S+):", out.stdout)
     return sorted(n.rstrip(":") for n in names if KERNEL.search(n))
 
 

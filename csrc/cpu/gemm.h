@@ -6,6 +6,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "driver/common.h"
@@ -52,12 +54,26 @@ inline Tensor contiguous(const Tensor& m, bool pad = false) {
   return out;
 }
 
-// C (+)= A[M, K] @ B[K, N], row-major, K in blocks whose B is at most 512 KB (half an L2 of the machines
-// measured): a brgemm call over a larger B re-streams it from L3 for each block of rows (docs/design.md).
+// The floats of brgemm's B block: a quarter of a core's L2 (what the two AMD EPYCs measured ran best with, or within
+// 2% of it: docs/design.md), 64-512 KB; an L2 of 1 MB where sysconf does not know.
+inline int64_t b_block_floats() {
+  static const int64_t floats = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long l2 = 0;
+#endif
+    return std::clamp<int64_t>((l2 > 0 ? l2 : 1 << 20) / 4 / int64_t(sizeof(float)), 1 << 14, 1 << 17);
+  }();
+  return floats;
+}
+
+// C (+)= A[M, K] @ B[K, N], row-major, K in blocks whose B fits b_block_floats: a brgemm call over a larger B
+// re-streams it from L3 for each block of rows (docs/design.md).
 inline void brgemm_blocks(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add,
                           const float* A, const float* B, float* C) {
-  constexpr int64_t kFloats = int64_t(1) << 17;
-  const int64_t block = K * N <= kFloats ? K : std::max<int64_t>(64, kFloats / N & ~int64_t(63));
+  const int64_t floats = b_block_floats();
+  const int64_t block = K * N <= floats ? K : std::max<int64_t>(64, floats / N & ~int64_t(63));
   for (int64_t k0 = 0; k0 < K; k0 += block)
     at::native::cpublas::brgemm(M, N, std::min(block, K - k0), lda, ldb, ldc, add || k0 > 0, A + k0, B + k0 * ldb, C,
                                 false);
