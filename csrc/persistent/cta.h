@@ -64,13 +64,14 @@ struct Plan {
   int32_t parts;               // element tiles' values per (row, unit) and step, in and out
   int32_t off_r, off_x, smem;  // bytes: A at 0, partial sums, element tiles (and the biases); total
   int32_t elems;               // cell elements per thread
-  int32_t head, local, wn;     // units per head (H: dense); 1: CTAs of whole heads, no grid barrier; n-groups
+  int32_t head, local;         // units per head (H: dense); 1: CTAs of whole heads, no grid barrier
+  int32_t wn, kshift;          // n-groups of warps; log2 of the warps of one (8 / wn), each a k-group
 };
 
-// The warps of an n-group (each splits K), and warp w's k-group and n-group.
-RNNEXT_HD int32_t k_warps(const Plan& pl) { return kWarps / pl.wn; }
-RNNEXT_HD int32_t k_group(const Plan& pl, int warp) { return warp % k_warps(pl); }
-RNNEXT_HD int32_t n_group(const Plan& pl, int warp) { return warp / k_warps(pl); }
+// The warps of an n-group (each splits K), and warp w's k-group and n-group (shifts: no division per step).
+RNNEXT_HD int32_t k_warps(const Plan& pl) { return 1 << pl.kshift; }
+RNNEXT_HD int32_t k_group(const Plan& pl, int warp) { return warp & (k_warps(pl) - 1); }
+RNNEXT_HD int32_t n_group(const Plan& pl, int warp) { return warp >> pl.kshift; }
 
 template <typename S>
 constexpr Mma mma_of = sizeof(S) == 2   ? Mma::Half
@@ -284,16 +285,16 @@ struct Elements {
   }
 };
 
-// Per warp: out (+)= A x Bt^T over the warp's k-tiles, its partial sums of each m-tile into its slice of
-// the partial sums [warps][MT * 16][ldr]. Bt's fragments are in the lanes' registers (b[kt][nt][2]), A in
+// Per warp: out (+)= A x Bt^T over the warp's k-tiles, its partial sums of each m-tile into its k-group's slice
+// of the partial sums [k-groups][MT * 16][ldr], at its n-group's columns. Bt's fragments are in the lanes' registers (b[kt][nt][2]), A in
 // shared memory. r: the register sets of N lanes from tid's (device: N = 1, this thread's; emulation: the
 // warp's 32).
 template <Dir D, int N, typename S, typename Regs>
 RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, int tid) {
   constexpr int KT = Shape<D>::KT, NT = Shape<D>::NT, CH = Shape<D>::CH;
   constexpr int32_t stride = int32_t(sizeof(Regs) / 4);
-  const int warp = tid / 32, kg = k_group(pl, warp);
-  float* out = partials + warp * pl.MT * 16 * pl.ldr;
+  const int warp = tid / 32, kg = k_group(pl, warp), n0 = n_group(pl, warp) * pl.NT * 8;
+  float* out = partials + kg * pl.MT * 16 * pl.ldr + n0;
   uint32_t frag[N * 4];
   for (int32_t mt = 0; mt < pl.MT; ++mt) {
     for (int l = 0; l < N; ++l)
@@ -328,13 +329,12 @@ RNNEXT_HD void multiply(const Plan& pl, const S* a, float* partials, Regs* r, in
   }
 }
 
-// The sum over the warps of column col's n-group of partial sums' (row, column).
+// The sum over the k-groups of partial sums' (row, column).
 RNNEXT_HD float warp_sum(const Plan& pl, const float* partials, int32_t row, int32_t col) {
-  const int32_t wk = k_warps(pl), ng = col / (pl.NT * 8), c = col % (pl.NT * 8);
   float sum = 0.f;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w)
-    if (w < wk) sum += partials[((ng * wk + w) * pl.MT * 16 + row) * pl.ldr + c];
+    if (w < k_warps(pl)) sum += partials[(w * pl.MT * 16 + row) * pl.ldr + col];
   return sum;
 }
 

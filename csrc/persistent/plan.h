@@ -30,6 +30,7 @@ inline Plan layout(Plan pl, int64_t units, bool local, int64_t wn, int64_t elem,
   pl.units = int32_t(units);
   pl.local = local;
   pl.wn = int32_t(wn);
+  pl.kshift = int32_t(wn == 1 ? 3 : wn == 2 ? 2 : wn == 4 ? 1 : 0);  // wn in 1, 2, 4, 8
   pl.ctas = int32_t(ceil_div(H, units));
   pl.K = int32_t(fwd ? (local ? units : H) : G * (local ? units : H));
   pl.N = int32_t(fwd ? G * units : units);
@@ -42,9 +43,9 @@ inline Plan layout(Plan pl, int64_t units, bool local, int64_t wn, int64_t elem,
                 e_max = fwd ? Shape<Dir::Forward>::E : Shape<Dir::Backward>::E;
   // A's rows padded so that the lanes' fragment loads hit 32 different banks (a row stride of 4 mod 8 words)
   pl.lda = int32_t(round_up(pl.K, pl.ktile) + 16 / elem);
-  pl.ldr = pl.NT * 8 + 4;
+  pl.ldr = int32_t(wn) * pl.NT * 8 + 4;  // every n-group's columns: a k-group's slice
   const int64_t bytes_a = align128(int64_t(pl.MT) * 16 * pl.lda * elem),
-                bytes_r = align128(int64_t(kWarps) * pl.MT * 16 * pl.ldr * 4),
+                bytes_r = align128(kWarps / wn * pl.MT * 16 * pl.ldr * 4),
                 bytes_x = align128(B * pl.parts * units * elem + (fwd ? 2 * G * units * 4 : 0));  // tiles, biases
   pl.off_r = int32_t(bytes_a);
   pl.off_x = int32_t(bytes_a + bytes_r);
@@ -71,6 +72,7 @@ inline Plan make_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, Mm
   pl.threads = kThreads;
   pl.parts = int32_t(parts);
   pl.wn = 1;
+  pl.kshift = 3;
   // Rows are copied in 16-byte pieces (H a multiple of 8 16-bit or 4 float values); B fills at most kMaxMT
   // m-tiles; the products need sm_80's mma.
   if (mma == Mma::None || cap.arch < 80 || B <= 0 || H <= 0 || B > 16 * kMaxMT || H % (16 / elem) || cap.sms <= 0 ||
@@ -80,9 +82,9 @@ inline Plan make_plan(Dir dir, int64_t G, int64_t B, int64_t H, int64_t elem, Mm
   // Head-wise: CTAs of the fewest whole heads that are whole 16-byte pieces (the most CTAs: nothing waits for the
   // others), with the n-groups whose warps have the fewest MMAs each (ties: fewer partial sums per output)
   if (pl.head < H) {
-    const int64_t v = 16 / elem, units = pl.head / std::gcd<int64_t>(pl.head, v) * v;
+    const int64_t units = std::lcm<int64_t>(pl.head, 16 / elem);  // divides H: head and 16 / elem do
     Plan best{};
-    for (int64_t wn = 1; wn <= kWarps && units % pl.head == 0 && H % units == 0; wn *= 2) {
+    for (int64_t wn = 1; wn <= kWarps; wn *= 2) {
       const Plan c = layout(pl, units, true, wn, elem, cap);
       if (c.fits && (!best.fits || int64_t(c.NT) * c.KT <= int64_t(best.NT) * best.KT)) best = c;
     }
