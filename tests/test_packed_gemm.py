@@ -152,6 +152,19 @@ def test_gemm_exact(how, dtype, M, K, N, add, weight, allowed):
             assert not ran
 
 
+@pytest.mark.parametrize("M,K,N", SHAPES + [(64, 64, 64), (72, 9, 1040)])
+@pytest.mark.parametrize("add", [False, True], ids=["no-add", "add"])
+@pytest.mark.parametrize("weight", [True, False], ids=["weight", "per-call"])
+def test_float_gemm_exact(M, K, N, add, weight):
+    """float32 (brgemm): transposed operands are copied through register transposes in 64x64 blocks, whole 8x8
+    or 16x16 ones and then the ragged edges; rows of 1024 floats are padded (right_operand)."""
+    for transposed in (False, True):
+        a, b, c = operands(M, K, N, add, transposed, seed=M + K + N)
+        want = (a @ b + (c if add else 0)).float()
+        got = torch.ops.rnnext.cpu_gemm(a.float(), b.float(), c.float() if add else None, "weight" if weight else "gemm")
+        assert got.dtype == torch.float32 and torch.equal(got, want), (transposed, (got - want).abs().max())
+
+
 @pytest.mark.parametrize("how", ["emulated", "packed"])
 def test_non_finite_past_a_row_is_never_read(how, allowed):
     """An odd K is padded with a zero row of B and a zero column of A, copied: the element past a row of a (here

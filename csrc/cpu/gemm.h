@@ -30,7 +30,21 @@ inline bool have_brgemm() {
   return ok;
 }
 
-// m.contiguous(); for a transposed float matrix (stride(0) == 1) 16x16 register transposes in 64x64 blocks
+// dst[j * ldo + i] = src[i * ld + j] for i < M, j < N. at::vec's transpose_mxn<float> of any size is register
+// transposes only on AVX-512 (a scalar loop elsewhere); AVX2 has the fixed 8x8 one.
+inline void transpose(const float* src, int64_t ld, float* dst, int64_t ldo, int64_t M, int64_t N) {
+#ifdef CPU_CAPABILITY_AVX2
+  const int64_t M8 = M & ~int64_t(7), N8 = N & ~int64_t(7);
+  for (int64_t i = 0; i < M8; i += 8)
+    for (int64_t j = 0; j < N8; j += 8) at::vec::transpose_mxn<float, 8, 8>(src + i * ld + j, ld, dst + j * ldo + i, ldo);
+  for (int64_t i = 0; i < M; ++i)  // the ragged edges
+    for (int64_t j = i < M8 ? N8 : 0; j < N; ++j) dst[j * ldo + i] = src[i * ld + j];
+#else
+  at::vec::transpose_mxn<float>(src, ld, dst, ldo, int(M), int(N));
+#endif
+}
+
+// m.contiguous(); for a transposed float matrix (stride(0) == 1) register transposes in 64x64 blocks
 // over the threads (ATen's transposing copy is several times slower). pad (a GEMM's right operand): rows of a
 // multiple of 4 KB get 64 bytes more, because brgemm reads a column block down B's rows and rows 4 KB apart
 // share L1 sets (docs/design.md, "One layer-direction").
@@ -47,8 +61,7 @@ inline Tensor contiguous(const Tensor& m, bool pad = false) {
   at::parallel_for(0, (M + kBlock - 1) / kBlock * blocks_n, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk / blocks_n * kBlock, j0 = blk % blocks_n * kBlock;
-      at::vec::transpose_mxn<float>(src + j0 * ld + i0, ld, dst + i0 * ldo + j0, ldo, int(std::min(kBlock, N - j0)),
-                                    int(std::min(kBlock, M - i0)));
+      transpose(src + j0 * ld + i0, ld, dst + i0 * ldo + j0, ldo, std::min(kBlock, N - j0), std::min(kBlock, M - i0));
     }
   });
   return out;
