@@ -51,12 +51,11 @@ def test_float32_threads_match_reference(three_threads, mode, lengths, reverse, 
                                     ("MINIMAL_GRU", 512), ("RNN", 1024)])
 @pytest.mark.parametrize("lengths", [False, True])
 def test_float32_wide_gates_match_reference(mode, H, lengths):
-    """Wide layers: the GEMMs run over K in blocks (cpu/gemm.h brgemm_blocks: the backward step's K = G*H
+    """Wide layers: the GEMMs run over K in blocks (cpu/gemm.h panel_blocks: the backward step's K = G*H
     against a thread's columns, dx's K = G*H), and rows of G*H floats that are a multiple of 1024 are padded:
-    the right operands w_ih^T, w_hh^T (contiguous(pad)) and backward's gate gradients (gate_stride), which
-    every backward cell (LSTM, GRU, MINIMAL_GRU, RNN, LNLSTM, LNGRU: G*H = 2048, 3072, 1024, 1024, 2048, 3072)
-    writes and every GEMM reads with that row stride; GRU at H = 512 (1536) unpadded. Weights scaled by 1/16
-    so that the gates do not saturate."""
+    backward's gate gradients (gate_stride), which every backward cell (LSTM, GRU, MINIMAL_GRU, RNN, LNLSTM,
+    LNGRU: G*H = 2048, 3072, 1024, 1024, 2048, 3072) writes and every GEMM reads with that row stride; GRU at
+    H = 512 (1536) unpadded. Weights scaled by 1/16 so that the gates do not saturate."""
     if mode.startswith("LN"):
         args = ln_args(mode, 3, 3, H, "cpu", lengths, seed=6, I=19)
     elif mode in ("LSTM", "GRU"):

@@ -157,7 +157,8 @@ def test_gemm_exact(how, dtype, M, K, N, add, weight, allowed):
 @pytest.mark.parametrize("weight", [True, False], ids=["weight", "per-call"])
 def test_float_gemm_exact(M, K, N, add, weight):
     """float32 (brgemm): transposed operands are copied through register transposes in 64x64 blocks, whole 8x8
-    or 16x16 ones and then the ragged edges; rows of 1024 floats are padded (right_operand)."""
+    or 16x16 ones and then the ragged edges; b in panels of 32 columns (the last one's tail zero), K in blocks of
+    256 (cpu/gemm.h): as a weight (right_operand), or per call where a has 128 rows or more."""
     for transposed in (False, True):
         a, b, c = operands(M, K, N, add, transposed, seed=M + K + N)
         want = (a @ b + (c if add else 0)).float()

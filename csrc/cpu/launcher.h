@@ -32,14 +32,21 @@ struct CpuLauncher {
     return s.on && use_persistent(path, s.by_default);
   }
   static Tensor contiguous(const Tensor& m) { return rnnext::contiguous(m); }
-  // 16-bit where AMX packs: packed (cpu/packed.h), which gemm recognises by its three dimensions.
+  // float in panels (cpu/gemm.h); 16-bit where AMX packs: packed (cpu/packed.h). gemm recognises either by its
+  // three dimensions.
   static Tensor right_operand(const Tensor& m) {
+    if (m.scalar_type() == at::kFloat && m.numel() > 0 && have_brgemm()) return pack_panels(m);
     return packed::use(m.scalar_type()) ? packed::pack(m) : rnnext::contiguous(m, true);
   }
   // Padded as right_operand's rows (docs/design.md).
   static int64_t gate_stride(int64_t GH, at::ScalarType type) { return type == at::kFloat ? padded_row(GH) : GH; }
 
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
+    if (b.dim() == 3 && b.scalar_type() == at::kFloat) {  // right_operand's panels
+      TORCH_INTERNAL_ASSERT(out.stride(1) == 1);
+      if (out.numel() > 0) brgemm_gemm(out, a, b, add);  // no rows: nothing to write
+      return;
+    }
     if (b.dim() == 3) return packed::gemm(out, a, b, add);  // right_operand's or step_weights' packed weight
     if (packed::per_call(out, a)) return packed::gemm(out, a, packed::pack(b), add);
     if (out.scalar_type() == at::kFloat && out.stride(1) == 1 && out.numel() > 0 && a.size(1) > 0 && have_brgemm())
@@ -113,8 +120,8 @@ struct CpuLauncher {
     const int64_t units = ((H + threads - 1) / threads + 15) / 16 * 16;
     return {units, (H + units - 1) / units};
   }
-  // W_hh^T [K, G*H] as each thread reads it in the fused regions: [blocks, G, K, units] float, a block's
-  // gates contiguous (4-D: the steps run fused; else w_t for gemm step by step, packed where AMX packs 16-bit).
+  // W_hh^T [K, G*H] as each thread reads it in the fused regions: [blocks, G, panels * K, kPanel] float, a
+  // block's units of each gate in panels (cpu/gemm.h), its gates contiguous (4-D: the steps run fused; else w_t for gemm step by step, packed where AMX packs 16-bit).
   // Read in place, a gate's columns are rows 4*H floats apart, 4 KB at H = 256: they thrash the L1 sets. Fused:
   // float; 16-bit with the GEMM in float where the step GEMM is small (up to 2^24 multiply-adds; above, oneDNN's
   // bf16 GEMM per step is faster: docs/design.md).
@@ -125,11 +132,12 @@ struct CpuLauncher {
     if (!(type == at::kFloat || (small && at::isReducedFloatingType(type))) || K == 0 || H == 0 || !have_brgemm())
       return packed::use(type) ? packed::pack(w_t) : w_t;
     const auto [units, blocks] = unit_blocks(H);
-    auto fused = at::zeros({blocks, G, K, units}, w_t.options().dtype(at::kFloat));
+    auto fused = at::zeros({blocks, G, (units + kPanel - 1) / kPanel * K, kPanel}, w_t.options().dtype(at::kFloat));
     for (int64_t blk = 0; blk < blocks; ++blk)
       for (int64_t g = 0; g < G; ++g) {
         const int64_t j0 = blk * units, n = std::min(H, j0 + units) - j0;
-        fused[blk][g].narrow(1, 0, n).copy_(w_t.narrow(1, g * H + j0, n));
+        const auto panels = pack_panels(w_t.narrow(1, g * H + j0, n).to(at::kFloat));
+        fused[blk][g].narrow(0, 0, panels.size(0) * K).copy_(panels.view({-1, kPanel}));
       }
     return fused;
   }
@@ -197,6 +205,7 @@ struct CpuLauncher {
       constexpr bool to_float = !std::is_same_v<S, float>;
       const int64_t B = h.size(0), K = h.size(1), GH = hg.size(1), G = GH / H;
       const auto [units, blocks] = unit_blocks(H);
+      const int64_t panels = (units + kPanel - 1) / kPanel, pstride = K * kPanel;
       const auto fopts = h.options().dtype(at::kFloat);
       const Tensor hf = to_float ? at::empty({blocks, B, K}, fopts) : Tensor(),
                    hgf = to_float ? at::empty({B, GH}, fopts) : hg;
@@ -211,10 +220,10 @@ struct CpuLauncher {
           mine.each([&](int64_t blk, int64_t j0, int64_t j1) {
             const float* A = as_float(prev.const_data_ptr<S>(), hf, blk, B * K);
             for (int64_t g = 0; g < G; ++g) {
-              const float* Wg = W + (blk * G + g) * K * units;  // head-wise: only the diagonal blocks' rows
+              const float* Wg = W + (blk * G + g) * pstride * panels;  // head-wise: only the diagonal blocks' rows
               each_head(j0, j1, head, [&](int64_t u0, int64_t u1, int64_t k0) {
-                brgemm_blocks(B, u1 - u0, head == H ? K : head, K, units, GH, false, A + k0, Wg + k0 * units + u0 - j0,
-                              C + g * H + u0);
+                panel_blocks(B, u1 - u0, head == H ? K : head, K, GH, false, A + k0, Wg + k0 * kPanel, pstride, u0 - j0,
+                             C + g * H + u0);
               });
               columns_back(C + g * H, out + g * H, B, GH, j0, j1);
             }
@@ -244,6 +253,7 @@ struct CpuLauncher {
       constexpr bool to_float = !std::is_same_v<S, float>;
       const int64_t B = dh.size(0), K = dhg.size(2), ld = dhg.stride(1);
       const auto [units, blocks] = unit_blocks(H);
+      const int64_t panels = (units + kPanel - 1) / kPanel, pstride = K * kPanel;
       const auto fopts = dh.options().dtype(at::kFloat);
       const Tensor dgf = to_float ? at::empty({blocks, B, ld}, fopts) : Tensor(),
                    dhf = to_float ? at::empty({B, H}, fopts) : dh;
@@ -268,8 +278,8 @@ struct CpuLauncher {
             each_head(j0, j1, head, [&](int64_t u0, int64_t u1, int64_t k0) {
               for (int64_t g = 0; g < groups; ++g) {
                 const int64_t r0 = g * H + (head == H ? 0 : k0);
-                brgemm_blocks(B, u1 - u0, rows, ld, units, H, R != nullptr || g > 0, A + r0,
-                              W + (blk * K + r0) * units + u0 - j0, C + u0);
+                panel_blocks(B, u1 - u0, rows, ld, H, R != nullptr || g > 0, A + r0,
+                             W + blk * pstride * panels + r0 * kPanel, pstride, u0 - j0, C + u0);
               }
             });
             columns_back(C, out, B, H, j0, j1);

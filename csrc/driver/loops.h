@@ -7,10 +7,10 @@
 //       m.contiguous() (the CPU's is faster for a transposed float matrix)
 //   static Tensor right_operand(const Tensor& m);
 //       m [K, N] (a weight or its transpose) in the layout gemm reads fastest as its right operand b, once per
-//       sequence (the CPU pads float rows that are a multiple of 4 KB, packs 16-bit ones for AMX)
+//       sequence (the CPU packs float ones in panels of 32 columns, 16-bit ones for AMX)
 //   static int64_t gate_stride(int64_t GH, at::ScalarType);
 //       the row stride of backward's gate-gradient buffers [steps, B, GH], the right operand of the weight
-//       gradients' GEMMs (the CPU pads float rows of a multiple of 4 KB, as right_operand)
+//       gradients' GEMMs (the CPU pads float rows of a multiple of 4 KB: rows 4 KB apart share L1 sets)
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
 //       w_t [K, G*H] contiguous (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, or (steps
 //       run one by one) gemm's right operand, once per sequence
