@@ -162,7 +162,8 @@ def test_float_gemm_exact(M, K, N, add, weight):
     for transposed in (False, True):
         a, b, c = operands(M, K, N, add, transposed, seed=M + K + N)
         want = (a @ b + (c if add else 0)).float()
-        got = torch.ops.rnnext.cpu_gemm(a.float(), b.float(), c.float() if add else None, "weight" if weight else "gemm")
+        how = "weight" if weight else "gemm"
+        got = torch.ops.rnnext.cpu_gemm(a.float(), b.float(), c.float() if add else None, how)
         assert got.dtype == torch.float32 and torch.equal(got, want), (transposed, (got - want).abs().max())
 
 
