@@ -138,9 +138,8 @@ inline void panel_blocks(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t l
 inline void brgemm_gemm(Tensor& out, const Tensor& a_, const Tensor& b_, const Tensor& add) {
   constexpr int64_t kTileM = 128;  // 64-128 x 128-256 within 5% of each other (docs/design.md)
   const auto a = a_.stride(1) == 1 ? a_ : contiguous(a_);
-  const auto b = b_.dim() == 3 || a.size(0) >= kTileM ? (b_.dim() == 3 ? b_ : pack_panels(b_))
-                                                      : (b_.stride(1) == 1 ? b_ : contiguous(b_));
-  const bool panels = b.dim() == 3;
+  const bool panels = b_.dim() == 3 || a.size(0) >= kTileM;
+  const auto b = b_.dim() == 3 ? b_ : panels ? pack_panels(b_) : b_.stride(1) == 1 ? b_ : contiguous(b_);
   const int64_t M = a.size(0), K = a.size(1), N = out.size(1), lda = a.stride(0), ldc = out.stride(0);
   const int64_t ldb = panels ? kPanel : b.stride(0);
   // Columns per tile: 256, fewer (down to 64) where too few row tiles keep every thread busy (the step

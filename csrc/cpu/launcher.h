@@ -121,7 +121,8 @@ struct CpuLauncher {
     return {units, (H + units - 1) / units};
   }
   // W_hh^T [K, G*H] as each thread reads it in the fused regions: [blocks, G, panels * K, kPanel] float, a
-  // block's units of each gate in panels (cpu/gemm.h), its gates contiguous (4-D: the steps run fused; else w_t for gemm step by step, packed where AMX packs 16-bit).
+  // block's units of each gate in panels (cpu/gemm.h), its gates contiguous (4-D: the steps run fused; else
+  // w_t for gemm step by step, packed where AMX packs 16-bit).
   // Read in place, a gate's columns are rows 4*H floats apart, 4 KB at H = 256: they thrash the L1 sets. Fused:
   // float; 16-bit with the GEMM in float where the step GEMM is small (up to 2^24 multiply-adds; above, oneDNN's
   // bf16 GEMM per step is faster: docs/design.md).
