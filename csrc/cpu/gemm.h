@@ -45,16 +45,17 @@ inline void transpose(const float* src, int64_t ld, float* dst, int64_t ldo, int
 #endif
 }
 
-// m.contiguous(); for a transposed float matrix (stride(0) == 1) register transposes in 64x64 blocks
-// over the threads (ATen's transposing copy is several times slower). pad (a GEMM's right operand): rows of a
+// The row stride of a float matrix that brgemm reads as a plain B (backward's gate gradients): rows of a
 // multiple of 4 KB get 64 bytes more, because brgemm reads a column block down B's rows and rows 4 KB apart
 // share L1 sets (docs/design.md, "One layer-direction").
 inline int64_t padded_row(int64_t n) { return n % 1024 == 0 ? n + 16 : n; }
 
-inline Tensor contiguous(const Tensor& m, bool pad = false) {
+// m.contiguous(); for a transposed float matrix (stride(0) == 1) register transposes in 64x64 blocks
+// over the threads (ATen's transposing copy is several times slower).
+inline Tensor contiguous(const Tensor& m) {
   if (m.scalar_type() != at::kFloat || m.dim() != 2 || m.stride(1) == 1 || m.stride(0) != 1) return m.contiguous();
-  const int64_t M = m.size(0), N = m.size(1), ldo = pad ? padded_row(N) : N;
-  auto out = at::empty({M, ldo}, m.options()).narrow(1, 0, N);
+  const int64_t M = m.size(0), N = m.size(1);
+  auto out = at::empty({M, N}, m.options());
   float* dst = out.mutable_data_ptr<float>();
   constexpr int64_t kBlock = 64;
   const int64_t ld = m.stride(1), blocks_n = (N + kBlock - 1) / kBlock;
@@ -62,7 +63,7 @@ inline Tensor contiguous(const Tensor& m, bool pad = false) {
   at::parallel_for(0, (M + kBlock - 1) / kBlock * blocks_n, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk / blocks_n * kBlock, j0 = blk % blocks_n * kBlock;
-      transpose(src + j0 * ld + i0, ld, dst + i0 * ldo + j0, ldo, std::min(kBlock, N - j0), std::min(kBlock, M - i0));
+      transpose(src + j0 * ld + i0, ld, dst + i0 * N + j0, N, std::min(kBlock, N - j0), std::min(kBlock, M - i0));
     }
   });
   return out;
@@ -94,8 +95,8 @@ inline void brgemm_blocks(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t 
 }
 
 // A float B [K, N] in panels: [panels, K, kPanel], panel p columns [p * kPanel, p * kPanel + kPanel), the last
-// one's tail zero. brgemm reads a K block of a panel (kPanelDepth x kPanel floats: 32 KB, L1) as one stream, ~1.5x
-// faster than the same block of a plain matrix, whose rows are a page apart (docs/design.md).
+// one's tail zero. brgemm reads a K block of a panel (kPanelDepth x kPanel floats: 32 KB, L1) as one stream; the
+// same block of a plain matrix has its rows a page apart (docs/design.md measures both).
 constexpr int64_t kPanel = 32, kPanelDepth = 256;
 
 inline Tensor pack_panels(const Tensor& b_) {

@@ -36,9 +36,9 @@ struct CpuLauncher {
   // three dimensions.
   static Tensor right_operand(const Tensor& m) {
     if (m.scalar_type() == at::kFloat && m.numel() > 0 && have_brgemm()) return pack_panels(m);
-    return packed::use(m.scalar_type()) ? packed::pack(m) : rnnext::contiguous(m, true);
+    return packed::use(m.scalar_type()) ? packed::pack(m) : rnnext::contiguous(m);
   }
-  // Padded as right_operand's rows (docs/design.md).
+  // Float rows padded: padded_row (cpu/gemm.h).
   static int64_t gate_stride(int64_t GH, at::ScalarType type) { return type == at::kFloat ? padded_row(GH) : GH; }
 
   static void gemm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& add) {
