@@ -99,19 +99,23 @@ inline void brgemm_blocks(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t 
 // same block of a plain matrix has its rows a page apart (docs/design.md measures both).
 constexpr int64_t kPanel = 32, kPanelDepth = 256;
 
+// A transposed b (stride(0) == 1: the weights' transposes) is transposed straight into its panels.
 inline Tensor pack_panels(const Tensor& b_) {
-  const auto b = b_.stride(1) == 1 ? b_ : contiguous(b_);
-  const int64_t K = b.size(0), N = b.size(1), ld = b.stride(0), P = (N + kPanel - 1) / kPanel;
+  const bool transposed = b_.stride(0) == 1 && b_.stride(1) != 1;
+  const auto b = transposed || b_.stride(1) == 1 ? b_ : b_.contiguous();
+  const int64_t K = b.size(0), N = b.size(1), ld = transposed ? b.stride(1) : b.stride(0),
+                P = (N + kPanel - 1) / kPanel;
   auto out = at::empty({P, K, kPanel}, b.options());
   const float* src = b.const_data_ptr<float>();
   float* dst = out.mutable_data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * kPanel, w = std::min(kPanel, N - n0);
+      float* panel = dst + p * K * kPanel;
+      if (transposed) transpose(src + n0 * ld, ld, panel, kPanel, w, K);
       for (int64_t k = 0; k < K; ++k) {
-        float* row = dst + (p * K + k) * kPanel;
-        std::copy_n(src + k * ld + n0, w, row);
-        std::fill(row + w, row + kPanel, 0.f);
+        if (!transposed) std::copy_n(src + k * ld + n0, w, panel + k * kPanel);
+        std::fill(panel + k * kPanel + w, panel + (k + 1) * kPanel, 0.f);
       }
     }
   });

@@ -65,11 +65,14 @@ struct CpuLauncher {
     return emulated::backward<Cell>(path, p, w_hh, head, dh);
   }
 
-  // f over row b, columns [j0, j1): vectors of the math type (float for 16-bit types), then scalars.
+  // f over row b, columns [j0, j1): pairs of vectors of the math type (float for 16-bit types; cpu/vec.h says
+  // why pairs), a vector, then scalars.
   template <typename F>
   static void apply_row(const F& f, int64_t b, int64_t j0, int64_t j1) {
     using V = at::vec::Vectorized<typename F::acc>;
+    using V2 = at::vec::VectorizedN<typename F::acc, 2>;
     int64_t j = j0;
+    for (; j + V2::size() <= j1; j += V2::size()) f.template apply<V2>(b, j);
     for (; j + V::size() <= j1; j += V::size()) f.template apply<V>(b, j);
     for (; j < j1; ++j) f.template apply<typename F::acc>(b, j);
   }
@@ -131,7 +134,7 @@ struct CpuLauncher {
     const int64_t K = w_t.size(0);
     const bool small = B * K * G * H <= (int64_t(1) << 24);
     if (!(type == at::kFloat || (small && at::isReducedFloatingType(type))) || K == 0 || H == 0 || !have_brgemm())
-      return packed::use(type) ? packed::pack(w_t) : w_t;
+      return packed::use(type) ? packed::pack(w_t) : rnnext::contiguous(w_t);
     const auto [units, blocks] = unit_blocks(H);
     auto fused = at::zeros({blocks, G, (units + kPanel - 1) / kPanel * K, kPanel}, w_t.options().dtype(at::kFloat));
     for (int64_t blk = 0; blk < blocks; ++blk)

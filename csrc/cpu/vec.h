@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/vec_n.h>
 
 #include <type_traits>
 
@@ -14,23 +15,27 @@ namespace cells {
 
 // float exp for the cells: Cephes expf instead of Sleef's (Vectorized::exp), which costs more than the cell's
 // other math (docs/design.md, "Cells written once").
-// n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite), a polynomial for e^r, times 2^n by
-// scalef (inf and 0 past the ends; min/max return their second operand when one is NaN, so NaN stays).
+// n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite), a polynomial for e^r, times 2^n: inf and 0
+// past the ends, through the subnormals between (the clamp keeps NaN).
 inline at::vec::Vectorized<float> exp_fast(at::vec::Vectorized<float> x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using V = at::vec::Vectorized<float>;
+  const V v = at::vec::clamp(x, V(-104.f), V(89.f)), n = (v * V(1.44269504088896341f)).round();
+  const V r = at::vec::fmadd(n, V(2.12194440e-4f), at::vec::fmadd(n, V(-0.693359375f), v));
+  V p(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = at::vec::fmadd(p, r, V(c));
+  p = at::vec::fmadd(p, r * r, r + V(1.f));
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(89.f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
+#else
+  // no scalef: 2^n as 2^(n/2) * 2^(n - n/2), each factor a normal float for n in [-150, 128]
+  const __m256i k = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(k, 1);
+  auto pow2 = [](__m256i e) {
+    return V(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)));
+  };
+  return p * pow2(half) * pow2(_mm256_sub_epi32(k, half));
+#endif
 #else
   return x.exp();
 #endif
@@ -91,6 +96,60 @@ struct Lanes<at::vec::Vectorized<S>> {
   static S sum(V x) {
     return at::vec::vec_reduce_all<S>([](V a, V b) { return a + b; }, x);
   }
+};
+
+// N vectors at a time (the cells' main loop, CpuLauncher::apply_row): each operation on all N before the next,
+// so that the vectors' independent chains interleave. One vector's cell is a chain of dependent operations (the
+// exps' polynomials, the divisions, c then tanh(c)) longer than the out-of-order window overlaps.
+template <typename S, int N>
+struct Lanes<at::vec::VectorizedN<S, N>> {
+  using V = at::vec::VectorizedN<S, N>;
+  using L = Lanes<at::vec::Vectorized<S>>;
+  static constexpr int64_t kStep = at::vec::Vectorized<S>::size();
+  template <typename F, typename... A>
+  static V each(const F& f, const A&... a) {
+    V out;
+    for (int i = 0; i < N; ++i) out[i] = f(a[i]...);
+    return out;
+  }
+  template <typename T>
+  static V load(const T* p) {
+    V v;
+    for (int i = 0; i < N; ++i) v[i] = L::load(p + i * kStep);
+    return v;
+  }
+  template <typename T>
+  static void store(T* p, const V& v) {
+    for (int i = 0; i < N; ++i) L::store(p + i * kStep, v[i]);
+  }
+  static V exp(const V& x) {
+    return each([](const auto& a) { return L::exp(a); }, x);
+  }
+  static V tanh(const V& x) {
+    return each([](const auto& a) { return L::tanh(a); }, x);
+  }
+  static V relu(const V& x) {
+    return each([](const auto& a) { return L::relu(a); }, x);
+  }
+  static V relu_grad(const V& dh, const V& h) {
+    return each([](const auto& a, const auto& b) { return L::relu_grad(a, b); }, dh, h);
+  }
+  static V clamp(const V& x, const V& lo, const V& hi) {
+    return each([](const auto& a, const auto& b, const auto& c) { return L::clamp(a, b, c); }, x, lo, hi);
+  }
+  static V log1p(const V& x) {
+    return each([](const auto& a) { return L::log1p(a); }, x);
+  }
+  static V abs(const V& x) {
+    return each([](const auto& a) { return L::abs(a); }, x);
+  }
+  static V min(const V& a, const V& b) {
+    return each([](const auto& u, const auto& v) { return L::min(u, v); }, a, b);
+  }
+  static V ge(const V& a, const V& b) { return a >= b; }
+  static V eq(const V& a, const V& b) { return a == b; }
+  static V either(const V& m, const V& n) { return m | n; }
+  static V pick(const V& m, const V& yes, const V& no) { return V::blendv(no, yes, m); }
 };
 
 }  // namespace cells

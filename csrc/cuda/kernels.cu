@@ -79,7 +79,7 @@ struct CudaLauncher {
 
   static Tensor contiguous(const Tensor& m) { return m.contiguous(); }
   static Tensor right_operand(const Tensor& m) { return m.contiguous(); }
-  static Tensor step_weights(const Tensor& w_t, int64_t, int64_t, int64_t) { return w_t; }
+  static Tensor step_weights(const Tensor& w_t, int64_t, int64_t, int64_t) { return w_t.contiguous(); }
   static int64_t gate_stride(int64_t GH, at::ScalarType) { return GH; }
 
   template <bool Rows, typename S, typename MakeF>

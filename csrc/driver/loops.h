@@ -12,8 +12,8 @@
 //       the row stride of backward's gate-gradient buffers [steps, B, GH], the right operand of the weight
 //       gradients' GEMMs (the CPU pads float rows of a multiple of 4 KB: rows 4 KB apart share L1 sets)
 //   static Tensor step_weights(const Tensor& w_t, int64_t G, int64_t H, int64_t B);
-//       w_t [K, G*H] contiguous (w_hh^T; backward: w_hh, G = 1) in the layout the fused steps want, or (steps
-//       run one by one) gemm's right operand, once per sequence
+//       w_t [K, G*H] (w_hh^T, a transposed view; backward: w_hh, G = 1) in the layout the fused steps want, or
+//       (steps run one by one) gemm's right operand, contiguous, once per sequence
 //   template <bool Rows, typename S, typename MakeF>
 //   static void gemm_cell_steps(int64_t t0, int64_t t1, Tensor& hg, const Tensor& h, const Tensor& other,
 //                               const Tensor& w_step, int64_t H, int64_t head, const MakeF& make_f);
@@ -215,7 +215,7 @@ void forward(Path path, cells::SeqFwd<S, A> p, FwdTensors& f) {
   // Without projection the state lives in two buffers: a fused step's cell writes h_t while other
   // threads' GEMM still reads h_{t-1}.
   auto other = proj ? Tensor() : at::empty_like(f.h);
-  const auto w_step = proj ? Tensor() : L::step_weights(L::contiguous(f.w_hh.t()), Cell::G, p.H, p.B);
+  const auto w_step = proj ? Tensor() : L::step_weights(f.w_hh.t(), Cell::G, p.H, p.B);
   for (int64_t t0 = 0; t0 < p.T; t0 += chunk) {
     const int64_t t1 = std::min(p.T, t0 + chunk);
     if (!one_launch) project(t0, t1);
