@@ -297,8 +297,9 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
       }
       if (t1 > s0) add_dw_hh(steps(b.y, s0 - 1, t1 - 1), steps(dhg, s0 - t0, t1 - t0));
     }
-    if (b.db_ih.defined()) b.db_ih.add_(dxg_c.sum(0));
-    if (b.db_hh.defined()) b.db_hh.add_(dhg_c.sum(0));
+    Tensor db;  // without separate_hg both biases' gradients are this one sum
+    if (b.db_ih.defined()) b.db_ih.add_(db = dxg_c.sum(0));
+    if (b.db_hh.defined()) b.db_hh.add_(Cell::separate_hg || !db.defined() ? dhg_c.sum(0) : db);
   };
   if constexpr (!Cell::rows) {
     if (one_launch) {
