@@ -122,30 +122,21 @@ struct Lanes<at::vec::VectorizedN<S, N>> {
   static void store(T* p, const V& v) {
     for (int i = 0; i < N; ++i) L::store(p + i * kStep, v[i]);
   }
-  static V exp(const V& x) {
-    return each([](const auto& a) { return L::exp(a); }, x);
+  // L's function of the same name on each vector
+#define RNNEXT_EACH(name)                                              \
+  template <typename... A>                                             \
+  static V name(const A&... a) {                                       \
+    return each([](const auto&... u) { return L::name(u...); }, a...); \
   }
-  static V tanh(const V& x) {
-    return each([](const auto& a) { return L::tanh(a); }, x);
-  }
-  static V relu(const V& x) {
-    return each([](const auto& a) { return L::relu(a); }, x);
-  }
-  static V relu_grad(const V& dh, const V& h) {
-    return each([](const auto& a, const auto& b) { return L::relu_grad(a, b); }, dh, h);
-  }
-  static V clamp(const V& x, const V& lo, const V& hi) {
-    return each([](const auto& a, const auto& b, const auto& c) { return L::clamp(a, b, c); }, x, lo, hi);
-  }
-  static V log1p(const V& x) {
-    return each([](const auto& a) { return L::log1p(a); }, x);
-  }
-  static V abs(const V& x) {
-    return each([](const auto& a) { return L::abs(a); }, x);
-  }
-  static V min(const V& a, const V& b) {
-    return each([](const auto& u, const auto& v) { return L::min(u, v); }, a, b);
-  }
+  RNNEXT_EACH(exp)
+  RNNEXT_EACH(tanh)
+  RNNEXT_EACH(relu)
+  RNNEXT_EACH(relu_grad)
+  RNNEXT_EACH(clamp)
+  RNNEXT_EACH(log1p)
+  RNNEXT_EACH(abs)
+  RNNEXT_EACH(min)
+#undef RNNEXT_EACH
   static V ge(const V& a, const V& b) { return a >= b; }
   static V eq(const V& a, const V& b) { return a == b; }
   static V either(const V& m, const V& n) { return m | n; }
