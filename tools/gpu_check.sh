@@ -5,7 +5,9 @@
 # number must raise, not crash), run every test, CPU and CUDA, with pytest-xdist (a crash fails one
 # test, the rest still run), the CUDA tests again with the persistent kernels forced
 # (RNNEXT_CUDA_PATH=persistent), benchmark fp32/bf16/fp16 against torch.nn (per-step and persistent),
-# and print one summary line last. At most 8 files in $OUT. Sized for < 8 minutes on an H100.
+# and print one summary line last. Where the host CPU has AMX (there the CPU's 16-bit GEMMs run packed,
+# cpu/packed.h; no CPU the sessions built on had it), the tests ran that path too, and a bf16 CPU benchmark
+# follows. At most 8 files in $OUT. Sized for < 8 minutes on an H100 (< 10 with the CPU benchmark).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -34,7 +36,10 @@ step() {  # name, timeout seconds, log file, command...
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 { echo "commit $commit"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  echo "CXX=${CXX:-} CC=${CC:-}"; } > "$OUT/build.log" 2>&1
+  echo "CXX=${CXX:-} CC=${CC:-}"
+  amx=$(grep -m1 -ow amx_bf16 /proc/cpuinfo)
+  echo "host CPU: $(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2-), $(nproc) cores, AMX: ${amx:-no}"; } \
+  > "$OUT/build.log" 2>&1
 cat "$OUT/build.log"
 
 if step build 300 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
@@ -60,6 +65,13 @@ if step build 300 "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
       --no-reference --cells "$cells" "${persistent[@]}" --out "$BENCH"
     cp "$BENCH/cuda-$dtype.md" "$OUT/" 2>/dev/null
   done
+  if grep -qw amx_bf16 /proc/cpuinfo; then  # which path the CPU's bf16 GEMMs took, then the benchmark, into bench.log
+    step cpu_path 60 "$OUT/bench.log" "$PY" -c \
+      "import torch, rnnext; print('cpu_gemm_path(bfloat16):', torch.ops.rnnext.cpu_gemm_path(torch.bfloat16))"
+    step bench_cpu_bfloat16 150 "$OUT/bench.log" "$PY" benchmarks/bench.py --device cpu --dtype bfloat16 --quick \
+      --no-reference --no-memory --cells lstm,gru,rnn --out "$BENCH"
+    cat "$BENCH/cpu-bfloat16.md" >> "$OUT/bench.log" 2>/dev/null
+  fi
 fi
 
 # Totals over both test runs (pytest's last line of each). pytest-xdist reports a worker killed by a
@@ -72,10 +84,13 @@ smoke=$(grep -Eo "smoke [a-z]+: [A-Za-z]+( \([A-Z]+\))?" "$OUT/smoke.log" 2>/dev
 {
   echo; echo "== gpu_check summary =="
   head -n 4 "$OUT/build.log"
+  grep "^host CPU" "$OUT/build.log"
+  grep -h "^cpu_gemm_path(bfloat16):" "$OUT/bench.log" 2>/dev/null
   printf '%s\n' "${rcs[@]}"
   grep -E "(passed|failed).* in [0-9.]+s" "$OUT/tests.log" 2>/dev/null
   grep -o "crashed while running '[^']*'" "$OUT/tests.log" 2>/dev/null | sort -u
   grep -h "geometric-mean\|peak memory" "$OUT"/cuda-*.md 2>/dev/null
+  [ -f "$BENCH/cpu-bfloat16.md" ] && grep -h "geometric-mean" "$BENCH/cpu-bfloat16.md" | sed 's/^/cpu bf16: /'
   echo "gpu_check: passed=${passed:-0} failed=${nfailed:-0} crashed=${crashed:-0} ${smoke}compiler=${compiler:-none} commit=$commit"
 } | tee "$OUT/summary.txt"
 exit $failed

@@ -6,8 +6,9 @@
 //   static Tensor contiguous(const Tensor& m);
 //       m.contiguous() (the CPU's is faster for a transposed float matrix)
 //   static Tensor right_operand(const Tensor& m);
-//       m [K, N] (a weight or its transpose) in the layout gemm reads fastest as its right operand b, once per
-//       sequence (the CPU packs float ones in panels of 32 columns, 16-bit ones for AMX)
+//       m [K, N] in the layout gemm reads fastest as its right operand b: a weight or its transpose, once per
+//       sequence, and a chunk's gate gradients that two GEMMs read (the CPU packs float ones in panels of 32
+//       columns, 16-bit ones for AMX)
 //   static int64_t gate_stride(int64_t GH, at::ScalarType);
 //       the row stride of backward's gate-gradient buffers [steps, B, GH], the right operand of the weight
 //       gradients' GEMMs (the CPU pads float rows of a multiple of 4 KB: rows 4 KB apart share L1 sets)
@@ -288,8 +289,14 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
       auto dx = steps(b.dx, t0, t1);
       L::gemm(dx, dxg_c, w_ih, Tensor());
     }
-    if (need.w_ih) L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dxg_c, b.dw_ih_t);
-    if (need.w_hh) {
+    // Where dhg is dxg, both weight gradients read it as their right operand: laid out for that once, but in the
+    // first chunk, whose first states are h0's rows (not y's)
+    const bool shared = !Cell::separate_hg && need.w_ih && need.w_hh && b.head == p.H && t0 > 0;
+    const auto dg = shared ? L::right_operand(dxg_c) : dxg_c;
+    if (need.w_ih) L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dg, b.dw_ih_t);
+    if (shared) {
+      add_dw_hh(steps(b.y, t0 - 1, t1 - 1), dg);
+    } else if (need.w_hh) {
       int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
       if (t0 == 0) {
         add_dw_hh(b.h0, dhg[0]);
