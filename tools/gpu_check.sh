@@ -7,7 +7,7 @@
 # (RNNEXT_CUDA_PATH=persistent), benchmark fp32/bf16/fp16 against torch.nn (per-step and persistent),
 # and print one summary line last. Where the host CPU has AMX (there the CPU's 16-bit GEMMs run packed,
 # cpu/packed.h; no CPU the sessions built on had it), the tests ran that path too, and a bf16 CPU benchmark
-# follows. At most 8 files in $OUT. Sized for < 8 minutes on an H100 (< 10 with the CPU benchmark).
+# follows (at most 3.5 minutes more). At most 8 files in $OUT. Sized for < 8 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"

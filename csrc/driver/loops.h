@@ -289,21 +289,16 @@ void backward(Path path, cells::SeqBwd<S, A> p, BwdTensors& b, const Tensor& w_h
       auto dx = steps(b.dx, t0, t1);
       L::gemm(dx, dxg_c, w_ih, Tensor());
     }
-    // Where dhg is dxg, both weight gradients read it as their right operand: laid out for that once, but in the
-    // first chunk, whose first states are h0's rows (not y's)
-    const bool shared = !Cell::separate_hg && need.w_ih && need.w_hh && b.head == p.H && t0 > 0;
+    int64_t s0 = t0;  // the state before step t: h0 at t = 0 (its own GEMM: not a row of y), else y[t - 1]
+    if (need.w_hh && t0 == 0) {
+      add_dw_hh(b.h0, dhg[0]);
+      s0 = 1;
+    }
+    // Where dhg is dxg and both weight gradients read all of it, their right operand is laid out once
+    const bool shared = !Cell::separate_hg && need.w_ih && need.w_hh && b.head == p.H && s0 == t0;
     const auto dg = shared ? L::right_operand(dxg_c) : dxg_c;
     if (need.w_ih) L::gemm(b.dw_ih_t, steps(b.x, t0, t1).t(), dg, b.dw_ih_t);
-    if (shared) {
-      add_dw_hh(steps(b.y, t0 - 1, t1 - 1), dg);
-    } else if (need.w_hh) {
-      int64_t s0 = t0;  // the state before step t: h0 at t = 0, else y[t - 1]
-      if (t0 == 0) {
-        add_dw_hh(b.h0, dhg[0]);
-        s0 = 1;
-      }
-      if (t1 > s0) add_dw_hh(steps(b.y, s0 - 1, t1 - 1), steps(dhg, s0 - t0, t1 - t0));
-    }
+    if (need.w_hh && t1 > s0) add_dw_hh(steps(b.y, s0 - 1, t1 - 1), shared ? dg : steps(dhg, s0 - t0, t1 - t0));
     Tensor db;  // without separate_hg both biases' gradients are this one sum
     if (b.db_ih.defined()) b.db_ih.add_(db = dxg_c.sum(0));
     if (b.db_hh.defined()) b.db_hh.add_(Cell::separate_hg || !db.defined() ? dhg_c.sum(0) : db);
